@@ -1,0 +1,102 @@
+"""Pass ``quantize_weights``: replace each Linear/Conv weight by integer weights and their scales.
+
+Rewrite (W8):  W → DequantizeLinear(W_q, s_w, 0, axis=out),  W_q = clamp(round(W/s_w), −127, 127),
+               s_w[n] = max_k |W[k, n]| / 127   (symmetric per output channel)
+Rewrite (W4, MatMul):  MatMul(X, W) → MatMulNBits(X, pack(W_q), s_w, block_size, accuracy_level=4),
+               W_q = clamp(round(W/s_w), −7, 7),  s_w[n, b] = max_{k ∈ block b} |W[k, n]| / 7
+W4 Conv/Gemm weights (no blocked DQ below opset 21): int4 values per output channel in an int8
+container. Error bound: |W − Ŵ| ≤ s_w/2 element-wise (rounding inside the symmetric range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.context import CompileContext, QuantRecord
+from qcompiler.pass_manager import Pass, PassResult
+from qcompiler.passes.matmul_nbits import pack_matmul_nbits, quantize_int4_blocks
+from qcompiler.patterns import Conv, Linear, find_convs, find_linears, weight_array
+from qcompiler.quant import QuantSpec, quantize_weight
+
+
+@dataclass(frozen=True)
+class QuantizeWeightsConfig:
+    include_conv: bool = True
+    include_linear: bool = True
+    exclude_nodes: tuple[str, ...] = ()
+
+
+class QuantizeWeights(Pass):
+    """Integer weights per output channel (int8) or per block (int4); see the module docstring."""
+
+    name = "quantize_weights"
+    Config = QuantizeWeightsConfig
+
+    def call(self, ctx: CompileContext) -> PassResult:
+        units: list[Linear | Conv] = []
+        if self.config.include_linear:
+            units += find_linears(ctx.graph)
+        if self.config.include_conv:
+            units += find_convs(ctx.graph)
+        changed = 0
+        for unit in units:
+            if unit.node.name in self.config.exclude_nodes or _already_quantized(unit):
+                continue
+            if ctx.settings.wbits == 4 and isinstance(unit, Linear) and unit.node.op == "MatMul":
+                self._lower_matmul_nbits(ctx, unit)
+            else:
+                self._insert_weight_dq(ctx, unit)
+            changed += 1
+        ctx.graph.cleanup().toposort()
+        return PassResult(changed > 0, (f"quantized {changed} weights",))
+
+    def _insert_weight_dq(self, ctx: CompileContext, unit: Linear | Conv) -> None:
+        weight = weight_array(unit)
+        spec = QuantSpec(bits=ctx.settings.wbits, symmetric=True, granularity="axis", axis=unit.weight_out_axis)
+        q, scale, zero_point = quantize_weight(weight, spec)
+        base = unit.weight.name
+        names = ctx.names
+        dq_out = gs.Variable(names.make(base, self.name, "dequantized"), dtype=np.float32, shape=list(weight.shape))
+        dq = gs.Node("DequantizeLinear", names.make(base, self.name, "DequantizeLinear"),
+                     attrs={"axis": unit.weight_out_axis},
+                     inputs=[ctx.constant(names.make(base, self.name, "int8"), q),
+                             ctx.constant(names.make(base, self.name, "scale"), scale),
+                             ctx.constant(names.make(base, self.name, "zero_point"), zero_point)],
+                     outputs=[dq_out])
+        dq.doc_string = (f"qcompile {self.name}: {spec.describe()} weight of {unit.node.op} "
+                         f"'{unit.node.name}', scale = max|W|/{spec.qmax} per output channel")
+        ctx.graph.nodes.append(dq)
+        unit.node.inputs[1] = dq_out
+        lowering = "int8 container, int4 values (per-channel)" if ctx.settings.wbits == 4 else "DequantizeLinear"
+        ctx.records.append(QuantRecord(unit.node.name, base, "weight", spec.describe(), lowering, self.name))
+
+    def _lower_matmul_nbits(self, ctx: CompileContext, unit: Linear) -> None:
+        weight = weight_array(unit)
+        block = ctx.settings.block_size
+        q, scales = quantize_int4_blocks(weight, block)
+        k, n = weight.shape
+        base = unit.weight.name
+        names = ctx.names
+        node = gs.Node("MatMulNBits", names.make(unit.node.name, self.name, "MatMulNBits"), domain="com.microsoft",
+                       attrs={"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4},
+                       inputs=[unit.input, ctx.constant(names.make(base, self.name, "int4_packed"),
+                                                        pack_matmul_nbits(q, block)),
+                               ctx.constant(names.make(base, self.name, "scale"),
+                                            scales.astype(np.float32).reshape(-1))],
+                       outputs=list(unit.node.outputs))
+        node.doc_string = (f"qcompile {self.name}: int4 sym block({block}) weight of MatMul '{unit.node.name}'; "
+                           "accuracy_level=4: activations quantized to int8 per block at run time")
+        unit.node.outputs.clear()
+        ctx.graph.nodes.append(node)
+        spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=0, block_size=block)
+        ctx.records.append(QuantRecord(node.name, base, "weight", spec.describe(), "MatMulNBits", self.name))
+        if not any(domain.domain == "com.microsoft" for domain in ctx.template.opset_import):
+            ctx.template.opset_import.add(domain="com.microsoft", version=1)
+
+
+def _already_quantized(unit: Linear | Conv) -> bool:
+    producer = unit.weight.inputs[0] if unit.weight.inputs else None
+    return producer is not None and producer.op == "DequantizeLinear"

@@ -1,0 +1,95 @@
+"""The compile context that flows through the pass manager: graph, calibration, settings, records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qcompiler.graph import NameScope, to_graph, to_model
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Bit widths and weight options shared by the quantizing passes of a recipe."""
+
+    wbits: int = 8
+    abits: int = 8
+    block_size: int = 32
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.wbits not in (8, 4):
+            raise ValueError(f"wbits must be 8 or 4, got {self.wbits}")
+        if self.abits not in (8, 6, 4):
+            raise ValueError(f"abits must be 8, 6 or 4, got {self.abits}")
+        if self.block_size not in (32, 64, 128):
+            raise ValueError(f"block_size must be 32, 64 or 128, got {self.block_size}")
+
+
+@dataclass
+class QuantRecord:
+    """One quantized tensor or node, for the report: what spec it got and how it is lowered."""
+
+    node: str
+    tensor: str
+    role: str  # "weight" | "activation"
+    spec: str
+    lowering: str
+    pass_name: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"node": self.node, "tensor": self.tensor, "role": self.role, "spec": self.spec,
+                "lowering": self.lowering, "pass": self.pass_name, **self.details}
+
+
+class CompileContext:
+    """Everything a pass may read or change. Passes mutate ``graph`` and append ``records``."""
+
+    def __init__(self, model: onnx.ModelProto, settings: QuantSettings, calibration=None,
+                 source: str = "model"):
+        self.template = model
+        self.graph: gs.Graph = to_graph(model)
+        self.settings = settings
+        self.calibration = calibration or []
+        self.source = source
+        self.records: list[QuantRecord] = []
+        self.fallbacks: list[str] = []
+        self._stats_cache: dict[tuple[str, int | None], Any] = {}
+        self._names: NameScope | None = None
+
+    @property
+    def names(self) -> NameScope:
+        if self._names is None:
+            self._names = NameScope(self.graph)
+        return self._names
+
+    def model(self) -> onnx.ModelProto:
+        """The current graph as an ONNX model (cleaned up and topologically sorted)."""
+        return to_model(self.graph, self.template)
+
+    def invalidate_statistics(self) -> None:
+        """Called when a pass changes values (folds scales): cached statistics no longer hold."""
+        self._stats_cache.clear()
+        self._names = None
+
+    def statistics(self, tensors: Mapping[str, int | None], progress: bool = True) -> dict:
+        """Calibration statistics of ``tensors`` (name -> channel axis) on the current graph, cached."""
+        from qcompiler.calibration.statistics import StatsConfig, collect_statistics
+
+        wanted = {name: axis for name, axis in tensors.items() if (name, axis) not in self._stats_cache}
+        if wanted:
+            if not self.calibration:
+                from qcompiler.errors import QCompileError
+                raise QCompileError(f"{self.source}: this recipe needs calibration data; pass --calib DIR")
+            fresh = collect_statistics(self.model(), self.calibration, wanted, StatsConfig(progress=progress))
+            for name, axis in wanted.items():
+                self._stats_cache[(name, axis)] = fresh[name]
+        return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
+
+    def constant(self, name: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(name, np.ascontiguousarray(value))

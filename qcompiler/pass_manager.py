@@ -1,0 +1,150 @@
+"""The pass contract (requires -> call -> PassResult) and the manager that runs a recipe's passes.
+
+A pass is a small class: ``name``, a frozen ``Config`` dataclass, ``requires(ctx)`` that raises
+a clear error when its preconditions fail, and ``call(ctx) -> PassResult``. ``exact = True``
+marks equivalence rewrites, which ``--verify`` holds to 1e-5 relative error against the float
+model; quantizing passes are verified to be finite and their SQNR is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnx
+
+from qcompiler.context import CompileContext
+from qcompiler.errors import PassError, QCompileError
+from qcompiler.graph import save_model
+
+#: Relative error an exact (equivalence) pass may introduce, measured by ORT on seeded inputs.
+EXACT_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class PassResult:
+    modified: bool
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EmptyConfig:
+    """A pass without settings."""
+
+
+class Pass:
+    """Base class. Subclasses set ``name``, ``Config`` and implement ``call`` (and ``requires``)."""
+
+    name: ClassVar[str] = "pass"
+    Config: ClassVar[type] = EmptyConfig
+    exact: ClassVar[bool] = False
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def requires(self, ctx: CompileContext) -> None:
+        """Raise PassError naming what is missing; the default needs nothing."""
+
+    def call(self, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    notes: tuple[str, ...] = ()
+    verify: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "seconds": round(self.seconds, 4), "modified": self.modified,
+                "notes": list(self.notes), "verify": self.verify}
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    verify: bool = False
+    dump_after: tuple[str, ...] = ()
+    dump_prefix: str | None = None  # "<dir>/<stem>" for "<stem>.after-<pass>.onnx"
+    progress: bool = True
+
+
+class PassManager:
+    """Runs passes in order, times them, verifies and dumps on request; errors name the pass."""
+
+    def __init__(self, passes: list[Pass], options: ManagerOptions = ManagerOptions()):
+        self.passes = passes
+        self.options = options
+        unknown = set(options.dump_after) - {p.name for p in passes}
+        if unknown:
+            raise QCompileError(f"--dump-after: no pass named {sorted(unknown)} in this recipe; "
+                                f"passes are {[p.name for p in passes]}")
+
+    def run(self, ctx: CompileContext) -> list[PassRecord]:
+        records: list[PassRecord] = []
+        reference = self._reference_outputs(ctx) if self.options.verify else None
+        for index, pass_ in enumerate(self.passes):
+            if self.options.progress:
+                print(f"[{index + 1}/{len(self.passes)}] {pass_.name} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                pass_.requires(ctx)
+                result = pass_.call(ctx)
+            except QCompileError:
+                raise
+            except Exception as exc:
+                done = [p.name for p in self.passes[:index]]
+                raise PassError(f"pass '{pass_.name}' failed ({type(exc).__name__}: {exc}); "
+                                f"passes run before it: {done or 'none'}") from exc
+            record = PassRecord(pass_.name, time.perf_counter() - start, result.modified, result.notes)
+            if reference is not None:
+                record.verify = self._verify(ctx, pass_, reference)
+            if pass_.name in self.options.dump_after:
+                path = Path(f"{self.options.dump_prefix}.after-{pass_.name}.onnx")
+                save_model(ctx.model(), path)
+                record.notes = record.notes + (f"dumped to {path}",)
+            records.append(record)
+        return records
+
+    def _reference_outputs(self, ctx: CompileContext) -> list[dict]:
+        from qcompiler.runtimes.ort import make_session, run
+
+        session = make_session(ctx.model())
+        return [run(session, batch.feeds) for batch in verification_batches(ctx)]
+
+    def _verify(self, ctx: CompileContext, pass_: Pass, reference: list[dict]) -> dict:
+        """onnx.checker plus an ORT run against the float model's outputs on the same inputs."""
+        from qcompiler.runtimes.ort import make_session, run
+
+        model = ctx.model()
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as exc:
+            raise PassError(f"pass '{pass_.name}' produced an invalid graph: {str(exc).splitlines()[0]}") from None
+        session = make_session(model)
+        worst_rel, outputs = 0.0, {}
+        for batch, expected in zip(verification_batches(ctx), reference):
+            got = run(session, batch.feeds)
+            for name, value in expected.items():
+                if not np.all(np.isfinite(got[name])):
+                    raise PassError(f"pass '{pass_.name}': output '{name}' has NaN/Inf after the pass")
+                rel = float(np.max(np.abs(got[name] - value)) / (np.max(np.abs(value)) + 1e-30))
+                worst_rel = max(worst_rel, rel)
+                outputs[name] = max(outputs.get(name, 0.0), rel)
+        if pass_.exact and worst_rel > EXACT_RTOL:
+            raise PassError(f"pass '{pass_.name}' is an equivalence rewrite but changed the outputs by "
+                            f"{worst_rel:.2e} relative (> {EXACT_RTOL:g}); per output: {outputs}")
+        return {"max_relative_error": worst_rel, "per_output": outputs, "exact": pass_.exact}
+
+
+def verification_batches(ctx: CompileContext, count: int = 2):
+    """A few calibration batches, or seeded random inputs when there is no calibration data."""
+    if ctx.calibration:
+        return ctx.calibration[:count]
+    from qcompiler.verify import random_batches
+
+    return random_batches(ctx.template, count=count, seed=0)

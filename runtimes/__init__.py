@@ -1,0 +1,1 @@
+"""Runtimes that execute qcompile's output: ONNX Runtime (CPU default, CUDA) and TensorRT."""

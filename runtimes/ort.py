@@ -1,0 +1,87 @@
+"""ONNX Runtime sessions, ORT's optimized graph, and the count of integer GEMM kernels in it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qcompiler.errors import QCompileError
+
+#: ORT ops that execute a GEMM/conv on integer data (what "runs on an integer kernel" means).
+INTEGER_GEMM_OPS = frozenset({
+    "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "QLinearConv", "ConvInteger", "QGemm", "MatMulNBits", "QAttention",
+    "DynamicQuantizeLSTM", "QLinearConvTranspose",
+})
+#: Float GEMM ops: what an integer kernel replaces.
+FLOAT_GEMM_OPS = frozenset({"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedConv", "FusedGemm", "ConvTranspose"})
+
+
+def providers(device: str = "cpu") -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise QCompileError("CUDA requested but onnxruntime-gpu is not installed (pip install qcompile[gpu])")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 optimize: bool = True, optimized_model_path: str | os.PathLike | None = None):
+    """An ORT InferenceSession from a path or a ModelProto (protos over 2 GiB must come as paths)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers(device))
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        where = "model" if isinstance(model, onnx.ModelProto) else str(model)
+        raise QCompileError(f"{where}: ONNX Runtime could not load it: {str(exc).splitlines()[0][:300]}") from None
+
+
+@dataclass
+class KernelCount:
+    """What ORT's optimized graph runs: integer GEMMs vs float GEMMs, and every op type."""
+
+    integer_gemms: int
+    float_gemms: int
+    op_types: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"integer_gemms": self.integer_gemms, "float_gemms": self.float_gemms, "op_types": self.op_types}
+
+
+def count_kernels(model_path: str | os.PathLike, device: str = "cpu") -> KernelCount:
+    """Ask ORT for its optimized graph (``optimized_model_filepath``) and count GEMM kernels."""
+    with tempfile.TemporaryDirectory(prefix="qcompile-ortopt-") as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        make_session(model_path, device=device, optimized_model_path=optimized)
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    ops = Counter(node.op_type for node in graph.node)
+    return KernelCount(
+        integer_gemms=sum(n for op, n in ops.items() if op in INTEGER_GEMM_OPS),
+        float_gemms=sum(n for op, n in ops.items() if op in FLOAT_GEMM_OPS),
+        op_types=dict(sorted(ops.items())),
+    )
+
+
+def run(session, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
