@@ -4,6 +4,8 @@ Rewrite:  GEMM(X, Ŵ) → GEMM(DQ(Q(X, s, z)), Ŵ)  for every GEMM whose weight 
           s = (max − min)/(2^b − 1),  z = round(−min/s)  (uint8, min ≤ 0 ≤ max, from calibration)
 and, for Conv, the same on the Conv output: ORT fuses DQ → Conv → Q into QLinearConv only when
 the output is quantized too (MatMul fuses to MatMulIntegerToFloat without an output Q).
+A Gemm's float bias C becomes DequantizeLinear(round(C/(s·s_w)), s·s_w) in int32: ORT fuses
+DQ → Gemm into QGemm only with an int32 bias (|C − Ĉ| ≤ s·s_w/2, far below the GEMM's own error).
 Below 8 bits a Clip to [s·(0 − z), s·(2^b − 1 − z)] precedes Q so the 8-bit container holds
 only 2^b levels (simulated accuracy; the kernel still runs int8).
 Error bound: |X − X̂| ≤ s/2 for X within the calibrated [min, max]; values outside are clipped.
@@ -17,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext, QuantRecord
+from qcompiler.graph import constant_value
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.quant import QuantSpec, scale_zero_point
 
@@ -45,6 +48,10 @@ def _already_dequantized(tensor: gs.Tensor) -> bool:
     return bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
 
 
+def _weight_scale(node: gs.Node) -> np.ndarray:
+    return node.inputs[1].inputs[0].inputs[1].values
+
+
 def _quantized_by_successor(tensor: gs.Tensor) -> bool:
     return any(consumer.op == "QuantizeLinear" for consumer in tensor.outputs)
 
@@ -64,11 +71,10 @@ class InsertActivationQDQ(Pass):
                 inputs.setdefault(tensor.name, (tensor, []))[1].append(node)
         outputs = {}
         if self.config.quantize_conv_outputs:
-            graph_outputs = {t.name for t in ctx.graph.outputs}
             for node in gemms:
                 out = node.outputs[0]
                 # Every consumer must read the DQ: ORT fuses Conv -> Q only when Q is its sole consumer.
-                if node.op == "Conv" and out.name not in graph_outputs and not _quantized_by_successor(out):
+                if node.op == "Conv" and not _quantized_by_successor(out):
                     outputs[out.name] = (out, list(out.outputs))
         targets = {**inputs, **outputs}
         if not targets:
@@ -89,6 +95,13 @@ class InsertActivationQDQ(Pass):
         names = ctx.names
         base = tensor.name
         source = tensor
+        dequantized = gs.Variable(names.make(base, self.name, "dequantized"), dtype=np.float32, shape=tensor.shape)
+        if tensor in ctx.graph.outputs and role.startswith("Conv output"):
+            # A graph output keeps its name: the Conv writes a new float tensor, the DQ writes the output.
+            producer = tensor.inputs[0]
+            source = gs.Variable(names.make(base, self.name, "float"), dtype=np.float32, shape=tensor.shape)
+            producer.outputs[0] = source
+            dequantized, tensor = tensor, source
         if spec.bits < 8:
             low = np.float32(scale * (spec.qmin - int(zero_point)))
             high = np.float32(scale * (spec.qmax - int(zero_point)))
@@ -102,7 +115,6 @@ class InsertActivationQDQ(Pass):
         scale_c = ctx.constant(names.make(base, self.name, "scale"), np.array(scale, dtype=np.float32))
         zero_c = ctx.constant(names.make(base, self.name, "zero_point"), np.array(zero_point, dtype=np.uint8))
         quantized = gs.Variable(names.make(base, self.name, "quantized"), dtype=np.uint8, shape=tensor.shape)
-        dequantized = gs.Variable(names.make(base, self.name, "dequantized"), dtype=np.float32, shape=tensor.shape)
         why = (f"qcompile {self.name}: {spec.describe()} activation ({role}); calibrated range "
                f"[{stats.min:.6g}, {stats.max:.6g}] over {stats.samples} samples")
         q = gs.Node("QuantizeLinear", names.make(base, self.name, "QuantizeLinear"),
@@ -112,9 +124,30 @@ class InsertActivationQDQ(Pass):
         q.doc_string = dq.doc_string = why
         ctx.graph.nodes.extend([q, dq])
         for consumer in consumers:
-            consumer.inputs[:] = [dequantized if t is tensor else t for t in consumer.inputs]
+            for index, value in enumerate(consumer.inputs):
+                if value is tensor:
+                    consumer.inputs[index] = dequantized
+            if consumer.op == "Gemm" and len(consumer.inputs) > 2:
+                self._quantize_gemm_bias(ctx, consumer, float(scale))
         lowering = "simulated (narrowed int8 container)" if spec.bits < 8 else "QDQ (fused by ORT)"
-        owners = tensor.inputs if role.startswith("Conv output") else consumers
+        owners = list(tensor.inputs) if role.startswith("Conv output") else consumers
         for owner in owners:
             ctx.records.append(QuantRecord(owner.name, base, "activation", spec.describe(), lowering, self.name,
                                            {"scale": float(scale), "zero_point": int(zero_point), "role": role}))
+
+    def _quantize_gemm_bias(self, ctx: CompileContext, gemm: gs.Node, activation_scale: float) -> None:
+        bias = constant_value(gemm.inputs[2])
+        if bias is None or float(gemm.attrs.get("beta", 1.0)) != 1.0 or bias.ndim != 1:
+            return
+        bias_scale = (activation_scale * _weight_scale(gemm) * np.ones_like(bias)).astype(np.float32)
+        bias_int = np.rint(bias / bias_scale).astype(np.int32)
+        names, base = ctx.names, gemm.inputs[2].name
+        out = gs.Variable(names.make(base, self.name, "dequantized"), dtype=np.float32, shape=list(bias.shape))
+        dq = gs.Node("DequantizeLinear", names.make(base, self.name, "DequantizeLinear"), attrs={"axis": 0},
+                     inputs=[ctx.constant(names.make(base, self.name, "int32"), bias_int),
+                             ctx.constant(names.make(base, self.name, "scale"), bias_scale),
+                             ctx.constant(names.make(base, self.name, "zero_point"), np.zeros_like(bias_int))],
+                     outputs=[out])
+        dq.doc_string = f"qcompile {self.name}: int32 bias of Gemm '{gemm.name}' (scale = s_x·s_w) for QGemm fusion"
+        ctx.graph.nodes.append(dq)
+        gemm.inputs[2] = out

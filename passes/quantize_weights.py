@@ -27,6 +27,8 @@ class QuantizeWeightsConfig:
     include_conv: bool = True
     include_linear: bool = True
     exclude_nodes: tuple[str, ...] = ()
+    #: MatMulNBits compute: 4 = int8 GEMM with A quantized per block at run time; 0 = float (exactness tests).
+    nbits_accuracy_level: int = 4
 
 
 class QuantizeWeights(Pass):
@@ -43,7 +45,7 @@ class QuantizeWeights(Pass):
             units += find_convs(ctx.graph)
         changed = 0
         for unit in units:
-            if unit.node.name in self.config.exclude_nodes or _already_quantized(unit):
+            if unit.node.name in self.config.exclude_nodes:
                 continue
             if ctx.settings.wbits == 4 and isinstance(unit, Linear) and unit.node.op == "MatMul":
                 self._lower_matmul_nbits(ctx, unit)
@@ -81,7 +83,8 @@ class QuantizeWeights(Pass):
         base = unit.weight.name
         names = ctx.names
         node = gs.Node("MatMulNBits", names.make(unit.node.name, self.name, "MatMulNBits"), domain="com.microsoft",
-                       attrs={"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4},
+                       attrs={"K": k, "N": n, "bits": 4, "block_size": block,
+                              "accuracy_level": self.config.nbits_accuracy_level},
                        inputs=[unit.input, ctx.constant(names.make(base, self.name, "int4_packed"),
                                                         pack_matmul_nbits(q, block)),
                                ctx.constant(names.make(base, self.name, "scale"),
@@ -95,8 +98,3 @@ class QuantizeWeights(Pass):
         ctx.records.append(QuantRecord(node.name, base, "weight", spec.describe(), "MatMulNBits", self.name))
         if not any(domain.domain == "com.microsoft" for domain in ctx.template.opset_import):
             ctx.template.opset_import.add(domain="com.microsoft", version=1)
-
-
-def _already_quantized(unit: Linear | Conv) -> bool:
-    producer = unit.weight.inputs[0] if unit.weight.inputs else None
-    return producer is not None and producer.op == "DequantizeLinear"

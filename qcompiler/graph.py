@@ -100,7 +100,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     try:
         staged = staging / path.name
         if external_data:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+            # onnx moves weights out of the proto it saves: save a copy so the caller keeps its model.
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=path.name + ".data", size_threshold=1024)
             os.replace(staging / (path.name + ".data"), folder / (path.name + ".data"))
         else:

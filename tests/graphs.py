@@ -103,3 +103,14 @@ def skip_concat_model(c: int = 4, feeds_conv: bool = True):
     out_channels = c if feeds_conv else 2 * c
     return make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", out_channels, 4, 4])],
                       inits if feeds_conv else [])
+
+
+def gemm_model(k: int = 16, n: int = 8, trans_b: int = 1, alpha: float = 1.0, bias: bool = True):
+    """x (B, K) → Gemm(W, b) → y, as exporters emit a Linear on 2-D input."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    inits = [init("W", weight)] + ([init("b", rng.standard_normal(n).astype(np.float32))] if bias else [])
+    node = helper.make_node("Gemm", ["x", "W"] + (["b"] if bias else []), ["y"], name="head", transB=trans_b,
+                            alpha=alpha)
+    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", k])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n])], inits)

@@ -1,0 +1,28 @@
+"""Bundled models: a small trained ONNX model with its calibration and held-out data, ready after install."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The model that ``qcompile`` uses when none is given (trained by ``train_digits_vit``).
+BUNDLED_DEFAULT = Path(__file__).parent / "digits_vit.onnx"
+
+
+def bundled_model_path(name: str = "digits_vit") -> Path:
+    """Path of the bundled ``<name>.onnx``; FileNotFoundError naming the rebuild command if absent."""
+    path = Path(__file__).parent / f"{name}.onnx"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"bundled model {path} is missing; rebuild it with "
+            f"`python -m qcompiler.models.train_{name} --seed 0`")
+    return path
+
+
+def bundled_data_dir(name: str = "digits_vit", split: str = "calib") -> Path:
+    """The ``<name>.calib/`` or ``<name>.heldout/`` npz folder that ships beside the model."""
+    if split not in ("calib", "heldout"):
+        raise ValueError(f"split must be 'calib' or 'heldout', not {split!r}")
+    path = Path(__file__).parent / f"{name}.{split}"
+    if not path.is_dir():
+        raise FileNotFoundError(f"bundled data folder {path} is missing")
+    return path

@@ -1,0 +1,114 @@
+"""The library entry point: ``quantize(model, recipe, calibration, output, options)``.
+
+Stages run in one direction: load → calibrate (lazily, on the statistics passes ask for) →
+transform/quantize (the recipe's passes) → save atomically → ask ORT which kernels run → report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+import qcompiler
+from qcompiler.context import CompileContext, QuantSettings
+from qcompiler.errors import QCompileError
+from qcompiler.graph import load_model, save_model, set_metadata
+from qcompiler.pass_manager import ManagerOptions, PassManager
+from qcompiler.recipes import Recipe, get_recipe
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How to run a recipe. ``wbits``/``abits`` of None take the recipe's defaults."""
+
+    wbits: int | None = None
+    abits: int | None = None
+    block_size: int = 32
+    calib_limit: int | None = None
+    verify: bool = False
+    dump_after: tuple[str, ...] = ()
+    progress: bool = True
+    device: str = "cpu"
+    write_report: bool = True
+
+
+@dataclass
+class CompileResult:
+    model: onnx.ModelProto
+    report: dict
+    output: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _load(model) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, "model"
+    return load_model(model), str(model)
+
+
+def _calibration(source, model: onnx.ModelProto, limit: int | None):
+    if source is None:
+        return []
+    from qcompiler.calibration.readers import load_calibration
+
+    return load_calibration(source, model, limit=limit)
+
+
+def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: str | Path | None = None,
+             options: CompileOptions = CompileOptions()) -> CompileResult:
+    """Quantize ``model`` (path or ModelProto) with ``recipe`` on ``calibration`` data.
+
+    ``calibration``: a folder of .npz files, an ORT ``CalibrationDataReader``, an iterable of
+    feed dicts or a callable returning one. With ``output`` the model is written atomically and a
+    report ``<output>.report.json`` is written beside it.
+    """
+    started = time.perf_counter()
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    float_model, source = _load(model)
+    if output is not None:
+        _check_output_path(Path(output))
+    settings = QuantSettings(wbits=options.wbits or recipe.wbits, abits=options.abits or recipe.abits,
+                             block_size=options.block_size, device=options.device)
+    batches = _calibration(calibration, float_model, options.calib_limit)
+    ctx = CompileContext(float_model, settings, batches, source=source)
+    dump_prefix = str(Path(output).with_suffix("")) if output else str(Path(source).with_suffix(""))
+    manager = PassManager(recipe.build_passes(), ManagerOptions(options.verify, tuple(options.dump_after),
+                                                                dump_prefix, options.progress))
+    pass_records = manager.run(ctx)
+    quantized = ctx.model()
+    set_metadata(quantized, {"qcompile.version": qcompiler.__version__, "qcompile.recipe": recipe.name,
+                             "qcompile.settings": json.dumps(asdict(settings)),
+                             "qcompile.passes": ",".join(r.name for r in pass_records)})
+    compile_seconds = time.perf_counter() - started
+
+    from qcompiler.report import build_report, check_integer_kernels, write_report
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-") as tmp:
+        target = Path(output) if output is not None else Path(tmp) / "quantized.onnx"
+        save_model(quantized, target)
+        report = build_report(recipe, settings, ctx, pass_records, float_model, target, source,
+                              compile_seconds, device=options.device)
+    warnings = check_integer_kernels(recipe, report)
+    for warning in warnings:
+        print(f"qcompile: warning: {warning}", file=sys.stderr)
+    if output is not None and options.write_report:
+        write_report(report, Path(f"{output}.report.json"))
+    return CompileResult(quantized, report, Path(output) if output else None, warnings)
+
+
+def _check_output_path(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise QCompileError(f"{path}: output path is a directory; give a file name like model.int8.onnx")
+    if not folder.is_dir():
+        raise QCompileError(f"{path}: output folder {folder} does not exist; create it first")
+    import os
+
+    if not os.access(folder, os.W_OK):
+        raise QCompileError(f"{path}: output folder {folder} is not writable; choose another -o path")

@@ -1,0 +1,348 @@
+"""Streaming activation statistics: run the model in ORT with chosen tensors as outputs, reduce on the fly.
+
+``collect_statistics`` adds the requested tensors as graph outputs of a private copy of the
+model, ``tensors_per_run`` at a time, runs ONNX Runtime over every calibration batch once per
+chunk, folds each output into a ``TensorStats`` and drops the activation before the next run.
+
+Memory bound: peak ≈ (one batch's outputs for one chunk, as ORT returns them)
++ (one channel-last copy of one of those tensors, when its channel axis is not last)
++ (one float64 block of ``2**20`` values for |x|) + per tensor ``3·C + 2·P + 2·bins + 1`` numbers,
+plus ORT's own working memory for one forward pass. Nothing grows with the number of samples N.
+
+Determinism: min/max and integer histogram counts are order-free; sums of |x| are float64,
+added block by block in data order, so equal inputs give bitwise-equal statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.errors import QCompileError
+from qcompiler.graph import EXTERNAL_DATA_THRESHOLD, infer_shapes, load_model, model_weight_bytes, save_model
+from qcompiler.runtimes.ort import make_session
+
+#: |x| is histogrammed in blocks of this many values so the float64 temporary stays at 8 MiB.
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """How statistics are collected: histogram resolution, chunking, per-index stats, ORT threads."""
+
+    histogram_bins: int = 2048
+    tensors_per_run: int = 32
+    per_index: bool = True
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.histogram_bins < 1 or self.tensors_per_run < 1:
+            raise QCompileError(
+                f"StatsConfig: histogram_bins ({self.histogram_bins}) and tensors_per_run "
+                f"({self.tensors_per_run}) must be at least 1"
+            )
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one tensor over all calibration samples seen so far.
+
+    Axis 0 is the batch axis. With C channels along ``channel_axis`` and P positions (the
+    flattened remaining axes: pixels of an NCHW activation, tokens of a (B, T, C) one):
+    ``channel_min/max/absmax`` have length C (``absmax = max(max, -min, 0)``) and
+    ``index_min/max`` length P (None when per-index statistics are off). Tensors of rank ≤ 1
+    are viewed as (B, 1): one channel. Non-finite values are counted in ``nonfinite`` and
+    left out of every statistic.
+
+    The histogram counts |x| in ``len(hist_counts)`` equal bins over ``[0, hist_edges[-1]]``
+    (bins half-open, the last closed, as ``np.histogram``). The range starts at the first
+    non-zero batch's abs-max; when a batch exceeds it, the range is multiplied by the smallest
+    power of two k that covers it and every k neighbouring bins are merged. A power of two
+    makes the new edges bitwise equal to every k-th old edge (k·(R/bins) is exact), so the
+    counts equal ``np.histogram(|all samples|, bins, range=(0, hist_edges[-1]))`` exactly,
+    and no data is read twice.
+    """
+
+    name: str
+    channel_axis: int
+    channel_min: np.ndarray = field(repr=False)
+    channel_max: np.ndarray = field(repr=False)
+    hist_counts: np.ndarray = field(repr=False)
+    hist_edges: np.ndarray = field(repr=False)
+    index_min: np.ndarray | None = field(default=None, repr=False)
+    index_max: np.ndarray | None = field(default=None, repr=False)
+    samples: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    absmax: float = 0.0
+    shape: tuple[int, ...] = ()
+    nonfinite: int = 0
+    sum_abs: float = 0.0
+    count: int = 0
+    #: How many values equal hist_edges[-1] (held in the closed last bin); they move on growth.
+    _top: int = field(default=0, repr=False)
+
+    @property
+    def channel_absmax(self) -> np.ndarray:
+        """Per channel ``max(max, -min, 0)``: 0 for a channel that saw no finite value."""
+        return np.maximum(np.maximum(self.channel_max, -self.channel_min), 0.0)
+
+    def mean_abs(self) -> float:
+        """Mean of |x| over all finite values: ``sum_abs / count`` (0.0 before any data)."""
+        return self.sum_abs / self.count if self.count else 0.0
+
+    @classmethod
+    def start(cls, name: str, array: np.ndarray, axis: int | None, bins: int, per_index: bool) -> TensorStats:
+        """Empty statistics sized for ``array``'s channels and positions."""
+        shape3, channel_axis = _layout(np.shape(array), axis, name)
+        return cls(
+            name=name, channel_axis=channel_axis,
+            channel_min=np.full(shape3[2], np.inf), channel_max=np.full(shape3[2], -np.inf),
+            hist_counts=np.zeros(bins, np.int64), hist_edges=np.zeros(bins + 1),
+            index_min=np.full(shape3[1], np.inf) if per_index else None,
+            index_max=np.full(shape3[1], -np.inf) if per_index else None,
+            shape=tuple(np.shape(array)[1:]),
+        )
+
+    def update(self, array: np.ndarray, source: str) -> None:
+        """Fold one batch (axis 0 = batch) into the statistics; ``source`` names it in errors."""
+        array = _as_float(array)
+        if max(array.ndim, 1) != len(self.shape) + 1:  # rank 0 and 1 share the (B, 1) view
+            raise QCompileError(f"{source}: tensor '{self.name}' changed rank from {len(self.shape) + 1} "
+                                f"to {array.ndim} between batches")
+        shape3, _ = _layout(array.shape, self.channel_axis, self.name)
+        self._check_sizes(shape3, source)
+        self.samples += shape3[0]
+        self.shape = tuple(array.shape[1:])
+        if array.size == 0:
+            return
+        batched = array.reshape(shape3[0], 1) if array.ndim <= 1 else array
+        view = np.moveaxis(batched, self.channel_axis, -1).reshape(shape3)
+        finite = bool(np.isfinite(view).all())
+        low = high = view
+        if not finite:  # mask only when needed: the common case costs one boolean pass
+            mask = np.isfinite(view)
+            self.nonfinite += int(mask.size - np.count_nonzero(mask))
+            low, high = np.where(mask, view, np.inf), np.where(mask, view, -np.inf)
+        batch_min, batch_max = low.min(axis=(0, 1)), high.max(axis=(0, 1))
+        np.minimum(self.channel_min, batch_min, out=self.channel_min)
+        np.maximum(self.channel_max, batch_max, out=self.channel_max)
+        if self.index_min is not None:
+            np.minimum(self.index_min, low.min(axis=(0, 2)), out=self.index_min)
+            np.maximum(self.index_max, high.max(axis=(0, 2)), out=self.index_max)
+        self.min = min(self.min, float(batch_min.min()))
+        self.max = max(self.max, float(batch_max.max()))
+        batch_absmax = max(float(batch_max.max()), -float(batch_min.min()), 0.0)
+        self.absmax = max(self.absmax, batch_absmax)
+        del low, high, view
+        self._grow_histogram(batch_absmax)
+        flat = array.reshape(-1)
+        for begin in range(0, flat.size, _BLOCK):
+            block = np.abs(flat[begin:begin + _BLOCK], dtype=np.float64)
+            if not finite:
+                block = block[np.isfinite(block)]
+            self.sum_abs += float(block.sum())
+            self.count += block.size
+            self._add_to_histogram(block)
+
+    def _check_sizes(self, shape3: tuple[int, int, int], source: str) -> None:
+        if shape3[2] != self.channel_min.size:
+            raise QCompileError(
+                f"{source}: tensor '{self.name}' has {shape3[2]} channels along axis {self.channel_axis}, "
+                f"earlier batches had {self.channel_min.size}; pick a channel axis of fixed size"
+            )
+        if self.index_min is not None and shape3[1] != self.index_min.size:
+            raise QCompileError(
+                f"{source}: tensor '{self.name}' has {shape3[1]} positions per sample, earlier batches had "
+                f"{self.index_min.size}; calibration files must share a sequence length (and image size) "
+                "for per-index statistics, or set per_index=False"
+            )
+
+    def _grow_histogram(self, batch_absmax: float) -> None:
+        """Widen the range R to R·k (k = 2^j ≥ batch_absmax / R) and merge bins k at a time."""
+        bins, current = self.hist_counts.size, float(self.hist_edges[-1])
+        if batch_absmax <= current:
+            return
+        if current == 0.0:  # only zeros so far: they stay in bin 0 of any range
+            self.hist_edges = np.linspace(0.0, batch_absmax, bins + 1)
+            return
+        factor = 1 << max(0, math.ceil(math.log2(batch_absmax / current)))
+        while current * factor < batch_absmax:  # log2 may round down by one ulp
+            factor *= 2
+        merged = np.add.reduceat(self.hist_counts, np.arange(0, bins, min(factor, bins)))
+        counts = np.zeros(bins, np.int64)
+        counts[:merged.size] = merged
+        if bins % factor == 0 and self._top:
+            # Values equal to the old R sat in the closed last bin; R is now the left edge of bin bins/k.
+            counts[bins // factor - 1] -= self._top
+            counts[bins // factor] += self._top
+        self.hist_counts, self._top = counts, 0
+        self.hist_edges = np.linspace(0.0, current * factor, bins + 1)
+
+    def _add_to_histogram(self, values: np.ndarray) -> None:
+        """Count float64 |x| values (all ≤ R) into the bins, with np.histogram's edge rules."""
+        bins, edges = self.hist_counts.size, self.hist_edges
+        top = float(edges[-1])
+        if top == 0.0:
+            self.hist_counts[0] += values.size
+            return
+        index = (values * (bins / top)).astype(np.intp)
+        np.minimum(index, bins - 1, out=index)
+        # The scaled index can be off by one within an ulp of an edge; the edges decide.
+        index -= values < edges[index]
+        index += (values >= edges[index + 1]) & (index < bins - 1)
+        self.hist_counts += np.bincount(index, minlength=bins)
+        self._top += int(np.count_nonzero(values == top))
+
+
+def _as_float(array) -> np.ndarray:
+    """float32/float64 as is; half, integer and bool tensors as float64 (exact for their values)."""
+    array = np.asarray(array)
+    return array if array.dtype in (np.float32, np.float64) else array.astype(np.float64)
+
+
+def _layout(shape: tuple[int, ...], axis: int | None, name: str) -> tuple[tuple[int, int, int], int]:
+    """(batch, positions, channels) of a tensor and its non-negative channel axis."""
+    if len(shape) <= 1:
+        return (shape[0] if shape else 1, 1, 1), 1
+    rank = len(shape)
+    channel_axis = rank - 1 if axis is None else axis + rank if axis < 0 else axis
+    if not 1 <= channel_axis < rank:
+        raise QCompileError(f"tensor '{name}': channel axis {axis} is out of range for rank {rank} "
+                            "(axis 0 is the batch axis); use 1..rank-1 or None for the last axis")
+    positions = math.prod(shape[1:]) // shape[channel_axis] if shape[channel_axis] else 0
+    return (shape[0], positions, shape[channel_axis]), channel_axis
+
+
+class _OutputRunner:
+    """A private copy of the model whose graph outputs are set to one chunk of tensors at a time.
+
+    Above ``EXTERNAL_DATA_THRESHOLD`` bytes of weights the copy is written once to a temporary
+    folder with external data; each chunk then only rewrites the small .onnx beside it, and ORT
+    loads from the path (a proto over 2 GiB cannot be serialized).
+    """
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike, threads: int | None):
+        self.threads, self._folder = threads, None
+        if isinstance(model, onnx.ModelProto):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)  # outputs are rewritten and save_model empties the proto it writes
+        else:
+            proto = load_model(model)
+        graph = proto.graph
+        initializers = {tensor.name for tensor in graph.initializer}
+        self.graph_inputs = {value.name for value in graph.input if value.name not in initializers}
+        self.node_outputs = {name for node in graph.node for name in node.output if name}
+        self.initializers = initializers
+        if model_weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD:
+            self._folder = tempfile.TemporaryDirectory(prefix="qcompile-stats-")
+            base = Path(self._folder.name) / "model.onnx"
+            save_model(proto, base, external_data=True)
+            proto = onnx.load(str(base), load_external_data=False)
+        self.proto = proto
+
+    def __enter__(self) -> _OutputRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
+
+    def check(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name in self.initializers and name not in self.graph_inputs:
+                raise QCompileError(f"tensor '{name}' is a constant initializer, not an activation; "
+                                    "read weight statistics from the initializer itself")
+            if name not in self.graph_inputs and name not in self.node_outputs:
+                raise QCompileError(f"tensor '{name}' is not in the model (neither a graph input nor a node "
+                                    "output); check the name, e.g. in Netron")
+
+    def element_types(self, names: Sequence[str]) -> dict[str, int]:
+        """ONNX element type per tensor: declared, else from shape inference, else float32."""
+        graph = self.proto.graph
+        declared = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
+        if any(not declared.get(name) for name in names):
+            inferred = infer_shapes(self.proto).graph.value_info
+            declared.update({v.name: v.type.tensor_type.elem_type for v in inferred if v.name not in declared})
+        return {name: declared.get(name) or onnx.TensorProto.FLOAT for name in names}
+
+    def session(self, chunk: Sequence[str], types: Mapping[str, int]):
+        """An ORT session whose only outputs are ``chunk`` (ORT prunes nodes they do not need)."""
+        del self.proto.graph.output[:]
+        self.proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in chunk)
+        if self._folder is None:
+            return make_session(self.proto, threads=self.threads)
+        path = Path(self._folder.name) / "chunk.onnx"
+        onnx.save(self.proto, str(path))
+        return make_session(path, threads=self.threads)
+
+
+def _run(session, chunk: Sequence[str], batch: CalibrationBatch) -> list[np.ndarray]:
+    """One forward pass; feeds limited to the inputs that the pruned graph still has."""
+    names = [value.name for value in session.get_inputs()]
+    missing = [name for name in names if name not in batch.feeds]
+    if missing:
+        raise QCompileError(f"{batch.source}: calibration batch lacks model input(s) {', '.join(missing)}")
+    try:
+        return session.run(list(chunk), {name: batch.feeds[name] for name in names})
+    except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
+        raise QCompileError(f"{batch.source}: ONNX Runtime failed while collecting statistics: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def collect_statistics(model: onnx.ModelProto | str | os.PathLike, batches: Sequence[CalibrationBatch],
+                       tensors: Mapping[str, int | None],
+                       config: StatsConfig = StatsConfig()) -> dict[str, TensorStats]:
+    """Statistics of every tensor in ``tensors`` (name -> channel axis, None = last) over all batches.
+
+    Graph inputs are reduced straight from the feeds; other tensors (intermediate values or
+    outputs) are computed by ORT in chunks of ``config.tensors_per_run``, one pass over the
+    data per chunk. See the module docstring for the memory bound (independent of N).
+    Returns the statistics in the order of ``tensors``.
+    """
+    batches = list(batches)
+    if not batches:
+        raise QCompileError("collect_statistics: no calibration batches; load some with load_calibration")
+    stats: dict[str, TensorStats] = {}
+
+    def reduce(names: Sequence[str], values: Sequence[np.ndarray], source: str) -> None:
+        # A function, so no loop variable keeps the last activation alive into the next run.
+        for name, value in zip(names, values):
+            if name not in stats:
+                stats[name] = TensorStats.start(name, value, tensors[name], config.histogram_bins, config.per_index)
+            stats[name].update(value, source)
+
+    with _OutputRunner(model, config.threads) as runner:
+        runner.check(list(tensors))
+        from_feeds = [name for name in tensors if name in runner.graph_inputs]
+        computed = [name for name in tensors if name not in runner.graph_inputs]
+        chunks = [computed[i:i + config.tensors_per_run] for i in range(0, len(computed), config.tensors_per_run)]
+        types = runner.element_types(computed) if computed else {}
+        total = (len(chunks) + bool(from_feeds)) * len(batches)
+        with tqdm(total=total, desc="calibration statistics", unit="batch", leave=False,
+                  disable=None if config.progress else True) as bar:
+            if from_feeds:
+                for batch in batches:
+                    missing = [name for name in from_feeds if name not in batch.feeds]
+                    if missing:
+                        raise QCompileError(f"{batch.source}: calibration batch lacks model input(s) "
+                                            f"{', '.join(missing)}")
+                    reduce(from_feeds, [batch.feeds[name] for name in from_feeds], batch.source)
+                    bar.update()
+            for chunk in chunks:
+                session = runner.session(chunk, types)
+                for batch in batches:
+                    reduce(chunk, _run(session, chunk, batch), batch.source)  # outputs freed on return
+                    bar.update()
+                del session
+    return {name: stats[name] for name in tensors}

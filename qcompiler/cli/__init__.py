@@ -1,0 +1,1 @@
+"""The ``qcompile`` command line: one small module per subcommand over the library API."""

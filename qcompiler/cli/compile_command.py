@@ -1,0 +1,53 @@
+"""Quantize an ONNX model: qcompile MODEL --recipe NAME [--calib DIR] [-o OUT]."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qcompiler.errors import QCompileError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="float ONNX model (external data beside it is read too)")
+    parser.add_argument("--recipe", default="minmax", help="recipe name (see `qcompile recipes`) or a .toml file")
+    parser.add_argument("--calib", help="calibration folder of .npz files; default: <model stem>.calib/ beside it")
+    parser.add_argument("-o", "--output", help="output model; default: ./<stem>.<recipe>.w<W>a<A>.onnx")
+    parser.add_argument("--wbits", type=int, choices=(8, 4), help="weight bits (default: the recipe's)")
+    parser.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits; below 8 is simulated")
+    parser.add_argument("--block-size", type=int, default=32, choices=(32, 64, 128), help="int4 weight block size")
+    parser.add_argument("--calib-limit", type=int, help="use at most this many calibration samples")
+    parser.add_argument("--verify", action="store_true", help="onnx.checker + ORT numerical check after each pass")
+    parser.add_argument("--dump-after", action="append", default=[], metavar="PASS",
+                        help="also write <out>.after-PASS.onnx (repeatable)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def default_calibration(model: Path) -> Path:
+    folder = model.with_suffix(".calib")
+    if not folder.is_dir():
+        raise QCompileError(f"{model}: no calibration data; pass --calib DIR (a folder of .npz files whose "
+                            f"keys are the model's input names), or put it in {folder}/")
+    return folder
+
+
+def run(args: argparse.Namespace) -> int:
+    from qcompiler.api import CompileOptions, quantize
+    from qcompiler.recipes import get_recipe
+    from qcompiler.report import format_summary
+
+    model = Path(args.model)
+    recipe = get_recipe(args.recipe)
+    if not model.exists():
+        raise QCompileError(f"{model}: model file not found")
+    calib = Path(args.calib) if args.calib else default_calibration(model)
+    wbits, abits = args.wbits or recipe.wbits, args.abits or recipe.abits
+    output = Path(args.output) if args.output else Path(f"{model.stem}.{recipe.name}.w{wbits}a{abits}.onnx")
+    options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
+                             verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
+                             device=args.device)
+    result = quantize(model, recipe, calib, output, options)
+    format_summary(result.report)
+    print(f"wrote {output} and {output}.report.json")
+    return 0

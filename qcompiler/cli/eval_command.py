@@ -1,0 +1,48 @@
+"""Error of a quantized model vs its float original: qcompile eval FLOAT QUANT --data DIR [--json OUT]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("float_model", help="the float ONNX model")
+    parser.add_argument("quant_model", help="the quantized ONNX model")
+    parser.add_argument("--data", required=True, help="held-out folder of .npz files (model input names as keys)")
+    parser.add_argument("--json", help="write every number to this JSON file")
+    parser.add_argument("--limit", type=int, help="use at most this many samples")
+    parser.add_argument("--worst", type=int, default=10, help="how many worst layers to print")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from qcompiler.evaluate import EvalOptions, evaluate
+
+    result = evaluate(args.float_model, args.quant_model, args.data, EvalOptions(limit=args.limit))
+    console = Console(width=110)
+    table = Table(title=f"{args.quant_model} vs {args.float_model} ({result['samples']} samples)")
+    for column in ("output", "SQNR dB", "cosine", "max abs err"):
+        table.add_column(column, justify="left" if column == "output" else "right")
+    rows = list(result["outputs"].items()) + [("overall", result["overall"])]
+    for name, metrics in rows:
+        table.add_row(name, f"{metrics['sqnr_db']:.2f}", f"{metrics['cosine']:.5f}", f"{metrics['max_abs_error']:.4g}")
+    console.print(table)
+    if result.get("per_layer"):
+        layers = Table(title=f"worst {args.worst} quantized layers (output SQNR vs float)")
+        layers.add_column("tensor")
+        layers.add_column("SQNR dB", justify="right")
+        for row in result["per_layer"][: args.worst]:
+            layers.add_row(row["tensor"], f"{row['sqnr_db']:.2f}")
+        console.print(layers)
+    if args.json:
+        path = Path(args.json)
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(json.dumps(result, indent=2))
+        os.replace(staging, path)
+        print(f"wrote {path}")
+    return 0

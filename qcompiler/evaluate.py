@@ -1,0 +1,99 @@
+"""Error of a quantized model against its float original: per output and per quantized layer.
+
+Metrics (same inputs to both models):
+    SQNR = 10·log10(Σx² / Σ(x − x̂)²) dB over all elements;  cosine = mean over samples of
+    ⟨x_n, x̂_n⟩ / (‖x_n‖·‖x̂_n‖);  max_abs_error = max|x − x̂|.
+Per layer: the output tensor of every quantized GEMM, read from both models, SQNR worst first.
+Memory: one batch's outputs plus ``tensors_per_run`` layer outputs at a time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qcompiler.graph import add_outputs, load_model
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    limit: int | None = None
+    per_layer: bool = True
+    tensors_per_run: int = 64
+
+
+class _Accumulator:
+    """Running Σx², Σ(x − x̂)², per-sample cosines and max|x − x̂| for one tensor."""
+
+    def __init__(self):
+        self.signal = 0.0
+        self.noise = 0.0
+        self.cosines: list[float] = []
+        self.max_abs = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        ref = reference.astype(np.float64).reshape(reference.shape[0], -1)
+        cand = candidate.astype(np.float64).reshape(candidate.shape[0], -1)
+        diff = ref - cand
+        self.signal += float(np.sum(ref**2))
+        self.noise += float(np.sum(diff**2))
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))) if diff.size else 0.0)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+        self.cosines.extend((np.sum(ref * cand, axis=1) / np.maximum(norms, 1e-30)).tolist())
+
+    def result(self) -> dict:
+        sqnr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-300) / self.noise)
+        return {"sqnr_db": float(sqnr), "cosine": float(np.mean(self.cosines)) if self.cosines else 1.0,
+                "max_abs_error": self.max_abs}
+
+
+def quantized_layer_outputs(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> list[str]:
+    """Output tensors of the quantized GEMMs that also exist in the float model."""
+    from qcompiler.graph import to_graph
+    from qcompiler.passes.insert_activation_qdq import quantized_gemms
+
+    float_tensors = {o for node in float_model.graph.node for o in node.output}
+    names = [node.outputs[0].name for node in quantized_gemms(to_graph(quant_model))]
+    return [name for name in names if name in float_tensors]
+
+
+def _run_pairs(float_model, quant_model, batches, names: list[str], accumulators) -> None:
+    from qcompiler.runtimes.ort import make_session, run
+
+    reference = make_session(add_outputs(float_model, names) if names else float_model)
+    candidate = make_session(add_outputs(quant_model, names) if names else quant_model)
+    wanted = names or [o.name for o in float_model.graph.output]
+    for batch in batches:
+        expected = run(reference, batch.feeds, wanted)
+        got = run(candidate, batch.feeds, wanted)
+        for name in wanted:
+            accumulators[name].add(expected[name], got[name])
+
+
+def evaluate(float_model, quant_model, data, options: EvalOptions = EvalOptions()) -> dict:
+    """Compare two models on ``data`` (anything ``load_calibration`` accepts)."""
+    from qcompiler.calibration.readers import load_calibration
+
+    float_model = float_model if isinstance(float_model, onnx.ModelProto) else load_model(float_model)
+    quant_model = quant_model if isinstance(quant_model, onnx.ModelProto) else load_model(quant_model)
+    batches = load_calibration(data, float_model, limit=options.limit)
+    outputs = defaultdict(_Accumulator)
+    _run_pairs(float_model, quant_model, batches, [], outputs)
+    per_output = {name: acc.result() for name, acc in outputs.items()}
+    overall = _Accumulator()
+    overall.signal = sum(acc.signal for acc in outputs.values())
+    overall.noise = sum(acc.noise for acc in outputs.values())
+    overall.cosines = [float(np.mean(acc.cosines)) for acc in outputs.values()]
+    overall.max_abs = max(acc.max_abs for acc in outputs.values())
+    result = {"samples": sum(b.batch_size for b in batches), "outputs": per_output, "overall": overall.result()}
+    if options.per_layer:
+        layers = defaultdict(_Accumulator)
+        names = quantized_layer_outputs(quant_model, float_model)
+        for start in range(0, len(names), options.tensors_per_run):
+            _run_pairs(float_model, quant_model, batches, names[start:start + options.tensors_per_run], layers)
+        per_layer = [{"tensor": name, **layers[name].result()} for name in names]
+        result["per_layer"] = sorted(per_layer, key=lambda row: row["sqnr_db"])
+    return result

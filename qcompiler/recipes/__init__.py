@@ -1,0 +1,92 @@
+"""Recipes as data: an ordered list of (pass, config) with default bit widths; loadable from TOML."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from qcompiler.errors import QCompileError
+
+
+@dataclass(frozen=True)
+class Step:
+    pass_name: str
+    config: object | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    steps: tuple[Step, ...]
+    wbits: int = 8
+    abits: int = 8
+    #: Whether every quantized GEMM is expected to run as an ORT integer kernel (checked after lowering).
+    integer_kernels: bool = True
+
+    def build_passes(self):
+        from qcompiler.passes import PASSES
+
+        built = []
+        for step in self.steps:
+            if step.pass_name not in PASSES:
+                raise QCompileError(f"recipe '{self.name}': unknown pass '{step.pass_name}'; known: {sorted(PASSES)}")
+            built.append(PASSES[step.pass_name](step.config))
+        return built
+
+    def describe(self) -> list[str]:
+        return [f"{step.pass_name}" + (f" {step.config}" if step.config is not None else "") for step in self.steps]
+
+
+def _builtin() -> dict[str, Recipe]:
+    from qcompiler.recipes.minmax import MINMAX
+
+    return {recipe.name: recipe for recipe in (MINMAX,)}
+
+
+def available_recipes() -> dict[str, Recipe]:
+    return _builtin()
+
+
+def get_recipe(name: str) -> Recipe:
+    """A built-in recipe by name, or a user recipe from a ``.toml`` file path."""
+    if name.endswith(".toml"):
+        return load_recipe_file(Path(name))
+    recipes = _builtin()
+    if name not in recipes:
+        raise QCompileError(f"unknown recipe '{name}'; available: {', '.join(sorted(recipes))} "
+                            "(or a path to a recipe .toml file)")
+    return recipes[name]
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    """A TOML recipe: ``name``, ``description``, ``wbits``, ``abits`` and ``[[steps]] pass = "..."``
+    with the pass's config fields beside ``pass``."""
+    from qcompiler.passes import PASSES
+
+    if not path.is_file():
+        raise QCompileError(f"{path}: recipe file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise QCompileError(f"{path}: not valid TOML ({exc})") from None
+    steps = []
+    for index, raw in enumerate(data.get("steps", [])):
+        raw = dict(raw)
+        pass_name = raw.pop("pass", None)
+        if pass_name not in PASSES:
+            raise QCompileError(f"{path}: step {index + 1} names unknown pass '{pass_name}'; known: {sorted(PASSES)}")
+        config_cls = PASSES[pass_name].Config
+        allowed = {f.name for f in fields(config_cls)}
+        unknown = set(raw) - allowed
+        if unknown:
+            raise QCompileError(f"{path}: step {index + 1} ({pass_name}) has unknown settings {sorted(unknown)}; "
+                                f"allowed: {sorted(allowed)}")
+        raw = {key: tuple(value) if isinstance(value, list) else value for key, value in raw.items()}
+        steps.append(Step(pass_name, config_cls(**raw)))
+    if not steps:
+        raise QCompileError(f"{path}: recipe has no [[steps]]")
+    return Recipe(name=data.get("name", path.stem), description=data.get("description", ""), steps=tuple(steps),
+                  wbits=int(data.get("wbits", 8)), abits=int(data.get("abits", 8)),
+                  integer_kernels=bool(data.get("integer_kernels", True)))

@@ -1,0 +1,90 @@
+"""The compile report: JSON beside the output model and a readable summary for the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from qcompiler.graph import model_weight_bytes
+
+
+def build_report(recipe, settings, ctx, pass_records, float_model, output_path: Path, source: str,
+                 compile_seconds: float, device: str = "cpu") -> dict:
+    """Everything a person needs to judge a compile: what ran, what got quantized how, what it costs."""
+    from qcompiler.runtimes.ort import count_kernels
+
+    kernels = count_kernels(output_path, device=device)
+    weight_records = [r for r in ctx.records if r.role == "weight"]
+    size_after = output_path.stat().st_size
+    data_file = Path(f"{output_path}.data")
+    if data_file.exists():
+        size_after += data_file.stat().st_size
+    return {
+        "qcompile_version": __import__("qcompiler").__version__,
+        "source": source,
+        "output": str(output_path),
+        "recipe": {"name": recipe.name, "description": recipe.description, "steps": recipe.describe()},
+        "settings": {"wbits": settings.wbits, "abits": settings.abits, "block_size": settings.block_size},
+        "calibration_samples": sum(batch.batch_size for batch in ctx.calibration),
+        "passes": [record.as_dict() for record in pass_records],
+        "compile_seconds": round(compile_seconds, 3),
+        "quantized": [record.as_dict() for record in ctx.records],
+        "lowering_counts": dict(Counter(record.lowering for record in ctx.records)),
+        "quantized_gemms": len(weight_records),
+        "integer_kernels": kernels.as_dict(),
+        "fallbacks": list(ctx.fallbacks),
+        "size_bytes": {"before": model_weight_bytes(float_model) + _graph_bytes(float_model), "after": size_after},
+    }
+
+
+def _graph_bytes(model) -> int:
+    return sum(len(n.SerializeToString()) for n in model.graph.node)
+
+
+def check_integer_kernels(recipe, report: dict) -> list[str]:
+    """A recipe that promises integer kernels and gets fewer than it quantized says so."""
+    promised = report["quantized_gemms"]
+    got = report["integer_kernels"]["integer_gemms"]
+    warnings = []
+    if recipe.integer_kernels and got < promised:
+        warnings.append(f"recipe '{recipe.name}' quantized {promised} GEMMs but ORT runs only {got} as integer "
+                        f"kernels (ops: {report['integer_kernels']['op_types']})")
+    report["warnings"] = warnings
+    return warnings
+
+
+def write_report(report: dict, path: Path) -> Path:
+    """Atomic write: a temporary file beside the target, then rename."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(report, indent=2, default=float))
+    os.replace(staging, path)
+    return path
+
+
+def format_summary(report: dict) -> str:
+    """A readable summary table (rich) of a compile report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(record=True, width=110)
+    table = Table(title=f"qcompile {report['recipe']['name']} W{report['settings']['wbits']}"
+                        f"A{report['settings']['abits']}: {report['source']}")
+    table.add_column("pass")
+    table.add_column("seconds", justify="right")
+    table.add_column("changed")
+    table.add_column("notes")
+    for record in report["passes"]:
+        table.add_row(record["name"], f"{record['seconds']:.2f}", str(record["modified"]), "; ".join(record["notes"]))
+    console.print(table)
+    kernels = report["integer_kernels"]
+    console.print(f"quantized GEMMs: {report['quantized_gemms']}   integer kernels in ORT's optimized graph: "
+                  f"{kernels['integer_gemms']}   float GEMMs left: {kernels['float_gemms']}")
+    console.print(f"lowering: {report['lowering_counts']}")
+    size = report["size_bytes"]
+    console.print(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB   calibration samples: "
+                  f"{report['calibration_samples']}   compile: {report['compile_seconds']:.1f} s")
+    for warning in report.get("warnings", []):
+        console.print(f"[bold red]warning:[/] {warning}")
+    return console.export_text()

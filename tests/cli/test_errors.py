@@ -1,0 +1,133 @@
+"""Every bad input gives one line naming the file/tensor, exit code 2, and no output file."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from qcompiler.cli.main import main
+from tests import graphs
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    model = graphs.linear_model(k=16, n=8)
+    model_path = tmp_path / "model.onnx"
+    onnx.save(model, model_path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        np.savez(calib / f"{index:03d}.npz", x=rng.standard_normal((4, 4, 16)).astype(np.float32))
+    return tmp_path, model_path, calib
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _assert_clean_failure(code, err, tmp_path, *needles):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qcompile: error:"), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not list(tmp_path.rglob("out*")), "an output file was left behind"
+
+
+def test_missing_model(workspace, capsys):
+    tmp, _, calib = workspace
+    code, err = _run(capsys, tmp / "nope.onnx", "--calib", calib, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "nope.onnx", "not found")
+
+
+def test_not_onnx(workspace, capsys):
+    tmp, _, calib = workspace
+    bogus = tmp / "text.onnx"
+    bogus.write_text("this is not a protobuf" * 10)
+    code, err = _run(capsys, bogus, "--calib", calib, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "text.onnx", "not a readable ONNX model")
+
+
+def test_truncated_model(workspace, capsys):
+    tmp, model_path, calib = workspace
+    data = model_path.read_bytes()
+    truncated = tmp / "truncated.onnx"
+    truncated.write_bytes(data[: len(data) // 2])
+    code, err = _run(capsys, truncated, "--calib", calib, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "truncated.onnx")
+
+
+def test_missing_external_data(workspace, capsys):
+    tmp, model_path, calib = workspace
+    external = tmp / "ext" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(model_path), external, save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    os.remove(external.parent / "model.onnx.data")
+    code, err = _run(capsys, external, "--calib", calib, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "model.onnx.data", "W")
+
+
+def test_calibration_name_mismatch(workspace, capsys):
+    tmp, model_path, _ = workspace
+    bad = tmp / "badnames"
+    bad.mkdir()
+    np.savez(bad / "0.npz", pixels=np.zeros((1, 4, 16), np.float32))
+    code, err = _run(capsys, model_path, "--calib", bad, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "x", "pixels")
+
+
+def test_calibration_shape_mismatch(workspace, capsys):
+    tmp, model_path, _ = workspace
+    bad = tmp / "badshape"
+    bad.mkdir()
+    np.savez(bad / "0.npz", x=np.zeros((1, 4, 15), np.float32))
+    code, err = _run(capsys, model_path, "--calib", bad, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "'x'", "0.npz")
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_calibration_nan_inf(workspace, capsys, bad_value):
+    tmp, model_path, _ = workspace
+    bad = tmp / "nonfinite"
+    bad.mkdir()
+    values = np.zeros((1, 4, 16), np.float32)
+    values[0, 1, 2] = bad_value
+    np.savez(bad / "0.npz", x=values)
+    code, err = _run(capsys, model_path, "--calib", bad, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "'x'", "0.npz")
+
+
+def test_unknown_recipe(workspace, capsys):
+    tmp, model_path, calib = workspace
+    code, err = _run(capsys, model_path, "--recipe", "magic", "--calib", calib, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "magic", "minmax")
+
+
+def test_unwritable_output(workspace, capsys):
+    tmp, model_path, calib = workspace
+    code, err = _run(capsys, model_path, "--calib", calib, "-o", tmp / "missing_dir" / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "missing_dir", "does not exist")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_output_folder(workspace, capsys):
+    tmp, model_path, calib = workspace
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    code, err = _run(capsys, model_path, "--calib", calib, "-o", locked / "out.onnx")
+    locked.chmod(0o700)
+    _assert_clean_failure(code, err, tmp, "not writable")
+
+
+def test_success_writes_model_and_report(workspace, capsys):
+    tmp, model_path, calib = workspace
+    out = tmp / "good.onnx"
+    assert main([str(model_path), "--calib", str(calib), "-o", str(out), "--quiet"]) == 0
+    assert out.is_file() and (tmp / "good.onnx.report.json").is_file()
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".")], "temporary files left behind"
