@@ -102,16 +102,9 @@ class InsertActivationQDQ(Pass):
             source = gs.Variable(names.make(base, self.name, "float"), dtype=np.float32, shape=tensor.shape)
             producer.outputs[0] = source
             dequantized, tensor = tensor, source
-        if spec.bits < 8:
-            low = np.float32(scale * (spec.qmin - int(zero_point)))
-            high = np.float32(scale * (spec.qmax - int(zero_point)))
-            source = gs.Variable(names.make(base, self.name, "clipped"), dtype=np.float32, shape=tensor.shape)
-            clip = gs.Node("Clip", names.make(base, self.name, "Clip"),
-                           inputs=[tensor, ctx.constant(names.make(base, self.name, "clip_min"), np.array(low)),
-                                   ctx.constant(names.make(base, self.name, "clip_max"), np.array(high))],
-                           outputs=[source])
-            clip.doc_string = f"qcompile {self.name}: narrows the uint8 container to {spec.bits} bits (simulated)"
-            ctx.graph.nodes.append(clip)
+        clip_after = role.startswith("Conv output")
+        if spec.bits < 8 and not clip_after:
+            source = self._narrowing_clip(ctx, base, source, scale, zero_point, spec)
         scale_c = ctx.constant(names.make(base, self.name, "scale"), np.array(scale, dtype=np.float32))
         zero_c = ctx.constant(names.make(base, self.name, "zero_point"), np.array(zero_point, dtype=np.uint8))
         quantized = gs.Variable(names.make(base, self.name, "quantized"), dtype=np.uint8, shape=tensor.shape)
@@ -123,6 +116,10 @@ class InsertActivationQDQ(Pass):
                      inputs=[quantized, scale_c, zero_c], outputs=[dequantized])
         q.doc_string = dq.doc_string = why
         ctx.graph.nodes.extend([q, dq])
+        if spec.bits < 8 and clip_after:
+            # Clip after DQ: its bounds lie on the grid, so clip(DQ(Q(x))) = DQ(Q(clip(x))), and
+            # Conv → Q stays adjacent for QLinearConv fusion.
+            dequantized = self._clip_after(ctx, base, dq, scale, zero_point, spec)
         for consumer in consumers:
             for index, value in enumerate(consumer.inputs):
                 if value is tensor:
@@ -133,7 +130,7 @@ class InsertActivationQDQ(Pass):
         owners = list(tensor.inputs) if role.startswith("Conv output") else consumers
         for owner in owners:
             ctx.records.append(QuantRecord(owner.name, base, "activation", spec.describe(), lowering, self.name,
-                                           {"scale": float(scale), "zero_point": int(zero_point), "role": role}))
+                                           {"scale": float(scale), "zero_point": int(zero_point), "position": role}))
 
     def _quantize_gemm_bias(self, ctx: CompileContext, gemm: gs.Node, activation_scale: float) -> None:
         bias = constant_value(gemm.inputs[2])
@@ -151,3 +148,34 @@ class InsertActivationQDQ(Pass):
         dq.doc_string = f"qcompile {self.name}: int32 bias of Gemm '{gemm.name}' (scale = s_x·s_w) for QGemm fusion"
         ctx.graph.nodes.append(dq)
         gemm.inputs[2] = out
+
+    def _narrowing_clip(self, ctx: CompileContext, base: str, tensor: gs.Tensor, scale, zero_point,
+                        spec: QuantSpec) -> gs.Variable:
+        """Clip to [s·(qmin − z), s·(qmax − z)]: an 8-bit container holding only 2^b levels."""
+        names = ctx.names
+        low = np.array(scale * (spec.qmin - int(zero_point)), dtype=np.float32)
+        high = np.array(scale * (spec.qmax - int(zero_point)), dtype=np.float32)
+        clipped = gs.Variable(names.make(base, self.name, "clipped"), dtype=np.float32, shape=tensor.shape)
+        clip = gs.Node("Clip", names.make(base, self.name, "Clip"),
+                       inputs=[tensor, ctx.constant(names.make(base, self.name, "clip_min"), low),
+                               ctx.constant(names.make(base, self.name, "clip_max"), high)],
+                       outputs=[clipped])
+        clip.doc_string = f"qcompile {self.name}: narrows the uint8 container to {spec.bits} bits (simulated)"
+        ctx.graph.nodes.append(clip)
+        return clipped
+
+    def _clip_after(self, ctx: CompileContext, base: str, dq: gs.Node, scale, zero_point,
+                    spec: QuantSpec) -> gs.Tensor:
+        """Put a narrowing Clip behind ``dq``; returns the tensor consumers should read.
+
+        When the DQ writes a graph output, the Clip takes over that output (its name is kept)."""
+        dequantized = dq.outputs[0]
+        if dequantized in ctx.graph.outputs:
+            inner = gs.Variable(ctx.names.make(base, self.name, "unclipped"), dtype=np.float32,
+                                shape=dequantized.shape)
+            dq.outputs[0] = inner
+            clipped = self._narrowing_clip(ctx, base, inner, scale, zero_point, spec)
+            clip = clipped.inputs[0]
+            clip.outputs[0] = dequantized
+            return dequantized
+        return self._narrowing_clip(ctx, base, dequantized, scale, zero_point, spec)

@@ -104,7 +104,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+                            location=path.name + ".data", size_threshold=0)
             os.replace(staging / (path.name + ".data"), folder / (path.name + ".data"))
         else:
             onnx.save_model(model, str(staged))
@@ -134,7 +134,12 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export a graph back to ONNX, keeping the template's IR version and metadata."""
     graph.cleanup().toposort()
+    # onnx-graphsurgeon does not export Node.doc_string; passes set it, so carry it across by name.
+    doc_strings = {node.name: node.doc_string for node in graph.nodes if getattr(node, "doc_string", None)}
     model = gs.export_onnx(graph, do_type_check=False)
+    for node in model.graph.node:
+        if node.name in doc_strings:
+            node.doc_string = doc_strings[node.name]
     declared = {entry.domain for entry in model.opset_import}
     for domain in sorted({node.domain for node in model.graph.node} - declared - {"ai.onnx"}):
         model.opset_import.add(domain=domain, version=1)  # com.microsoft contrib ops are version 1

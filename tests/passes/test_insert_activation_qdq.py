@@ -78,3 +78,17 @@ def test_gemm_bias_becomes_int32_and_gemm_fuses_to_qgemm(tmp_path):
     x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
     from qcompiler.quant import sqnr_db
     assert sqnr_db(run_model(model, {"x": x}), run_model(quantized, {"x": x})) > 30
+
+
+def test_below_8_bits_conv_outputs_keep_fusion_and_output_names(tmp_path):
+    model = graphs.conv_model()
+    ctx = context(model, {"x": (1, 4, 8, 8)}, abits=6)
+    _compile(ctx)
+    quantized = ctx.model()
+    assert [o.name for o in quantized.graph.output] == ["y"]
+    path = tmp_path / "q.onnx"
+    onnx.save(quantized, path)
+    # Clip sits after DQ on Conv outputs (exact: its bounds are grid points), so both Convs still fuse.
+    assert count_kernels(path).op_types.get("QLinearConv") == 2
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert len(np.unique(run_model(quantized, {"x": x}))) <= 2**6
