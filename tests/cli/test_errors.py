@@ -131,3 +131,14 @@ def test_success_writes_model_and_report(workspace, capsys):
     assert main([str(model_path), "--calib", str(calib), "-o", str(out), "--quiet"]) == 0
     assert out.is_file() and (tmp / "good.onnx.report.json").is_file()
     assert not [p for p in tmp.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_model_with_external_data_compiles(workspace, capsys):
+    tmp, model_path, calib = workspace
+    external = tmp / "ext" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(model_path), external, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    out = tmp / "ext" / "quantized.onnx"
+    assert main([str(external), "--calib", str(calib), "-o", str(out), "--quiet"]) == 0
+    quantized = onnx.load(out)
+    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
