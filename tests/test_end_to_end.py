@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 
@@ -128,4 +127,3 @@ def test_toml_recipe(tmp_path):
     result = qcompiler.quantize(BUNDLED_DEFAULT, str(recipe), CALIB, options=CompileOptions(progress=False))
     weights = [r for r in result.report["quantized"] if r["role"] == "weight"]
     assert weights and all("Conv" in r["node"] for r in weights)
-    assert np.isfinite(result.report["compile_seconds"])
