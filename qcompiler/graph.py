@@ -143,6 +143,8 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
     declared = {entry.domain for entry in model.opset_import}
     for domain in sorted({node.domain for node in model.graph.node} - declared - {"ai.onnx"}):
         model.opset_import.add(domain=domain, version=1)  # com.microsoft contrib ops are version 1
+    # Value infos for every inferable tensor, inserted ones included, so Netron shows their shapes.
+    model = infer_shapes(model)
     if template is not None:
         model.ir_version = min(template.ir_version, MAX_IR_VERSION)
         model.producer_name = template.producer_name or model.producer_name

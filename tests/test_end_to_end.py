@@ -46,6 +46,10 @@ def test_netron_ready_names_doc_strings_and_metadata(w8a8):
     onnx.checker.check_model(model, full_check=True)
     inserted = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert inserted and all("/" in n.name and n.doc_string.startswith("qcompile ") for n in inserted)
+    typed = {vi.name: vi for vi in model.graph.value_info}
+    for node in inserted:
+        assert node.output[0] in typed, f"no value_info (shape in Netron) for {node.output[0]}"
+        assert typed[node.output[0]].type.tensor_type.shape.dim, node.output[0]
     metadata = {p.key: p.value for p in model.metadata_props}
     assert metadata["qcompile.recipe"] == "minmax" and metadata["qcompile.version"] == qcompiler.__version__
     assert json.loads(metadata["qcompile.settings"])["wbits"] == 8

@@ -71,6 +71,9 @@ def test_dump_after_writes_a_loadable_model(tmp_path):
     PassManager([QuantizeWeights(), InsertActivationQDQ()], options).run(ctx)
     dumped = onnx.load(tmp_path / "m.after-quantize_weights.onnx")
     onnx.checker.check_model(dumped, full_check=True)
+    from qcompiler.runtimes.ort import make_session
+
+    make_session(tmp_path / "m.after-quantize_weights.onnx")  # opens in ORT as well as in Netron
     assert "QuantizeLinear" not in [n.op_type for n in dumped.graph.node]
 
 
