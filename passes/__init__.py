@@ -2,7 +2,9 @@
 
 from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
 from qcompiler.passes.quantize_weights import QuantizeWeights
+from qcompiler.passes.shift_scale import ShiftScale
+from qcompiler.passes.smooth_scales import SmoothScales
 
-PASSES = {cls.name: cls for cls in (QuantizeWeights, InsertActivationQDQ)}
+PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ)}
 
-__all__ = ["PASSES", "InsertActivationQDQ", "QuantizeWeights"]
+__all__ = ["PASSES", "InsertActivationQDQ", "QuantizeWeights", "ShiftScale", "SmoothScales"]

@@ -41,8 +41,10 @@ class Recipe:
 
 def _builtin() -> dict[str, Recipe]:
     from qcompiler.recipes.minmax import MINMAX
+    from qcompiler.recipes.osplus import OSPLUS
+    from qcompiler.recipes.smoothquant import SMOOTHQUANT
 
-    return {recipe.name: recipe for recipe in (MINMAX,)}
+    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS)}
 
 
 def available_recipes() -> dict[str, Recipe]:

@@ -1,0 +1,211 @@
+"""Pass ``shift_scale`` (Outlier Suppression+): centre each channel, scale the wide ones down to a searched t*.
+
+Rewrite, per scale group (an activation X and the Linears reading it; Q, K, V share one):
+    z_j = (max_t X_tj + min_t X_tj)/2          s_j = max(1, (max_t X_tj − z_j)/t*)
+    X' = (X − z)/s,   W'[j, :] = s_j·W[j, :],   b' = b + z·W          (folded by ``fold_scales.fold``)
+so channel j of X' spans ±min(r_j, t*) with r_j = (max_j − min_j)/2. t* comes from a 1-D grid
+search minimising the quantized consumers' output error on calibration samples:
+    error(t) = Σ_consumers ‖(X − z)·W − Q_a((X − z)/s)·Q_w(s·W)‖²      (b and z·W cancel)
+with Q_a uint8 asymmetric per tensor over X''s calibrated range and Q_w int8 symmetric per output
+channel (int4 blocks for W4 MatMuls), as the recipe lowers them. DESIGN.md §5.1 scores Q/K/V by
+the attention output; this pass scores each consumer's own output (no attention simulation yet).
+
+Grid: ``grid`` candidates spaced geometrically (outlier ratios span orders of magnitude) from
+r_max = max_j r_j (s = 1: a pure shift) down to 1, as in the paper; when r_max ≤ 1 the floor is
+r_max·``min_fraction`` instead, so the search can still flatten channels of small tensors.
+
+Two choices beyond the paper, both scored by the same error:
+- ``try_unshifted``: the search also runs with z = 0 (then r_j = max|X_j|) and keeps the better.
+  After GELU most values sit at 0, which the uint8 grid holds exactly; centring moves them all
+  to −z_j/s_j, off the grid, and the rounding becomes a bias shared by every token.
+- ``explicit_shift`` (off): where no producer absorbs z, shifting needs a Sub at run time, and the
+  float32 GEMM then carries |X − z|-sized terms that b + z·W cancels. On MiniLM (12 such groups
+  on post-LN residual branches) that cancellation uses up the whole 1e-5 equivalence budget
+  (1.0e-5 vs 3e-6 scale-only, on two calibration batches), so by default such groups are scaled
+  only (one Mul); the shift is kept wherever a producer (e.g. the V projection) absorbs it.
+
+Exact: the rewrite only re-associates X·W + b = ((X − z)/s)·(s·W) + (b + z·W); see fold_scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from qcompiler.context import CompileContext, QuantSettings
+from qcompiler.errors import PassError
+from qcompiler.graph import add_outputs
+from qcompiler.pass_manager import Pass, PassResult
+from qcompiler.passes.fold_scales import ScaleGroup, find_absorber, find_scale_groups, fold
+from qcompiler.patterns import Linear, match_linear, weight_array
+from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point
+
+
+@dataclass(frozen=True)
+class ShiftScaleConfig:
+    grid: int = 20
+    #: Also search with z = 0 (scale only) and keep whichever gives the lower output error.
+    try_unshifted: bool = True
+    #: Allow a shift where no producer absorbs it (an explicit Sub at run time).
+    explicit_shift: bool = False
+    #: Floor of the t grid relative to r_max when r_max ≤ 1 (else the floor is 1).
+    min_fraction: float = 1 / 16
+    #: Calibration batches read for the search, and the most rows (tokens) of X kept per group.
+    batches: int = 4
+    rows: int = 1024
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.grid < 2 or self.batches < 1 or self.rows < 1 or not 0 < self.min_fraction < 1:
+            raise ValueError(f"ShiftScaleConfig: grid ≥ 2, batches ≥ 1, rows ≥ 1 and 0 < min_fraction < 1 "
+                             f"are required, got {self}")
+
+
+def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, rows: int, seed: int = 0,
+                  tensors_per_run: int = 16) -> dict[str, np.ndarray]:
+    """Up to ``rows`` rows (channels last) of each group's X from the first ``batches`` calibration batches.
+
+    Rows are drawn uniformly without replacement per batch (seeded); memory holds one batch's
+    outputs for ``tensors_per_run`` tensors plus the kept rows.
+    """
+    from qcompiler.runtimes.ort import make_session, run
+
+    chosen = ctx.calibration[:batches]
+    per_batch = -(-rows // max(len(chosen), 1))
+    rng = np.random.default_rng(seed)
+    inputs = {value.name for value in ctx.graph.inputs}
+    names = list(dict.fromkeys(group.name for group in groups))
+    axes = {group.name: group.channel_axis for group in groups}
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    computed = [name for name in names if name not in inputs]
+    model = ctx.model()
+    for start in range(0, max(len(computed), 1), tensors_per_run):
+        chunk = computed[start:start + tensors_per_run]
+        session = make_session(add_outputs(model, chunk)) if chunk else None
+        wanted = chunk + ([name for name in names if name in inputs] if start == 0 else [])
+        for batch in chosen:
+            values = run(session, batch.feeds, chunk) if chunk else {}
+            for name in wanted:
+                value = np.moveaxis(np.asarray(values.get(name, batch.feeds.get(name)), np.float32), axes[name], -1)
+                flat = value.reshape(-1, value.shape[-1])
+                keep = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
+                samples[name].append(flat[np.sort(keep)])
+    return {name: np.concatenate(parts)[:rows] for name, parts in samples.items()}
+
+
+def matmul_weights(unit: Linear) -> np.ndarray:
+    """The current weight as it multiplies X from the right, [K, N] (Gemm's transB and α applied)."""
+    unit = match_linear(unit.node)  # a fold may have replaced a shared weight by a copy
+    weight = weight_array(unit).astype(np.float32)
+    weight = weight.T if unit.weight_in_axis == 1 else weight
+    return weight * np.float32(unit.node.attrs.get("alpha", 1.0)) if unit.node.op == "Gemm" else weight
+
+
+class OutputError:
+    """error(s) = Σ_consumers ‖(X − z)·W − Q_a((X − z)/s)·Q_w(s·W)‖² on sample rows of X.
+
+    Q_a: per-tensor asymmetric ``abits`` over the calibrated range of X' (channel min/max mapped
+    through (· − z)/s); Q_w: symmetric ``wbits`` per output channel, or blocks along K for a W4
+    MatMul (its MatMulNBits lowering). The references (X − z)·W do not depend on s: computed once.
+    """
+
+    def __init__(self, samples: np.ndarray, group: ScaleGroup, stats, shift: np.ndarray | None,
+                 settings: QuantSettings):
+        self.shift = np.zeros(group.channels) if shift is None else shift
+        self.centred = (samples - self.shift).astype(np.float32)
+        self.low, self.high = stats.channel_min - self.shift, stats.channel_max - self.shift
+        self.weights = [matmul_weights(unit) for unit in group.consumers]
+        self.references = [self.centred @ weight for weight in self.weights]
+        self.a_spec = QuantSpec(bits=settings.abits, symmetric=False)
+        self.w_specs = [QuantSpec(bits=4, symmetric=True, granularity="block", axis=0,
+                                  block_size=settings.block_size)
+                        if settings.wbits == 4 and unit.node.op == "MatMul"
+                        else QuantSpec(bits=settings.wbits, symmetric=True, granularity="axis", axis=1)
+                        for unit in group.consumers]
+
+    def __call__(self, scale: np.ndarray) -> float:
+        a_scale, a_zero = scale_zero_point(float(np.min(self.low / scale)), float(np.max(self.high / scale)),
+                                           self.a_spec)
+        x_hat = fake_quantize((self.centred / scale).astype(np.float32), self.a_spec, a_scale, a_zero)
+        error = 0.0
+        for weight, reference, spec in zip(self.weights, self.references, self.w_specs):
+            w_hat = fake_quantize((weight * scale[:, None]).astype(np.float32), spec)
+            error += float(np.sum(np.square(reference - x_hat @ w_hat, dtype=np.float64)))
+        return error
+
+
+def search_threshold(stats, probe: OutputError, shift: np.ndarray, config: ShiftScaleConfig
+                     ) -> tuple[np.ndarray, float, float]:
+    """(s, t*, error) for one shift: s_j = max(1, r_j/t) with r_j = max(max_j − z_j, z_j − min_j).
+
+    For z = (max + min)/2, r_j is the half range (max_j − min_j)/2 of the paper; for z = 0 it is max|X_j|.
+    """
+    half_range = np.maximum(stats.channel_max - shift, shift - stats.channel_min)
+    top = float(half_range.max())
+    if top <= 0:  # every channel constant: the shift alone makes X' zero
+        return np.ones_like(shift), 0.0, probe(np.ones_like(shift))
+    floor = 1.0 if top > 1.0 else top * config.min_fraction
+    candidates = np.geomspace(top, floor, config.grid) if top > floor else np.array([top])
+    errors = [probe(np.maximum(1.0, half_range / t)) for t in candidates]
+    best = int(np.argmin(errors))
+    return np.maximum(1.0, half_range / candidates[best]), float(candidates[best]), errors[best]
+
+
+def os_plus_parameters(samples: np.ndarray, group: ScaleGroup, stats, settings: QuantSettings,
+                       config: ShiftScaleConfig, allow_shift: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(s, z, t*) for one group: the paper's centring shift, or no shift (z = None) where that is better."""
+    centre = (stats.channel_max + stats.channel_min) / 2
+    options = []
+    if allow_shift:
+        probe = OutputError(samples, group, stats, centre, settings)
+        options.append((*search_threshold(stats, probe, centre, config), centre))
+    if config.try_unshifted or not allow_shift:
+        probe = OutputError(samples, group, stats, None, settings)
+        options.append((*search_threshold(stats, probe, np.zeros_like(centre), config), None))
+    scale, threshold, _, shift = min(options, key=lambda option: option[2])
+    return scale, shift, threshold
+
+
+class ShiftScale(Pass):
+    """X' = (X − z)/s with z = (max + min)/2, s = max(1, (max − z)/t*), t* searched; W' = s·W, b' = b + z·W.
+
+    Outlier Suppression+ (see the module docstring for the search). Exact before quantization:
+    the folds re-associate X·W + b and the producer (or an explicit Sub/Mul) writes (X − z)/s.
+    """
+
+    name = "shift_scale"
+    Config = ShiftScaleConfig
+    exact = True
+
+    def requires(self, ctx: CompileContext) -> None:
+        if not ctx.calibration:
+            raise PassError(f"pass '{self.name}' needs calibration data for activation ranges; pass --calib DIR")
+
+    def call(self, ctx: CompileContext) -> PassResult:
+        groups = find_scale_groups(ctx.graph)
+        if not groups:
+            return PassResult(False, ("no Linear reads an activation",))
+        stats = ctx.statistics({g.name: g.channel_axis for g in groups}, progress=self.config.progress)
+        samples = sample_inputs(ctx, groups, self.config.batches, self.config.rows, self.config.seed)
+        kinds: dict[str, int] = {}
+        thresholds, unshifted = [], 0
+        # Downstream groups first: an upstream search then sees weights already divided by
+        # downstream scales (the weights that will be quantized). X itself never changes.
+        for group in tqdm(list(reversed(groups)), desc=self.name, unit="group", leave=False,
+                          disable=None if self.config.progress else True):
+            allow_shift = self.config.explicit_shift or bool(find_absorber(ctx.graph, group))
+            scale, shift, threshold = os_plus_parameters(samples[group.name], group, stats[group.name],
+                                                         ctx.settings, self.config, allow_shift)
+            kind = fold(ctx, group, scale, shift, self.name).split(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+            thresholds.append(threshold)
+            unshifted += shift is None
+        ctx.graph.cleanup().toposort()
+        summary = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        return PassResult(True, (f"{len(groups)} groups scaled, {len(groups) - unshifted} of them shifted; "
+                                 f"absorbed by: {summary}",
+                                 f"t* from {min(thresholds):.3g} to {max(thresholds):.3g}"))
