@@ -341,6 +341,7 @@ def _absorb(ctx: CompileContext, absorber: Absorber, scale, shift, pass_name: st
     weight = weight_array(unit).astype(np.float64)
     _set_constant(ctx, unit.node, 1, weight / _along(scale, unit.weight_out_axis, weight.ndim), pass_name)
     _update_bias(ctx, unit, scale, minus, pass_name)  # biases are (N,), (1, N) or Gemm's broadcast C
+    ctx.rescaled_tensors.update({unit.node.outputs[0].name, unit.output.name})
 
 
 def _insert_explicit(ctx: CompileContext, group: ScaleGroup, scale, shift, pass_name: str, reason: str) -> str:

@@ -84,7 +84,8 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     quantized = ctx.model()
     set_metadata(quantized, {"qcompile.version": qcompiler.__version__, "qcompile.recipe": recipe.name,
                              "qcompile.settings": json.dumps(asdict(settings)),
-                             "qcompile.passes": ",".join(r.name for r in pass_records)})
+                             "qcompile.passes": ",".join(r.name for r in pass_records),
+                             "qcompile.rescaled_tensors": json.dumps(sorted(ctx.rescaled_tensors))})
     compile_seconds = time.perf_counter() - started
 
     from qcompiler.report import build_report, check_integer_kernels, write_report

@@ -59,6 +59,8 @@ class CompileContext:
         self.source = source
         self.records: list[QuantRecord] = []
         self.fallbacks: list[str] = []
+        #: Tensors a fold rescales on purpose (a producer writes (X − z)/s): not comparable to float.
+        self.rescaled_tensors: set[str] = set()
         self._stats_cache: dict[tuple[str, int | None], Any] = {}
         self._names: NameScope | None = None
 

@@ -3,7 +3,9 @@
 Metrics (same inputs to both models):
     SQNR = 10·log10(Σx² / Σ(x − x̂)²) dB over all elements;  cosine = mean over samples of
     ⟨x_n, x̂_n⟩ / (‖x_n‖·‖x̂_n‖);  max_abs_error = max|x − x̂|.
-Per layer: the output tensor of every quantized GEMM, read from both models, SQNR worst first.
+Per layer: the output (after its bias Add) of every quantized GEMM, read from both models, SQNR
+worst first; tensors an equivalence fold rescales on purpose (listed in the model's
+``qcompile.rescaled_tensors`` metadata) are skipped, since their float counterpart differs by design.
 Memory: one batch's outputs plus ``tensors_per_run`` layer outputs at a time.
 """
 
@@ -50,14 +52,30 @@ class _Accumulator:
                 "max_abs_error": self.max_abs}
 
 
+def _after_bias(node) -> str:
+    """The GEMM's output, or its bias Add's output when a constant bias follows (folds keep that equal)."""
+    from qcompiler.graph import constant_value
+
+    out = node.outputs[0]
+    if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+        add = out.outputs[0]
+        if any(constant_value(t) is not None for t in add.inputs if t is not out):
+            return add.outputs[0].name
+    return out.name
+
+
 def quantized_layer_outputs(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> list[str]:
-    """Output tensors of the quantized GEMMs that also exist in the float model."""
+    """Post-bias outputs of the quantized GEMMs that exist in the float model and were not rescaled."""
+    import json
+
     from qcompiler.graph import to_graph
     from qcompiler.passes.insert_activation_qdq import quantized_gemms
 
+    metadata = {prop.key: prop.value for prop in quant_model.metadata_props}
+    rescaled = set(json.loads(metadata.get("qcompile.rescaled_tensors", "[]")))
     float_tensors = {o for node in float_model.graph.node for o in node.output}
-    names = [node.outputs[0].name for node in quantized_gemms(to_graph(quant_model))]
-    return [name for name in names if name in float_tensors]
+    names = [_after_bias(node) for node in quantized_gemms(to_graph(quant_model))]
+    return [name for name in names if name in float_tensors and name not in rescaled]
 
 
 def _run_pairs(float_model, quant_model, batches, names: list[str], accumulators) -> None:
