@@ -85,6 +85,10 @@ def format_summary(report: dict) -> str:
     size = report["size_bytes"]
     console.print(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB   calibration samples: "
                   f"{report['calibration_samples']}   compile: {report['compile_seconds']:.1f} s")
+    if report["fallbacks"]:
+        console.print(f"explicit fallbacks ({len(report['fallbacks'])}, each an elementwise op at run time):")
+        for fallback in report["fallbacks"]:
+            console.print(f"  - {fallback}")
     for warning in report.get("warnings", []):
         console.print(f"[bold red]warning:[/] {warning}")
     return console.export_text()
