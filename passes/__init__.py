@@ -1,10 +1,15 @@
 """qcompile's graph passes, one per module; importing this package registers them by name."""
 
+from qcompiler.passes.dgq_groups import DgqGroups
+from qcompiler.passes.group_qdq import InsertGroupQDQ
 from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
+from qcompiler.passes.log2_attention import Log2Attention
 from qcompiler.passes.quantize_weights import QuantizeWeights
 from qcompiler.passes.shift_scale import ShiftScale
 from qcompiler.passes.smooth_scales import SmoothScales
 
-PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ)}
+PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ,
+                                    DgqGroups, InsertGroupQDQ, Log2Attention)}
 
-__all__ = ["PASSES", "InsertActivationQDQ", "QuantizeWeights", "ShiftScale", "SmoothScales"]
+__all__ = ["PASSES", "DgqGroups", "InsertGroupQDQ", "Log2Attention",
+           "InsertActivationQDQ", "QuantizeWeights", "ShiftScale", "SmoothScales"]

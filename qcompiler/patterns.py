@@ -130,7 +130,19 @@ class Attention:
         return self.softmax.outputs[0]
 
 
-_PASS_THROUGH = ("Reshape", "Transpose", "Mul", "Div", "Add", "Cast", "Squeeze", "Unsqueeze")
+_PASS_THROUGH = ("Reshape", "Transpose", "Mul", "Div", "Add", "Cast", "Squeeze", "Unsqueeze",
+                 "QuantizeLinear", "DequantizeLinear", "Clip")
+
+
+def _is_projection(node: gs.Node) -> bool:
+    """A Linear, before or after quantize_weights (constant, DequantizeLinear-fed, or MatMulNBits weight)."""
+    if node.op == "MatMulNBits":
+        return True
+    if node.op not in ("MatMul", "Gemm"):
+        return False
+    weight = node.inputs[1]
+    return constant_value(weight) is not None or bool(weight.inputs and weight.inputs[0].op == "DequantizeLinear"
+                                                        and constant_value(weight.inputs[0].inputs[0]) is not None)
 
 
 def _source(tensor: gs.Tensor, depth: int = 8) -> gs.Tensor:
@@ -139,7 +151,7 @@ def _source(tensor: gs.Tensor, depth: int = 8) -> gs.Tensor:
         producer = tensor.inputs[0] if tensor.inputs else None
         if producer is None:
             return tensor
-        if producer.op in ("MatMul", "Gemm") and constant_value(producer.inputs[1]) is not None:
+        if _is_projection(producer):
             return producer.inputs[0]
         if producer.op not in _PASS_THROUGH:
             return tensor

@@ -40,11 +40,12 @@ class Recipe:
 
 
 def _builtin() -> dict[str, Recipe]:
+    from qcompiler.recipes.dgq import DGQ
     from qcompiler.recipes.minmax import MINMAX
     from qcompiler.recipes.osplus import OSPLUS
     from qcompiler.recipes.smoothquant import SMOOTHQUANT
 
-    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS)}
+    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ)}
 
 
 def available_recipes() -> dict[str, Recipe]:

@@ -67,3 +67,16 @@ def test_skip_concat_feeding_conv_matches():
 
 def test_skip_concat_not_feeding_gemm_does_not_match():
     assert find_skip_concats(to_graph(graphs.skip_concat_model(feeds_conv=False))) == []
+
+
+def test_attention_kind_survives_weight_and_activation_quantization():
+    from tests.passes.helpers import context
+    from qcompiler.passes import InsertActivationQDQ, QuantizeWeights
+
+    for cross, kind in ((False, "self"), (True, "cross")):
+        shapes = {"x": (2, 4, 8)} | ({"ctx": (2, 3, 8)} if cross else {})
+        ctx = context(graphs.attention_model(cross=cross), shapes)
+        QuantizeWeights().call(ctx)
+        InsertActivationQDQ().call(ctx)
+        (attention,) = find_attention(ctx.graph)
+        assert attention.kind == kind

@@ -1,0 +1,219 @@
+"""Pass ``dgq_groups`` (DGQ): choose the grouping axis of every quantized GEMM input and its K groups.
+
+Analysis (DESIGN.md §5.4), per activation X that feeds a quantized Linear/Conv, from calibration:
+    per index i of axis d ∈ {channel, pixel}: a^max_i = max X over everything but i, a^min_i likewise
+    D_d = (max_i a^max_i − min_i a^max_i) + (max_i a^min_i − min_i a^min_i),   d* = argmax_d D_d
+Groups: K-means (scikit-learn, ``random_state=0``, ``n_init=10``) on the points (a^min_i, a^max_i)
+of the chosen axis, K = ``groups`` (default 16 for W8, 8 for W4 as in the paper); each group g
+takes its members' range [min a^min, max a^max] and the asymmetric parameters of DESIGN.md §3:
+    s_g = (max_g − min_g)/(2^b − 1),  z_g = round(−min_g/s_g)        (``quant.scale_zero_point``)
+"pixel" means the positions of the tensor: tokens of a (B, T, C) input, pixels of an NCHW one.
+Conv inputs use channel groups (``conv_axis="channel"``, the design's choice); ``"auto"`` lets
+d* pick pixel groups, which the lowering can only simulate. A pixel plan needs the positions'
+sizes to be static in the graph (a scale per position); where they are not, the tensor falls
+back to channel groups and the pass's notes say so (``on_dynamic_pixels="error"`` raises).
+
+Error bound: every calibrated value lies in its group's range, so |X − X̂| ≤ s_g/2 inside it; a
+group's s_g is at most the per-tensor scale, since its range is a subset of the tensor's.
+The plans live beside the context (``group_plans``) for ``insert_group_qdq`` to lower.
+Per-timestep group ranges (``--per-timestep``) are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.context import CompileContext
+from qcompiler.errors import PassError
+from qcompiler.pass_manager import Pass, PassResult
+from qcompiler.passes.insert_activation_qdq import quantized_gemms
+from qcompiler.quant import QuantSpec, scale_zero_point
+
+#: Plans per context, keyed weakly so a finished compile frees them with its context.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class DgqGroupsConfig:
+    #: K; None takes the paper's default for the weight width: 16 at W8, 8 at W4.
+    groups: int | None = None
+    conv_axis: str = "channel"  # "channel" | "auto"
+    on_dynamic_pixels: str = "channel"  # "channel" (fall back, noted) | "error"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.groups is not None and self.groups < 1:
+            raise ValueError(f"DgqGroupsConfig: groups must be at least 1, got {self.groups}")
+        if self.conv_axis not in ("channel", "auto"):
+            raise ValueError(f"DgqGroupsConfig: conv_axis must be 'channel' or 'auto', got {self.conv_axis!r}")
+        if self.on_dynamic_pixels not in ("channel", "error"):
+            raise ValueError(f"DgqGroupsConfig: on_dynamic_pixels must be 'channel' or 'error', "
+                             f"got {self.on_dynamic_pixels!r}")
+
+
+@dataclass(eq=False)
+class GroupPlan:
+    """How one activation is grouped: ``labels`` per index of ``axis``, parameters per group."""
+
+    tensor: str
+    axis: str  # "channel" | "pixel": the axis the groups run along
+    channel_axis: int  # the tensor's channel axis (-1 for Linear inputs, 1 for Conv inputs)
+    labels: np.ndarray = field(repr=False)
+    scales: np.ndarray = field(repr=False)
+    zero_points: np.ndarray = field(repr=False)
+    #: Each group's calibrated range (before ``scale_zero_point`` widens it to include 0).
+    group_min: np.ndarray = field(repr=False)
+    group_max: np.ndarray = field(repr=False)
+    bits: int
+    d_channel: float
+    d_pixel: float
+
+    @property
+    def groups(self) -> int:
+        return int(self.scales.size)
+
+    @property
+    def d_star(self) -> str:
+        return "channel" if self.d_channel >= self.d_pixel else "pixel"
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, symmetric=False)
+
+    def element_scale(self) -> np.ndarray:
+        """s per index of the grouped axis (the full-length vector with K distinct values)."""
+        return self.scales[self.labels]
+
+    def element_zero_point(self) -> np.ndarray:
+        return self.zero_points[self.labels]
+
+    def details(self) -> dict:
+        return {"D_channel": self.d_channel, "D_pixel": self.d_pixel, "d_star": self.d_star,
+                "group_axis": self.axis, "groups": self.groups}
+
+
+def group_plans(ctx: CompileContext) -> dict[str, GroupPlan] | None:
+    """The plans ``dgq_groups`` made for ``ctx`` (tensor name -> plan), None if it has not run."""
+    return _PLANS.get(ctx)
+
+
+def axis_spread(index_min: np.ndarray, index_max: np.ndarray) -> float:
+    """D_d = (max a^max − min a^max) + (max a^min − min a^min) over the indices of one axis."""
+    return float(np.ptp(index_max) + np.ptp(index_min))
+
+
+def kmeans_labels(points: np.ndarray, groups: int, seed: int = 0) -> np.ndarray:
+    """K-means labels of ``points`` (n, 2), renumbered by ascending group centre (min + max)/2.
+
+    K is capped at the number of distinct points (K-means cannot make more non-empty groups);
+    renumbering makes the labels independent of scikit-learn's cluster order."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    distinct = np.unique(points, axis=0).shape[0]
+    k = min(groups, distinct)
+    if k <= 1:
+        return np.zeros(points.shape[0], dtype=np.int64)
+    # One thread: a few thousand 2-D points take milliseconds, while OpenMP's worker threads spin for
+    # ~1 s per call on a busy machine. The labels do not depend on the thread count.
+    with threadpool_limits(1):
+        raw = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(points).labels_
+    centres = np.array([points[raw == g].mean() for g in range(k)])
+    order = np.argsort(centres, kind="stable")
+    return np.argsort(order)[raw].astype(np.int64)
+
+
+def group_ranges(index_min: np.ndarray, index_max: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's range: [min of its members' a^min, max of their a^max]."""
+    groups = int(labels.max()) + 1
+    low = np.array([index_min[labels == g].min() for g in range(groups)])
+    high = np.array([index_max[labels == g].max() for g in range(groups)])
+    return low, high
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """An index that never saw a finite value has ±inf bounds: treat it as the value 0."""
+    return np.where(np.isfinite(values), values, 0.0)
+
+
+def static_pixels(tensor: gs.Tensor, channel_axis: int, positions: int) -> bool:
+    """Whether the graph fixes the sizes of every axis but batch and channel (product = positions)."""
+    shape = tensor.shape
+    if not shape or len(shape) < 3:
+        return False
+    axis = channel_axis % len(shape)
+    sizes = [shape[i] for i in range(1, len(shape)) if i != axis]
+    return all(isinstance(s, int) and s > 0 for s in sizes) and math.prod(sizes) == positions
+
+
+class DgqGroups(Pass):
+    """Picks d* = argmax(D_channel, D_pixel) per GEMM input and K-means groups along it."""
+
+    name = "dgq_groups"
+    Config = DgqGroupsConfig
+
+    def requires(self, ctx: CompileContext) -> None:
+        if not ctx.calibration:
+            raise PassError(f"pass '{self.name}' needs calibration data for per-index ranges; pass --calib DIR")
+
+    def call(self, ctx: CompileContext) -> PassResult:
+        notes: list[str] = []
+        targets = self._targets(ctx, notes)
+        plans: dict[str, GroupPlan] = {}
+        _PLANS[ctx] = plans
+        if not targets:
+            return PassResult(False, ("no quantized GEMM input to group", *notes))
+        stats = ctx.statistics({name: axis for name, (_, axis) in targets.items()})
+        groups = self.config.groups or (16 if ctx.settings.wbits == 8 else 8)
+        spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
+        for name, (tensor, axis) in targets.items():
+            plans[name] = self._plan(tensor, axis, stats[name], groups, spec, notes)
+        by_axis = {a: sum(p.axis == a for p in plans.values()) for a in ("channel", "pixel")}
+        return PassResult(False, (f"planned {len(plans)} tensors (K ≤ {groups}): {by_axis['channel']} channel "
+                                  f"groups, {by_axis['pixel']} pixel groups", *notes))
+
+    def _targets(self, ctx: CompileContext, notes: list[str]) -> dict[str, tuple[gs.Tensor, int | None]]:
+        """GEMM inputs without an activation QDQ yet, with their channel axis (1 for Conv, last else)."""
+        consumers: dict[str, tuple[gs.Tensor, set[str]]] = {}
+        for node in quantized_gemms(ctx.graph):
+            tensor = node.inputs[0]
+            if tensor.inputs and tensor.inputs[0].op == "DequantizeLinear":
+                continue
+            consumers.setdefault(tensor.name, (tensor, set()))[1].add(node.op)
+        targets = {}
+        for name, (tensor, ops) in consumers.items():
+            if "Conv" in ops and ops != {"Conv"}:
+                notes.append(f"'{name}' feeds both Conv and MatMul, whose channel axes differ; it keeps "
+                             "per-tensor activation quantization")
+                continue
+            targets[name] = (tensor, 1 if ops == {"Conv"} else None)
+        return targets
+
+    def _plan(self, tensor: gs.Tensor, channel_axis: int | None, stats, groups: int, spec: QuantSpec,
+              notes: list[str]) -> GroupPlan:
+        channel_min, channel_max = _finite(stats.channel_min), _finite(stats.channel_max)
+        index_min, index_max = _finite(stats.index_min), _finite(stats.index_max)
+        d_channel = axis_spread(channel_min, channel_max)
+        d_pixel = axis_spread(index_min, index_max)
+        axis = "channel" if d_channel >= d_pixel else "pixel"
+        if channel_axis == 1 and self.config.conv_axis == "channel":
+            axis = "channel"
+        if axis == "pixel" and not static_pixels(tensor, stats.channel_axis, index_min.size):
+            if self.config.on_dynamic_pixels == "error":
+                raise PassError(f"pass '{self.name}': '{tensor.name}' has D_pixel > D_channel but its "
+                                f"positions are not static in the graph (shape {tensor.shape}); a scale per "
+                                "position needs a fixed sequence length / image size")
+            notes.append(f"'{tensor.name}' prefers pixel groups (D_pixel {d_pixel:.4g} > D_channel "
+                         f"{d_channel:.4g}) but its shape {tensor.shape} is not static; channel groups used instead")
+            axis = "channel"
+        low, high = (channel_min, channel_max) if axis == "channel" else (index_min, index_max)
+        labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
+        group_min, group_max = group_ranges(low, high, labels)
+        scales, zero_points = scale_zero_point(group_min, group_max, spec)
+        return GroupPlan(tensor.name, axis, -1 if channel_axis is None else channel_axis, labels, scales,
+                         zero_points, group_min, group_max, spec.bits, d_channel, d_pixel)

@@ -1,0 +1,37 @@
+"""Recipe ``dgq``: distribution-aware group quantization of GEMM inputs and log2 attention (DGQ).
+
+Steps, in order:
+- ``log2_attention``: Softmax outputs through the log2 quantizer, the cross-attention start token
+  exempt (simulated). It runs first because ``patterns.find_attention`` tells self from cross
+  attention by tracing Q and K back to a constant-weight projection, which a quantized weight no
+  longer is; and so the statistics below see the quantized attention.
+- ``quantize_weights``: int8 per output channel, or int4 blocks / MatMulNBits at ``--wbits 4``.
+- ``dgq_groups``: per GEMM input, the axis with the larger spread D_d and K-means groups along it
+  (K = 16 at W8, the paper's W8A8/W8A6 setting, and 8 at W4, chosen by the pass from the weight width).
+- ``insert_group_qdq``: MatMulInteger with per-row scales (token groups) or K partial integer
+  GEMMs (channel groups; ConvInteger for Conv).
+- ``insert_activation_qdq``: per-tensor QDQ for whatever is left.
+
+Another K or the fold variant: a recipe file (``--recipe dgq_fold.toml``) with the same steps and
+
+    [[steps]]
+    pass = "dgq_groups"
+    groups = 8
+    [[steps]]
+    pass = "insert_group_qdq"
+    channel_groups = "fold"
+
+Per-timestep group ranges (``--per-timestep``) are not implemented yet.
+"""
+
+from qcompiler.recipes import Recipe, Step
+
+DGQ = Recipe(
+    name="dgq",
+    description="DGQ: per GEMM input, groups along the axis with the larger min/max spread (channel or "
+                "pixel/token), K-means K=16 (W8) / 8 (W4), asymmetric scale per group, lowered to MatMulInteger "
+                "with per-row scales or K partial integer GEMMs; Softmax outputs log2-quantized (simulated), "
+                "the cross-attention start token kept exact",
+    steps=(Step("log2_attention"), Step("quantize_weights"), Step("dgq_groups"), Step("insert_group_qdq"),
+           Step("insert_activation_qdq")),
+)

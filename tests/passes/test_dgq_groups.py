@@ -1,0 +1,151 @@
+"""dgq_groups: D_channel / D_pixel from calibration, d* = argmax, K-means groups and their parameters."""
+
+import numpy as np
+import pytest
+
+from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.context import CompileContext, QuantSettings
+from qcompiler.errors import PassError
+from qcompiler.passes import DgqGroups, QuantizeWeights
+from qcompiler.passes.dgq_groups import DgqGroupsConfig, axis_spread, group_plans, kmeans_labels
+from qcompiler.quant import QuantSpec, scale_zero_point
+from tests import graphs
+
+
+def feeds(shape, seed=0, count=4, outlier=None):
+    """Normal data; ``outlier(x)`` scales some channels/tokens/pixels in place."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if outlier is not None:
+            outlier(x)
+        batches.append(x)
+    return batches
+
+
+def planned(model, name, arrays, config=DgqGroupsConfig(), wbits=8, abits=8):
+    batches = [CalibrationBatch({name: x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
+    ctx = CompileContext(model, QuantSettings(wbits=wbits, abits=abits), batches)
+    QuantizeWeights().call(ctx)
+    result = DgqGroups(config).call(ctx)
+    return ctx, result, group_plans(ctx)
+
+
+def channel_outliers(x):
+    x[..., 3] *= 40.0
+    x[..., 7] += 20.0
+
+
+def token_outliers(x):
+    x[:, 2, :] = x[:, 2, :] * 4.0 + 30.0  # one token far from the others in every channel
+
+
+def test_spread_formula_matches_numpy_on_the_calibration_data():
+    arrays = feeds((2, 4, 16), outlier=channel_outliers)
+    _, _, plans = planned(graphs.linear_model(k=16, n=8), "x", arrays)
+    data = np.concatenate(arrays)
+    plan = plans["x"]
+    # D_d = (max_i a^max − min_i a^max) + (max_i a^min − min_i a^min), a^max_i over all but axis i.
+    channel = np.ptp(data.max(axis=(0, 1))) + np.ptp(data.min(axis=(0, 1)))
+    token = np.ptp(data.max(axis=(0, 2))) + np.ptp(data.min(axis=(0, 2)))
+    assert plan.d_channel == pytest.approx(channel, rel=1e-6)
+    assert plan.d_pixel == pytest.approx(token, rel=1e-6)
+
+
+def test_channel_outliers_pick_channel_groups():
+    _, result, plans = planned(graphs.linear_model(k=16, n=8), "x", feeds((2, 4, 16), outlier=channel_outliers))
+    plan = plans["x"]
+    assert plan.d_star == plan.axis == "channel" and plan.labels.shape == (16,)
+    assert not result.modified  # analysis only: the graph is lowered by insert_group_qdq
+    # The ×40 channel cannot share a group with unit-variance channels: K-means isolates it.
+    assert np.sum(plan.labels == plan.labels[3]) == 1
+
+
+def test_token_outliers_pick_pixel_groups():
+    _, _, plans = planned(graphs.linear_model(k=16, n=8), "x", feeds((2, 4, 16), outlier=token_outliers))
+    plan = plans["x"]
+    assert plan.d_star == plan.axis == "pixel" and plan.labels.shape == (4,)
+
+
+def test_group_ranges_cover_members_and_scales_never_exceed_the_per_tensor_scale():
+    arrays = feeds((2, 4, 16), outlier=channel_outliers)
+    _, _, plans = planned(graphs.linear_model(k=16, n=8), "x", arrays)
+    plan, data = plans["x"], np.concatenate(arrays)
+    low, high = data.min(axis=(0, 1)), data.max(axis=(0, 1))
+    assert np.all(plan.group_min[plan.labels] <= low) and np.all(plan.group_max[plan.labels] >= high)
+    # A group's range is a subset of the tensor's, so s_g = range_g/255 ≤ range/255.
+    tensor_scale, _ = scale_zero_point(data.min(), data.max(), QuantSpec(bits=8))
+    assert np.all(plan.scales <= tensor_scale * (1 + 1e-6))
+    expected = scale_zero_point(plan.group_min, plan.group_max, QuantSpec(bits=8))
+    np.testing.assert_array_equal(plan.scales, expected[0])
+    np.testing.assert_array_equal(plan.zero_points, expected[1])
+
+
+def test_kmeans_is_deterministic_and_numbered_by_centre():
+    rng = np.random.default_rng(3)
+    points = np.sort(rng.standard_normal((40, 2)) * [1.0, 5.0], axis=1)
+    first, second = kmeans_labels(points, 6), kmeans_labels(points, 6)
+    np.testing.assert_array_equal(first, second)
+    centres = [points[first == g].mean() for g in range(6)]
+    assert centres == sorted(centres)
+
+
+def test_kmeans_caps_groups_at_distinct_points():
+    points = np.array([[0.0, 1.0], [0.0, 1.0], [-2.0, 3.0], [-5.0, 0.0]])
+    labels = kmeans_labels(points, 16)
+    assert labels.max() + 1 == 3  # three distinct (min, max) points can form at most three groups
+    assert labels[0] == labels[1]
+
+
+def test_axis_spread_of_identical_indices_is_zero():
+    assert axis_spread(np.full(5, -1.0), np.full(5, 2.0)) == 0.0
+
+
+def test_default_groups_follow_the_weight_width():
+    def graded(x):
+        x *= np.linspace(0.1, 30.0, 64, dtype=np.float32)  # 64 distinct channel ranges: K-means uses all K
+
+    arrays = feeds((2, 4, 64), outlier=graded)
+    _, _, w8 = planned(graphs.linear_model(k=64, n=8), "x", arrays, wbits=8)
+    _, _, w4 = planned(graphs.linear_model(k=64, n=8), "x", arrays, wbits=4)
+    assert w8["x"].groups == 16 and w4["x"].groups == 8  # the paper's K for W8A8/W8A6 and for W4A8
+
+
+def test_conv_inputs_use_channel_groups_unless_auto():
+    def pixel_outliers(x):
+        x[:, :, 2, 3] *= 40.0
+
+    arrays = feeds((1, 4, 8, 8), outlier=pixel_outliers)
+    _, _, plans = planned(graphs.conv_model(), "x", arrays)
+    assert plans["x"].d_star == "pixel" and plans["x"].axis == "channel" and plans["x"].channel_axis == 1
+    _, _, auto = planned(graphs.conv_model(), "x", arrays, DgqGroupsConfig(conv_axis="auto"))
+    assert auto["x"].axis == "pixel" and auto["x"].labels.shape == (64,)
+
+
+def _dynamic_tokens(model):
+    dim = model.graph.input[0].type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = "T"
+    return model
+
+
+def test_dynamic_tokens_fall_back_to_channel_groups_or_raise():
+    arrays = feeds((2, 4, 16), outlier=token_outliers)
+    _, result, plans = planned(_dynamic_tokens(graphs.linear_model(k=16, n=8)), "x", arrays)
+    assert plans["x"].d_star == "pixel" and plans["x"].axis == "channel"
+    assert any("not static" in note for note in result.notes)
+    with pytest.raises(PassError, match="not static"):
+        planned(_dynamic_tokens(graphs.linear_model(k=16, n=8)), "x", arrays,
+                DgqGroupsConfig(on_dynamic_pixels="error"))
+
+
+def test_graph_without_quantized_gemm_plans_nothing():
+    _, result, plans = planned(graphs.layernorm_model(), "x", feeds((2, 4, 8)))
+    assert not result.modified and plans == {}
+
+
+def test_requires_calibration():
+    ctx = CompileContext(graphs.linear_model(), QuantSettings())
+    with pytest.raises(PassError, match="calibration"):
+        DgqGroups().requires(ctx)
