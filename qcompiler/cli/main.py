@@ -8,7 +8,8 @@ import sys
 from qcompiler.errors import QCompileError
 
 #: Subcommand name -> module under qcompiler.cli with ``add_arguments(parser)`` and ``run(args)``.
-SUBCOMMANDS = {"eval": "eval_command", "recipes": "recipes_command", "inspect": "inspect_command"}
+SUBCOMMANDS = {"eval": "eval_command", "recipes": "recipes_command", "collect": "collect_command",
+               "eval-diffusion": "eval_diffusion_command", "inspect": "inspect_command"}
 
 
 def _module(name: str):

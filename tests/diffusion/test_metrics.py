@@ -1,0 +1,69 @@
+"""PSNR, SSIM and Fréchet distance on inputs whose answers follow from the formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qcompiler.diffusion import metrics
+
+
+def _images(seed=0, n=4):
+    return np.random.default_rng(seed).uniform(-1, 1, size=(n, 1, 32, 32)).astype(np.float32)
+
+
+def test_psnr_of_identical_images_is_infinite():
+    images = _images()
+    assert metrics.psnr(images, images) == math.inf
+    assert np.all(np.isinf(metrics.psnr_per_image(images, images)))
+
+
+def test_psnr_of_a_constant_offset():
+    # A uniform error d gives MSE = d², so PSNR = 10·log10(range² / d²) = 20·log10(2 / 0.1) dB.
+    images = _images()
+    assert metrics.psnr(images, images + 0.1) == pytest.approx(20 * math.log10(2 / 0.1), abs=1e-4)
+
+
+def test_ssim_of_identical_images_is_one_and_of_noisy_ones_less():
+    images = _images()
+    assert metrics.ssim(images, images) == pytest.approx(1.0)
+    noisy = images + np.random.default_rng(1).normal(0, 0.5, images.shape).astype(np.float32)
+    assert metrics.ssim(images, noisy) < 0.9
+
+
+def test_frechet_distance_of_a_set_to_itself_is_zero():
+    features = np.random.default_rng(0).normal(size=(200, 16))
+    # Zero up to round-off of the eigen-decompositions (trace terms of size ~16).
+    assert metrics.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_of_a_shift_is_its_squared_norm():
+    # Same covariance, so the trace term cancels: FD = ‖μa − μb‖² = 16 · 0.5² = 4.
+    features = np.random.default_rng(0).normal(size=(300, 16))
+    assert metrics.frechet_distance(features, features + 0.5) == pytest.approx(4.0, abs=1e-8)
+
+
+def test_frechet_distance_matches_the_sqrtm_formula():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 8)), rng.normal(1.0, 2.0, size=(300, 8))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a + cov_b)
+                - 2 * np.trace(np.real(linalg.sqrtm(cov_a @ cov_b))))
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_survives_singular_covariances():
+    # Dead features (constant columns) make Σ singular; the result must stay real and ≥ 0.
+    features = np.random.default_rng(0).normal(size=(50, 8))
+    features[:, :3] = 0.0
+    value = metrics.frechet_distance(features, features[::-1] * 1.5)
+    assert np.isfinite(value) and value >= 0
+
+
+def test_accuracy():
+    logits = np.eye(10)[[1, 2, 3, 4]]
+    assert metrics.accuracy(logits, np.array([1, 2, 0, 4])) == 0.75
