@@ -15,6 +15,8 @@ added block by block in data order, so equal inputs give bitwise-equal statistic
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import math
 import os
 import tempfile
@@ -300,36 +302,22 @@ def _run(session, chunk: Sequence[str], batch: CalibrationBatch) -> list[np.ndar
                             f"{str(exc).splitlines()[0][:300]}") from None
 
 
-def collect_statistics(model: onnx.ModelProto | str | os.PathLike, batches: Sequence[CalibrationBatch],
-                       tensors: Mapping[str, int | None],
-                       config: StatsConfig = StatsConfig()) -> dict[str, TensorStats]:
-    """Statistics of every tensor in ``tensors`` (name -> channel axis, None = last) over all batches.
+def stream_tensors(model: onnx.ModelProto | str | os.PathLike, batches: Sequence[CalibrationBatch],
+                   tensors: Sequence[str], config: StatsConfig = StatsConfig(),
+                   desc: str = "calibration statistics") -> Iterator[tuple[CalibrationBatch, dict[str, np.ndarray]]]:
+    """``(batch, {tensor: value})`` per chunk of ``config.tensors_per_run`` tensors and per batch.
 
-    Graph inputs are reduced straight from the feeds; other tensors (intermediate values or
-    outputs) are computed by ORT in chunks of ``config.tensors_per_run``, one pass over the
-    data per chunk. See the module docstring for the memory bound (independent of N).
-    Returns the statistics in the order of ``tensors``.
+    Graph inputs come straight from the feeds; other tensors are computed by ORT with only the
+    chunk as graph outputs, one pass over the data per chunk. The caller must drop each dict
+    before asking for the next, so two batches' activations never coexist (the memory bound).
     """
-    batches = list(batches)
-    if not batches:
-        raise QCompileError("collect_statistics: no calibration batches; load some with load_calibration")
-    stats: dict[str, TensorStats] = {}
-
-    def reduce(names: Sequence[str], values: Sequence[np.ndarray], source: str) -> None:
-        # A function, so no loop variable keeps the last activation alive into the next run.
-        for name, value in zip(names, values):
-            if name not in stats:
-                stats[name] = TensorStats.start(name, value, tensors[name], config.histogram_bins, config.per_index)
-            stats[name].update(value, source)
-
     with _OutputRunner(model, config.threads) as runner:
         runner.check(list(tensors))
         from_feeds = [name for name in tensors if name in runner.graph_inputs]
         computed = [name for name in tensors if name not in runner.graph_inputs]
         chunks = [computed[i:i + config.tensors_per_run] for i in range(0, len(computed), config.tensors_per_run)]
         types = runner.element_types(computed) if computed else {}
-        total = (len(chunks) + bool(from_feeds)) * len(batches)
-        with tqdm(total=total, desc="calibration statistics", unit="batch", leave=False,
+        with tqdm(total=(len(chunks) + bool(from_feeds)) * len(batches), desc=desc, unit="batch", leave=False,
                   disable=None if config.progress else True) as bar:
             if from_feeds:
                 for batch in batches:
@@ -337,12 +325,34 @@ def collect_statistics(model: onnx.ModelProto | str | os.PathLike, batches: Sequ
                     if missing:
                         raise QCompileError(f"{batch.source}: calibration batch lacks model input(s) "
                                             f"{', '.join(missing)}")
-                    reduce(from_feeds, [batch.feeds[name] for name in from_feeds], batch.source)
+                    yield batch, {name: batch.feeds[name] for name in from_feeds}
                     bar.update()
             for chunk in chunks:
                 session = runner.session(chunk, types)
                 for batch in batches:
-                    reduce(chunk, _run(session, chunk, batch), batch.source)  # outputs freed on return
+                    outputs = dict(zip(chunk, _run(session, chunk, batch)))
+                    yield batch, outputs
+                    del outputs  # so two batches' outputs never coexist here
                     bar.update()
                 del session
+
+
+def collect_statistics(model: onnx.ModelProto | str | os.PathLike, batches: Sequence[CalibrationBatch],
+                       tensors: Mapping[str, int | None],
+                       config: StatsConfig = StatsConfig()) -> dict[str, TensorStats]:
+    """Statistics of every tensor in ``tensors`` (name -> channel axis, None = last) over all batches.
+
+    Reduces the values of :func:`stream_tensors` on the fly. See the module docstring for the
+    memory bound (independent of N). Returns the statistics in the order of ``tensors``.
+    """
+    batches = list(batches)
+    if not batches:
+        raise QCompileError("collect_statistics: no calibration batches; load some with load_calibration")
+    stats: dict[str, TensorStats] = {}
+    for batch, values in stream_tensors(model, batches, list(tensors), config):
+        for name, value in values.items():
+            if name not in stats:
+                stats[name] = TensorStats.start(name, value, tensors[name], config.histogram_bins, config.per_index)
+            stats[name].update(value, batch.source)
+        del values, value  # release this batch's activations before the generator runs the next
     return {name: stats[name] for name in tensors}

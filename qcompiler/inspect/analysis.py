@@ -25,7 +25,7 @@ from qcompiler.calibration.readers import CalibrationBatch, load_calibration
 # The engine's chunked runner: a private copy of the model whose outputs are set per chunk
 # (external data above 2 GiB handled). Reused rather than copied; collect_statistics reduces
 # inside the loop, and inspect needs the raw values twice.
-from qcompiler.calibration.statistics import StatsConfig, TensorStats, _OutputRunner, _run
+from qcompiler.calibration.statistics import StatsConfig, TensorStats, stream_tensors
 from qcompiler.errors import QCompileError
 from qcompiler.graph import load_model, to_graph
 from qcompiler.inspect import activations, attention, recommend, weights
@@ -77,28 +77,7 @@ class InspectResult:
 def stream(model: onnx.ModelProto, batches: Sequence[CalibrationBatch], tensors: Sequence[str],
            config: StatsConfig, desc: str) -> Iterator[tuple[CalibrationBatch, dict[str, np.ndarray]]]:
     """``(batch, {tensor: value})`` per chunk and batch; the caller drops the dict before the next."""
-    from tqdm import tqdm
-
-    with _OutputRunner(model, config.threads) as runner:
-        runner.check(list(tensors))
-        from_feeds = [name for name in tensors if name in runner.graph_inputs]
-        computed = [name for name in tensors if name not in runner.graph_inputs]
-        chunks = [computed[i:i + config.tensors_per_run] for i in range(0, len(computed), config.tensors_per_run)]
-        types = runner.element_types(computed) if computed else {}
-        with tqdm(total=(len(chunks) + bool(from_feeds)) * len(batches), desc=desc, unit="batch",
-                  disable=None if config.progress else True) as bar:
-            if from_feeds:
-                for batch in batches:
-                    yield batch, {name: batch.feeds[name] for name in from_feeds}
-                    bar.update()
-            for chunk in chunks:
-                session = runner.session(chunk, types)
-                for batch in batches:
-                    outputs = dict(zip(chunk, _run(session, chunk, batch)))
-                    yield batch, outputs
-                    del outputs  # so two batches' outputs never coexist here
-                    bar.update()
-                del session
+    return stream_tensors(model, batches, tensors, config, desc)
 
 
 def _token_ids(batch: CalibrationBatch, name: str | None) -> np.ndarray | None:
