@@ -63,7 +63,7 @@ def recipes() -> dict:
 def model_sources(names: list[str]) -> dict[str, dict[str, Path]]:
     sources = {}
     if "digits_vit" in names:
-        from qcompiler.models import BUNDLED_DEFAULT
+        from qcompiler.models import DIGITS_VIT as BUNDLED_DEFAULT
 
         sources["digits_vit"] = {"model": BUNDLED_DEFAULT, "calib": BUNDLED_DEFAULT.with_suffix(".calib"),
                                  "heldout": BUNDLED_DEFAULT.with_suffix(".heldout")}

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: The model that ``qcompile`` uses when none is given (trained by ``train_digits_vit``).
-BUNDLED_DEFAULT = Path(__file__).parent / "digits_vit.onnx"
+#: The README's default model: the text-to-image UNet trained here (``train_unet``), with its
+#: timestep-tagged calibration folder ``unet_mnist.calib/`` (``qcompile collect``, 16 prompts x 25 steps).
+BUNDLED_DEFAULT = Path(__file__).parent / "unet_mnist.onnx"
+#: The small digits ViT (``train_digits_vit``): seconds to compile, held-out data for ``qcompile eval``.
+DIGITS_VIT = Path(__file__).parent / "digits_vit.onnx"
 
 
 def bundled_model_path(name: str = "digits_vit") -> Path:

@@ -16,7 +16,8 @@ back to channel groups and the pass's notes say so (``on_dynamic_pixels="error"`
 Error bound: every calibrated value lies in its group's range, so |X − X̂| ≤ s_g/2 inside it; a
 group's s_g is at most the per-tensor scale, since its range is a subset of the tensor's.
 The plans live beside the context (``group_plans``) for ``insert_group_qdq`` to lower.
-Per-timestep group ranges (``--per-timestep``) are not implemented yet.
+With ``per_timestep`` each group also gets one (s, z) per calibrated timestep, looked up at run
+time from the model's ``timestep`` input (``timestep_ranges``; simulated, no integer kernel).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class DgqGroupsConfig:
     conv_axis: str = "channel"  # "channel" | "auto"
     on_dynamic_pixels: str = "channel"  # "channel" (fall back, noted) | "error"
     seed: int = 0
+    #: Per-timestep group ranges (diffusion denoisers; simulated lowering, see ``timestep_ranges``).
+    per_timestep: bool = False
+    timestep_input: str = "timestep"
 
     def __post_init__(self):
         if self.groups is not None and self.groups < 1:
@@ -72,6 +76,11 @@ class GroupPlan:
     bits: int
     d_channel: float
     d_pixel: float
+    #: Per-timestep parameters (``per_timestep``): calibrated t (T,), S and Z (T, K); else None.
+    timesteps: np.ndarray | None = field(default=None, repr=False)
+    timestep_scales: np.ndarray | None = field(default=None, repr=False)
+    timestep_zero_points: np.ndarray | None = field(default=None, repr=False)
+    timestep_input: str = "timestep"
 
     @property
     def groups(self) -> int:
@@ -93,8 +102,11 @@ class GroupPlan:
         return self.zero_points[self.labels]
 
     def details(self) -> dict:
-        return {"D_channel": self.d_channel, "D_pixel": self.d_pixel, "d_star": self.d_star,
-                "group_axis": self.axis, "groups": self.groups}
+        details = {"D_channel": self.d_channel, "D_pixel": self.d_pixel, "d_star": self.d_star,
+                   "group_axis": self.axis, "groups": self.groups}
+        if self.timesteps is not None:
+            details["per_timestep"] = int(self.timesteps.size)
+        return details
 
 
 def group_plans(ctx: CompileContext) -> dict[str, GroupPlan] | None:
@@ -160,6 +172,10 @@ class DgqGroups(Pass):
     def requires(self, ctx: CompileContext) -> None:
         if not ctx.calibration:
             raise PassError(f"pass '{self.name}' needs calibration data for per-index ranges; pass --calib DIR")
+        if self.config.per_timestep and self.config.timestep_input not in {i.name for i in ctx.graph.inputs}:
+            raise PassError(f"pass '{self.name}': per_timestep needs the model input '{self.config.timestep_input}' "
+                            f"(set dgq_groups.timestep_input); the model's inputs are "
+                            f"{[i.name for i in ctx.graph.inputs]}")
 
     def call(self, ctx: CompileContext) -> PassResult:
         notes: list[str] = []
@@ -173,9 +189,25 @@ class DgqGroups(Pass):
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
         for name, (tensor, axis) in targets.items():
             plans[name] = self._plan(tensor, axis, stats[name], groups, spec, notes)
+        if self.config.per_timestep:
+            self._add_timestep_ranges(ctx, plans, targets, spec, notes)
         by_axis = {a: sum(p.axis == a for p in plans.values()) for a in ("channel", "pixel")}
         return PassResult(False, (f"planned {len(plans)} tensors (K ≤ {groups}): {by_axis['channel']} channel "
                                   f"groups, {by_axis['pixel']} pixel groups", *notes))
+
+    def _add_timestep_ranges(self, ctx: CompileContext, plans: dict[str, GroupPlan], targets: dict,
+                             spec: QuantSpec, notes: list[str]) -> None:
+        """S(t), Z(t) per plan from one extra pass over the calibration data grouped by timestep."""
+        from qcompiler.passes.timestep_ranges import timestep_parameters, timestep_statistics
+
+        timesteps, per_t = timestep_statistics(ctx.model(), ctx.calibration,
+                                               {name: axis for name, (_, axis) in targets.items()},
+                                               self.config.timestep_input)
+        for name, plan in plans.items():
+            plan.timesteps, plan.timestep_input = timesteps, self.config.timestep_input
+            plan.timestep_scales, plan.timestep_zero_points = timestep_parameters(per_t[name], plan.axis,
+                                                                                  plan.labels, spec)
+        notes.append(f"per-timestep group ranges at {timesteps.size} calibrated timesteps (simulated lowering)")
 
     def _targets(self, ctx: CompileContext, notes: list[str]) -> dict[str, tuple[gs.Tensor, int | None]]:
         """GEMM inputs without an activation QDQ yet, with their channel axis (1 for Conv, last else)."""

@@ -44,11 +44,14 @@ SIMULATED = "simulated"
 
 @dataclass(frozen=True)
 class InsertGroupQDQConfig:
-    channel_groups: str = "split"  # "split" (K integer GEMMs, exact) | "fold" (one GEMM, ratios in W)
+    #: "split": K integer GEMMs, exact; "fold": one GEMM, group ratios in W; "simulate": per-channel
+    #: QDQ before a float GEMM on Ŵ (the same numbers as "split" to float rounding, for fast
+    #: accuracy sweeps; nothing runs on an integer kernel and the report says so).
+    channel_groups: str = "split"
 
     def __post_init__(self):
-        if self.channel_groups not in ("split", "fold"):
-            raise ValueError(f"InsertGroupQDQConfig: channel_groups must be 'split' or 'fold', "
+        if self.channel_groups not in ("split", "fold", "simulate"):
+            raise ValueError(f"InsertGroupQDQConfig: channel_groups must be 'split', 'fold' or 'simulate', "
                              f"got {self.channel_groups!r}")
 
 
@@ -95,6 +98,8 @@ class InsertGroupQDQ(Pass):
         why = (f"DGQ {plan.axis} groups (K={plan.groups}, D_channel={plan.d_channel:.4g}, "
                f"D_pixel={plan.d_pixel:.4g}) of '{x.name}' for {node.op} '{node.name}'")
         b = Builder(ctx, self.name, x.name, why)
+        if plan.timesteps is not None:
+            return self._per_timestep(b, plan, x, node, shared)
         if node.op == "MatMulNBits":
             return self._simulate(b, plan, x, node, shared, "int4 weights: MatMulNBits re-quantizes its input "
                                                             "per block at run time")
@@ -106,6 +111,8 @@ class InsertGroupQDQ(Pass):
                 return ROWS, {"kernel": "MatMulInteger"}
             reason = weight if isinstance(weight, str) else f"{node.op} with a rank-{rank} input has no per-row GEMM"
             return self._simulate(b, plan, x, node, shared, reason)
+        if self.config.channel_groups == "simulate":
+            return self._simulate(b, plan, x, node, shared, "channel_groups='simulate' was asked for")
         if node.op == "Conv":
             reason = conv_split_reason(node)
             if reason is not None:
@@ -162,6 +169,21 @@ class InsertGroupQDQ(Pass):
             node.inputs[1] = b.const("dequantized_weight", dequantized_weight(node))
         return SIMULATED, {"kernel": f"float {node.op}" if node.op != "MatMulNBits" else "MatMulNBits",
                            "reason": reason}
+
+    def _per_timestep(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
+        """Run-time (s, z) of each row's nearest calibrated timestep before a float GEMM on Ŵ."""
+        from qcompiler.passes.timestep_ranges import LOWERING, simulated_timestep_qdq
+
+        if "per_timestep" not in shared:
+            timestep = next(i for i in b.ctx.graph.inputs if i.name == plan.timestep_input)
+            shared["per_timestep"] = simulated_timestep_qdq(b, x, timestep, plan)
+        for index, value in enumerate(node.inputs):
+            if value is x:
+                node.inputs[index] = shared["per_timestep"]
+        if node.op != "MatMulNBits":
+            node.inputs[1] = b.const("dequantized_weight", dequantized_weight(node))
+        return LOWERING, {"kernel": f"float {node.op}" if node.op != "MatMulNBits" else "MatMulNBits",
+                          "timesteps": int(plan.timesteps.size)}
 
     def _simulated_qdq(self, b: Builder, plan: GroupPlan, x: gs.Tensor) -> gs.Tensor:
         scale, zero_point = plan.element_scale().astype(np.float32), plan.element_zero_point()

@@ -18,6 +18,10 @@ underflows; 2^−63·s for b = 6). s itself is floored at 1e-30 so an all-zero r
 Error bound: for s·2^−(2^b−1) ≤ A ≤ s, Â/A ∈ [2^−½, 2^½] (a relative error of at most 41%,
 small in absolute terms exactly where A is small); below that |A − Â| ≤ s·2^−(2^b−1).
 Simulated in plain ONNX ops: neither ORT nor TensorRT has a log-domain kernel.
+
+``quantizer="linear"`` is the ablation baseline (DGQ's "linear vs log2" table): the same dynamic s
+and start-token exemption, a uniform grid instead of powers of two:
+    q = clamp(round(A/s·(2^b − 1)), 0, 2^b − 1),   Â = s·q/(2^b − 1),   |A − Â| ≤ s/(2(2^b − 1)).
 Run it before ``quantize_weights``: ``find_attention`` tells self from cross attention by tracing
 Q and K back to a constant-weight projection, and a DequantizeLinear weight is not constant.
 """
@@ -45,8 +49,11 @@ MIN_MAX = 1e-30
 class Log2AttentionConfig:
     bits: int | None = None  # None: the recipe's abits
     keep_start_token: tuple[str, ...] = ("cross",)
+    quantizer: str = "log2"  # "log2" | "linear" (the uniform-grid ablation)
 
     def __post_init__(self):
+        if self.quantizer not in ("log2", "linear"):
+            raise ValueError(f"Log2AttentionConfig: quantizer must be 'log2' or 'linear', got {self.quantizer!r}")
         if self.bits is not None and not 2 <= self.bits <= 8:
             raise ValueError(f"Log2AttentionConfig: bits must be in [2, 8], got {self.bits}")
         unknown = set(self.keep_start_token) - {"self", "cross"}
@@ -72,6 +79,17 @@ def log2_quantize(a: np.ndarray, bits: int, keep_start_token: bool) -> np.ndarra
     return np.concatenate([a[..., :1], quantized], axis=-1) if keep_start_token else quantized
 
 
+def linear_quantize(a: np.ndarray, bits: int, keep_start_token: bool) -> np.ndarray:
+    """The numpy reference of ``quantizer="linear"``: Â = s·clamp(round(A/s·(2^b−1)), 0, 2^b−1)/(2^b−1)."""
+    a = np.asarray(a, dtype=np.float32)
+    rest = a[..., 1:] if keep_start_token else a
+    s = np.maximum(rest.max(axis=tuple(range(1, a.ndim)), keepdims=True), np.float32(MIN_MAX))
+    top = np.float32(2**bits - 1)
+    q = np.clip(np.rint((rest / s) * top), 0, top).astype(np.float32)
+    quantized = (q * (s / top)).astype(np.float32)
+    return np.concatenate([a[..., :1], quantized], axis=-1) if keep_start_token else quantized
+
+
 class Log2Attention(Pass):
     """Â = s·2^−clamp(round(−log2(A/s)), 0, 2^b−1) on every Softmax output; see the module docstring."""
 
@@ -89,19 +107,20 @@ class Log2Attention(Pass):
                 continue
             keep = attention.kind in self.config.keep_start_token
             self._rewrite(ctx, attention, rank, bits, keep)
-            spec = f"log2 uint{bits} dynamic (s = max A{'[..., 1:]' if keep else ''} per sample)"
+            spec = f"{self.config.quantizer} uint{bits} dynamic (s = max A{'[..., 1:]' if keep else ''} per sample)"
             ctx.records.append(QuantRecord(attention.softmax.name, probabilities.name, "activation", spec, LOWERING,
                                            self.name, {"attention": attention.kind, "start_token_exact": keep}))
             changed += 1
         if not changed:
             return PassResult(False, ("no attention Softmax found",) + tuple(skipped))
         ctx.graph.cleanup().toposort()
-        return PassResult(True, (f"{changed} attention probabilities log2-quantized ({bits} bits)",) + tuple(skipped))
+        return PassResult(True, (f"{changed} attention probabilities {self.config.quantizer}-quantized ({bits} bits)",)
+                          + tuple(skipped))
 
     def _rewrite(self, ctx: CompileContext, attention: Attention, rank: int, bits: int, keep: bool) -> None:
         a = attention.probabilities
         consumers = list(a.outputs)
-        b = Builder(ctx, self.name, a.name, f"log2 quantizer ({bits} bits) of {attention.kind}-attention "
+        b = Builder(ctx, self.name, a.name, f"{self.config.quantizer} quantizer ({bits} bits) of {attention.kind}-attention "
                                              f"probabilities{', start token kept exact' if keep else ''}")
         rest = self._columns(b, a, 1, np.iinfo(np.int64).max) if keep else a
         axes = list(range(1, rank))
@@ -111,19 +130,33 @@ class Log2Attention(Pass):
             peak = b.op("ReduceMax", [rest], np.float32, attrs={"axes": axes, "keepdims": 1})
         peak = b.op("Max", [peak, np.array(MIN_MAX, np.float32)], np.float32)
         ratio = b.op("Div", [rest, peak], np.float32)
-        exponent = b.op("Mul", [b.op("Log", [ratio], np.float32), np.array(-1.0 / math.log(2.0), np.float32)],
-                        np.float32)
-        level = b.op("Clip", [b.op("Round", [exponent], np.float32), np.array(0.0, np.float32),
-                              np.array(2**bits - 1, np.float32)], np.float32)
-        index = b.op("Cast", [level], np.int32, attrs={"to": onnx.TensorProto.INT32})
-        power = b.op("Gather", [power_levels(bits), index], np.float32, attrs={"axis": 0})
-        quantized = b.op("Mul", [peak, power], np.float32)
+        if self.config.quantizer == "linear":
+            quantized = self._linear(b, ratio, peak, bits)
+        else:
+            quantized = self._log2(b, ratio, peak, bits)
         if keep:
             quantized = b.op("Concat", [self._columns(b, a, 0, 1), quantized], np.float32, attrs={"axis": -1})
         for consumer in consumers:
             for index, value in enumerate(consumer.inputs):
                 if value is a:
                     consumer.inputs[index] = quantized
+
+    @staticmethod
+    def _linear(b: Builder, ratio: gs.Tensor, peak: gs.Tensor, bits: int) -> gs.Variable:
+        top = np.float32(2**bits - 1)
+        level = b.op("Clip", [b.op("Round", [b.op("Mul", [ratio, np.array(top)], np.float32)], np.float32),
+                              np.array(0.0, np.float32), np.array(top)], np.float32)
+        return b.op("Mul", [level, b.op("Div", [peak, np.array(top)], np.float32)], np.float32)
+
+    @staticmethod
+    def _log2(b: Builder, ratio: gs.Tensor, peak: gs.Tensor, bits: int) -> gs.Variable:
+        exponent = b.op("Mul", [b.op("Log", [ratio], np.float32), np.array(-1.0 / math.log(2.0), np.float32)],
+                        np.float32)
+        level = b.op("Clip", [b.op("Round", [exponent], np.float32), np.array(0.0, np.float32),
+                              np.array(2**bits - 1, np.float32)], np.float32)
+        index = b.op("Cast", [level], np.int32, attrs={"to": onnx.TensorProto.INT32})
+        power = b.op("Gather", [power_levels(bits), index], np.float32, attrs={"axis": 0})
+        return b.op("Mul", [peak, power], np.float32)
 
     @staticmethod
     def _columns(b: Builder, a: gs.Tensor, start: int, end: int) -> gs.Variable:

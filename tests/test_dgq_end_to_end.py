@@ -7,7 +7,7 @@ import pytest
 import qcompiler
 from qcompiler.api import CompileOptions
 from qcompiler.evaluate import EvalOptions, evaluate
-from qcompiler.models import BUNDLED_DEFAULT
+from qcompiler.models import DIGITS_VIT as BUNDLED_DEFAULT
 from qcompiler.passes.group_qdq import FOLD, ROWS, SIMULATED, SPLIT
 from qcompiler.passes.log2_attention import LOWERING as LOG2_LOWERING
 from qcompiler.recipes import Recipe, Step

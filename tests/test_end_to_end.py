@@ -9,7 +9,7 @@ import qcompiler
 from qcompiler.api import CompileOptions
 from qcompiler.cli.main import main
 from qcompiler.evaluate import evaluate
-from qcompiler.models import BUNDLED_DEFAULT
+from qcompiler.models import DIGITS_VIT as BUNDLED_DEFAULT
 
 CALIB = BUNDLED_DEFAULT.with_suffix(".calib")
 HELDOUT = BUNDLED_DEFAULT.with_suffix(".heldout")

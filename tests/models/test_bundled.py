@@ -12,7 +12,7 @@ import pytest
 
 from qcompiler import models
 
-RECORD = json.loads((models.BUNDLED_DEFAULT.parent / "digits_vit.json").read_text())
+RECORD = json.loads((models.DIGITS_VIT.parent / "digits_vit.json").read_text())
 
 
 def _session():
@@ -20,7 +20,8 @@ def _session():
 
 
 def test_bundled_paths_exist():
-    assert models.bundled_model_path() == models.BUNDLED_DEFAULT
+    assert models.bundled_model_path() == models.DIGITS_VIT
+    assert models.BUNDLED_DEFAULT.name == "unet_mnist.onnx" and models.BUNDLED_DEFAULT.with_suffix(".calib").is_dir()
     assert models.bundled_data_dir(split="calib").is_dir()
     assert models.bundled_data_dir(split="heldout").is_dir()
     with pytest.raises(FileNotFoundError, match="train_no_such_model"):
@@ -29,7 +30,7 @@ def test_bundled_paths_exist():
 
 def test_record_describes_this_file():
     # The JSON's figures belong to the ONNX file only if the hash it recorded is this file's.
-    assert hashlib.sha256(models.BUNDLED_DEFAULT.read_bytes()).hexdigest() == RECORD["onnx_sha256"]
+    assert hashlib.sha256(models.DIGITS_VIT.read_bytes()).hexdigest() == RECORD["onnx_sha256"]
 
 
 def test_model_loads_with_dynamic_batch():
@@ -85,7 +86,7 @@ def test_calibration_from_train_split_and_heldout_from_test_split():
 def test_graph_has_explicit_attention():
     # Each of the 2 blocks must export as MatMul -> Mul(1/sqrt(d)) -> Softmax -> MatMul, the
     # pattern the attention passes match; a fused or rearranged form would hide it.
-    graph = onnx.load(str(models.BUNDLED_DEFAULT)).graph
+    graph = onnx.load(str(models.DIGITS_VIT)).graph
     producer = {out: node for node in graph.node for out in node.output}
     consumers = {}
     for node in graph.node:

@@ -133,3 +133,25 @@ def test_config_validates_bits_and_kinds():
         Log2AttentionConfig(bits=12)
     with pytest.raises(ValueError, match="keep_start_token"):
         Log2AttentionConfig(keep_start_token=("start",))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_linear_quantizer_matches_its_formula_and_bound(keep):
+    """The uniform-grid ablation: Â = s·round(A/s·(2^b−1))/(2^b−1), |A − Â| ≤ s/(2(2^b−1))."""
+    from qcompiler.passes.log2_attention import linear_quantize
+
+    bits = 6
+    config = Log2AttentionConfig(bits=bits, keep_start_token=("cross",) if keep else (), quantizer="linear")
+    a, a_hat, ctx = quantized_probabilities(cross=True, config=config)
+    np.testing.assert_allclose(a_hat, linear_quantize(a, bits, keep), rtol=0, atol=1e-7)
+    rest, rest_hat = (a[..., 1:], a_hat[..., 1:]) if keep else (a, a_hat)
+    s = rest.max(axis=(1, 2, 3), keepdims=True)
+    assert np.all(np.abs(rest - rest_hat) <= s / (2 * (2**bits - 1)) + 1e-7)
+    if keep:
+        np.testing.assert_array_equal(a_hat[..., :1], a[..., :1])
+    assert ctx.records[0].spec.startswith("linear uint6")
+
+
+def test_unknown_quantizer_is_rejected():
+    with pytest.raises(ValueError, match="quantizer must be"):
+        Log2AttentionConfig(quantizer="cubic")

@@ -11,7 +11,7 @@ from qcompiler.calibration.readers import load_calibration
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import PassError
 from qcompiler.evaluate import EvalOptions, evaluate
-from qcompiler.models import BUNDLED_DEFAULT
+from qcompiler.models import DIGITS_VIT as BUNDLED_DEFAULT
 from qcompiler.pass_manager import EXACT_RTOL
 from qcompiler.graph import load_model
 from qcompiler.passes import ShiftScale

@@ -10,7 +10,7 @@ from qcompiler.calibration.readers import load_calibration
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import PassError
 from qcompiler.graph import load_model
-from qcompiler.models import BUNDLED_DEFAULT
+from qcompiler.models import DIGITS_VIT as BUNDLED_DEFAULT
 from qcompiler.pass_manager import EXACT_RTOL
 from qcompiler.passes import SmoothScales
 from qcompiler.passes.smooth_scales import smooth_scale
