@@ -3,13 +3,16 @@
 from qcompiler.passes.dgq_groups import DgqGroups
 from qcompiler.passes.group_qdq import InsertGroupQDQ
 from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
+from qcompiler.passes.learned_scales import LearnedScales
 from qcompiler.passes.log2_attention import Log2Attention
+from qcompiler.passes.pow2_skip_scales import Pow2SkipScales
 from qcompiler.passes.quantize_weights import QuantizeWeights
 from qcompiler.passes.shift_scale import ShiftScale
 from qcompiler.passes.smooth_scales import SmoothScales
 
 PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ,
-                                    DgqGroups, InsertGroupQDQ, Log2Attention)}
+                                    DgqGroups, InsertGroupQDQ, Log2Attention, LearnedScales, Pow2SkipScales)}
 
 __all__ = ["PASSES", "DgqGroups", "InsertGroupQDQ", "Log2Attention",
-           "InsertActivationQDQ", "QuantizeWeights", "ShiftScale", "SmoothScales"]
+           "InsertActivationQDQ", "LearnedScales", "Pow2SkipScales", "QuantizeWeights", "ShiftScale",
+           "SmoothScales"]

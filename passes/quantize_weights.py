@@ -6,6 +6,9 @@ Rewrite (W4, MatMul):  MatMul(X, W) → MatMulNBits(X, pack(W_q), s_w, block_siz
                W_q = clamp(round(W/s_w), −7, 7),  s_w[n, b] = max_{k ∈ block b} |W[k, n]| / 7
 W4 Conv/Gemm weights (no blocked DQ below opset 21): int4 values per output channel in an int8
 container. Error bound: |W − Ŵ| ≤ s_w/2 element-wise (rounding inside the symmetric range).
+Option ``clip_search`` (MSE clip search, DESIGN §3): per output channel (or block)
+s_w = r*·max|W|/qmax with r* = argmin_{r ∈ clip_ratios} ‖W − Ŵ_r‖² (r = 1 is min/max; values
+beyond r·max|W| clip to ±qmax).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.passes.matmul_nbits import pack_matmul_nbits, quantize_int4_blocks
 from qcompiler.patterns import Conv, Linear, find_convs, find_linears, weight_array
-from qcompiler.quant import QuantSpec, quantize_weight
+from qcompiler.quant import MIN_SCALE, QuantSpec, element_params, params_from_tensor, quantize_weight
+
+#: Clip ratios tried by ``clip_search``: 1.0, 0.95, ..., 0.5.
+DEFAULT_CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,53 @@ class QuantizeWeightsConfig:
     exclude_nodes: tuple[str, ...] = ()
     #: MatMulNBits compute: 4 = int8 GEMM with A quantized per block at run time; 0 = float (exactness tests).
     nbits_accuracy_level: int = 4
+    #: MSE clip search of each weight scale over ``clip_ratios`` (else min/max).
+    clip_search: bool = False
+    clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
+
+    def __post_init__(self):
+        if self.clip_search and (not self.clip_ratios or not all(0 < r <= 1 for r in self.clip_ratios)):
+            raise ValueError(f"QuantizeWeightsConfig: clip_ratios must be in (0, 1], got {self.clip_ratios}")
+
+
+def _reduce_to_params(error: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Sum a per-element error to the shape of the spec's parameters (block axis last for blocks)."""
+    if spec.granularity == "tensor":
+        return np.asarray(error.sum())
+    axis = spec.axis % error.ndim
+    if spec.granularity == "axis":
+        return error.sum(axis=tuple(i for i in range(error.ndim) if i != axis))
+    moved = np.moveaxis(error, axis, -1)
+    padded = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, (-moved.shape[-1]) % spec.block_size)])
+    return padded.reshape(*padded.shape[:-1], -1, spec.block_size).sum(axis=-1)
+
+
+def quantize_weight_clipped(w: np.ndarray, spec: QuantSpec, ratios=DEFAULT_CLIP_RATIOS):
+    """Like ``quant.quantize_weight`` (symmetric specs) with each scale from an MSE clip search.
+
+    s = r*·s_minmax per channel/block, r* = argmin_r Σ (W − s_r·clamp(round(W/s_r)))² over ``ratios``.
+    """
+    if not spec.symmetric:
+        raise ValueError("quantize_weight_clipped: symmetric weight specs only")
+    base, zero_point = params_from_tensor(w, spec)
+    best_scale, best_error = base.copy(), None
+    w32 = w.astype(np.float32)
+    for ratio in ratios:
+        scale = np.maximum(base * np.float32(ratio), MIN_SCALE).astype(np.float32)
+        s, _ = element_params(w32, spec, scale, zero_point)
+        q = np.clip(np.rint(w32 / s), spec.qmin, spec.qmax)
+        error = _reduce_to_params(np.square(w32 - q * s, dtype=np.float64), spec)
+        better = error < best_error if best_error is not None else np.ones_like(error, bool)
+        best_scale = np.where(better, scale, best_scale).astype(np.float32)
+        best_error = np.where(better, error, best_error) if best_error is not None else error
+    s, _ = element_params(w32, spec, best_scale, zero_point)
+    q = np.clip(np.rint(w32 / s), spec.qmin, spec.qmax).astype(spec.container)
+    return q, best_scale, zero_point
+
+
+def quantize_weight_as(w: np.ndarray, spec: QuantSpec, config: QuantizeWeightsConfig):
+    """``quantize_weight`` or, with ``config.clip_search``, ``quantize_weight_clipped``."""
+    return quantize_weight_clipped(w, spec, config.clip_ratios) if config.clip_search else quantize_weight(w, spec)
 
 
 class QuantizeWeights(Pass):
@@ -58,7 +111,7 @@ class QuantizeWeights(Pass):
     def _insert_weight_dq(self, ctx: CompileContext, unit: Linear | Conv) -> None:
         weight = weight_array(unit)
         spec = QuantSpec(bits=ctx.settings.wbits, symmetric=True, granularity="axis", axis=unit.weight_out_axis)
-        q, scale, zero_point = quantize_weight(weight, spec)
+        q, scale, zero_point = quantize_weight_as(weight, spec, self.config)
         base = unit.weight.name
         names = ctx.names
         dq_out = gs.Variable(names.make(base, self.name, "dequantized"), dtype=np.float32, shape=list(weight.shape))
@@ -68,8 +121,9 @@ class QuantizeWeights(Pass):
                              ctx.constant(names.make(base, self.name, "scale"), scale),
                              ctx.constant(names.make(base, self.name, "zero_point"), zero_point)],
                      outputs=[dq_out])
+        rule = "MSE clip search" if self.config.clip_search else f"max|W|/{spec.qmax}"
         dq.doc_string = (f"qcompile {self.name}: {spec.describe()} weight of {unit.node.op} "
-                         f"'{unit.node.name}', scale = max|W|/{spec.qmax} per output channel")
+                         f"'{unit.node.name}', scale = {rule} per output channel")
         ctx.graph.nodes.append(dq)
         unit.node.inputs[1] = dq_out
         lowering = "int8 container, int4 values (per-channel)" if ctx.settings.wbits == 4 else "DequantizeLinear"
@@ -78,7 +132,11 @@ class QuantizeWeights(Pass):
     def _lower_matmul_nbits(self, ctx: CompileContext, unit: Linear) -> None:
         weight = weight_array(unit)
         block = ctx.settings.block_size
-        q, scales = quantize_int4_blocks(weight, block)
+        if self.config.clip_search:
+            spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=block)
+            q, scales, _ = quantize_weight_clipped(np.ascontiguousarray(weight.T), spec, self.config.clip_ratios)
+        else:
+            q, scales = quantize_int4_blocks(weight, block)
         k, n = weight.shape
         base = unit.weight.name
         names = ctx.names

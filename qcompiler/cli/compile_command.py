@@ -20,6 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="onnx.checker + ORT numerical check after each pass")
     parser.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                         help="also write <out>.after-PASS.onnx (repeatable)")
+    parser.add_argument("--groups", type=int, help="DGQ: K groups per activation (default 16 at W8, 8 at W4)")
+    parser.add_argument("--channel-groups", choices=("split", "fold", "simulate"),
+                        help="DGQ channel-group lowering: K integer GEMMs (exact), ratios folded into W (one GEMM), "
+                             "or simulated QDQ before float GEMMs")
+    parser.add_argument("--per-timestep", action="store_true",
+                        help="DGQ: group ranges per calibrated timestep (diffusion; simulated lowering)")
+    parser.add_argument("--set", action="append", default=[], metavar="PASS.FIELD=VALUE", dest="settings",
+                        help="override a pass setting of the recipe, e.g. learned_scales.iterations=200 (repeatable)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -32,6 +40,23 @@ def default_calibration(model: Path) -> Path:
     return folder
 
 
+def recipe_settings(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """``--set`` values and the DGQ shorthands, grouped by pass."""
+    from qcompiler.recipes import parse_setting
+
+    settings: dict[str, dict[str, object]] = {}
+    for text in args.settings:
+        pass_name, field, value = parse_setting(text)
+        settings.setdefault(pass_name, {})[field] = value
+    if args.groups is not None:
+        settings.setdefault("dgq_groups", {})["groups"] = args.groups
+    if args.per_timestep:
+        settings.setdefault("dgq_groups", {})["per_timestep"] = True
+    if args.channel_groups is not None:
+        settings.setdefault("insert_group_qdq", {})["channel_groups"] = args.channel_groups
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     from qcompiler.api import CompileOptions, quantize
     from qcompiler.recipes import get_recipe
@@ -39,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     recipe = get_recipe(args.recipe)
+    settings = recipe_settings(args)
+    if settings:
+        recipe = recipe.with_settings(settings)
     if not model.exists():
         raise QCompileError(f"{model}: model file not found")
     calib = Path(args.calib) if args.calib else default_calibration(model)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true", help="show each pass's docstring summary too")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show each pass's docstring summary and its settings (for --set PASS.FIELD=VALUE)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,5 +21,8 @@ def run(args: argparse.Namespace) -> int:
             line = f"    - {step.pass_name}"
             if args.verbose:
                 line += f": {(PASSES[step.pass_name].__doc__ or '').strip().splitlines()[0]}"
+                config = step.config if step.config is not None else PASSES[step.pass_name].Config()
+                settings = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in fields(config))
+                line += f"\n        settings: {settings or '(none)'}"
             print(line)
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from qcompiler.errors import QCompileError
@@ -38,14 +38,56 @@ class Recipe:
     def describe(self) -> list[str]:
         return [f"{step.pass_name}" + (f" {step.config}" if step.config is not None else "") for step in self.steps]
 
+    def with_settings(self, settings: dict[str, dict[str, object]]) -> Recipe:
+        """A copy with ``settings[pass][field] = value`` applied to the steps running that pass.
+
+        QCompileError when the recipe has no such pass or the pass's config has no such field.
+        """
+        from qcompiler.passes import PASSES
+
+        names = {step.pass_name for step in self.steps}
+        for pass_name, values in settings.items():
+            if pass_name not in names:
+                raise QCompileError(f"recipe '{self.name}' has no pass '{pass_name}' to set {sorted(values)} on; "
+                                    f"its passes: {', '.join(step.pass_name for step in self.steps)}")
+            allowed = {f.name for f in fields(PASSES[pass_name].Config)}
+            unknown = set(values) - allowed
+            if unknown:
+                raise QCompileError(f"pass '{pass_name}' has no setting {sorted(unknown)}; allowed: {sorted(allowed)}")
+        steps = []
+        for step in self.steps:
+            values = settings.get(step.pass_name)
+            if values:
+                config = step.config if step.config is not None else PASSES[step.pass_name].Config()
+                try:
+                    step = Step(step.pass_name, replace(config, **values))
+                except (TypeError, ValueError) as exc:
+                    raise QCompileError(f"pass '{step.pass_name}': {exc}") from None
+            steps.append(step)
+        return replace(self, steps=tuple(steps))
+
+
+def parse_setting(text: str) -> tuple[str, str, object]:
+    """``"PASS.FIELD=VALUE"`` -> (pass, field, value); VALUE is read as a TOML value, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    pass_name, dot, field = key.strip().partition(".")
+    if not sep or not dot or not pass_name or not field:
+        raise QCompileError(f"--set {text!r}: expected PASS.FIELD=VALUE, e.g. dgq_groups.groups=8")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return pass_name, field, tuple(value) if isinstance(value, list) else value
+
 
 def _builtin() -> dict[str, Recipe]:
     from qcompiler.recipes.dgq import DGQ
+    from qcompiler.recipes.dmq import DMQ
     from qcompiler.recipes.minmax import MINMAX
     from qcompiler.recipes.osplus import OSPLUS
     from qcompiler.recipes.smoothquant import SMOOTHQUANT
 
-    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ)}
+    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ, DMQ)}
 
 
 def available_recipes() -> dict[str, Recipe]:

@@ -21,7 +21,9 @@ Another K or the fold variant: a recipe file (``--recipe dgq_fold.toml``) with t
     pass = "insert_group_qdq"
     channel_groups = "fold"
 
-Per-timestep group ranges (``--per-timestep``) are not implemented yet.
+or on the command line ``--groups 8 --channel-groups fold``. ``--per-timestep`` gives every group one
+range per calibrated timestep, looked up from the denoiser's ``timestep`` input at run time
+(``passes/timestep_ranges.py``; simulated: run-time scales reach no integer kernel).
 """
 
 from qcompiler.recipes import Recipe, Step

@@ -3,13 +3,18 @@
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from qcompiler.passes import (
+    DgqGroups,
+    InsertActivationQDQ,
+    InsertGroupQDQ,
+    QuantizeWeights,
+)
+from qcompiler.passes.dgq_groups import DgqGroupsConfig, group_plans
+from qcompiler.passes.timestep_ranges import LOWERING, split_by_timestep
 
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import PassError
-from qcompiler.passes import DgqGroups, InsertActivationQDQ, InsertGroupQDQ, QuantizeWeights
-from qcompiler.passes.dgq_groups import DgqGroupsConfig, group_plans
-from qcompiler.passes.timestep_ranges import LOWERING, split_by_timestep
 from qcompiler.quant import QuantSpec, dequantize, quantize
 from tests import graphs
 from tests.passes.helpers import run_model
@@ -81,6 +86,7 @@ def test_each_timestep_uses_its_own_group_ranges(t_index):
     h_hat = dequantize(quantize(h, scale, zero_point, spec, axis=-1), scale, zero_point, axis=-1)
     initial = {i.name: i for i in timestep_model().graph.initializer}
     from onnx import numpy_helper
+
     from qcompiler.quant import fake_quantize
     w_hat = fake_quantize(numpy_helper.to_array(initial["w"]), QuantSpec(bits=8, symmetric=True,
                                                                           granularity="axis", axis=1))

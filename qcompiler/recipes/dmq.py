@@ -1,0 +1,43 @@
+"""Recipe ``dmq``: DMQ's learned equivalent scaling with timestep weighting, and power-of-two skip scales.
+
+Steps, in order:
+- ``learned_scales``: per Linear/Conv scale group γ = exp(θ) learned on the layer's quantized output
+  error (X/γ per tensor at ``abits``, W·γ per channel at ``wbits``, STE); folded exactly (explicit Mul
+  after SiLU, listed in ``fallbacks``). DMQ's adaptive timestep weighting w_t = (1 − L_t/ΣL)^20 is
+  implemented but **off by default**: on the trained UNet at W4A8 it cost 6.9 dB of final-image PSNR
+  (LES alone 24.52 dB vs LES + weighting 17.67 dB, ``benchmarks/results/dmq.md``): with 25 timesteps
+  a timestep holding 20% of the loss gets weight 0.8^20 ≈ 0.01, so γ fits the easy timesteps only.
+  ``--set learned_scales.timestep_weighting=adaptive`` turns it on.
+- ``pow2_skip_scales``: decoder shortcut Convs reading concat(h, skip) get per-channel multipliers
+  m_c ∈ {1, ½, ¼, ⅛} by voting (``variance_ratio = 16`` in a recipe file adds every input whose
+  channel ranges differ more than 16×); at W4 lowered exactly to one int8 GEMM with int4 weights
+  shifted by 2^(3−j_c).
+- ``quantize_weights``: the rest, int8 per output channel, or at ``--wbits 4`` int4 with an MSE clip
+  search (MatMulNBits blocks for MatMul, int4 values in int8 containers for Conv/Gemm).
+- ``insert_activation_qdq``: per-tensor static activations (and Conv outputs for QLinearConv).
+
+Fewer/more iterations, another init or the paper's weighting: ``--set learned_scales.FIELD=VALUE``
+or a recipe file, e.g.
+
+    [[steps]]
+    pass = "learned_scales"
+    iterations = 1000
+    lr = 0.001
+    timestep_weighting = "adaptive"
+"""
+
+from qcompiler.passes.learned_scales import LearnedScalesConfig
+from qcompiler.passes.pow2_skip_scales import Pow2SkipScalesConfig
+from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
+from qcompiler.recipes import Recipe, Step
+
+DMQ = Recipe(
+    name="dmq",
+    description="DMQ: learned equivalent scales γ per Linear/Conv input (Adam on the quantized layer output, "
+                "adaptive timestep weighting optional, off by default: measured worse here), folded exactly; power-of-two per-channel activation scales on "
+                "decoder skip-concat shortcuts by voting (one int8 GEMM at W4); per-channel weights (int4 with "
+                "MSE clip search) and per-tensor static activations on ORT integer kernels",
+    steps=(Step("learned_scales", LearnedScalesConfig(timestep_weighting="off")), Step("pow2_skip_scales", Pow2SkipScalesConfig()),
+           Step("quantize_weights", QuantizeWeightsConfig(clip_search=True)), Step("insert_activation_qdq")),
+    wbits=4,
+)

@@ -1,0 +1,133 @@
+"""learned_scales (DMQ LES): γ learned on the quantized layer output, folded exactly; timestep weighting."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.context import CompileContext, QuantSettings
+from qcompiler.errors import QCompileError
+from qcompiler.pass_manager import EXACT_RTOL, ManagerOptions, PassManager
+from qcompiler.passes import InsertActivationQDQ, LearnedScales, QuantizeWeights
+from qcompiler.passes.learned_scales import (TimestepWeights, collect_inputs, import_torch, sample_timesteps,
+                                             select_samples, timestep_weights)
+from qcompiler.quant import sqnr_db
+from qcompiler.verify import compare_models
+from tests import fold_graphs, graphs
+from tests.passes.helpers import batches_for, context, run_model
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**overrides):
+    settings = {"iterations": 40, "samples": 16, "batch_size": 4, "progress": False}
+    return LearnedScales.Config(**{**settings, **overrides})
+
+
+def _run(ctx, config):
+    return PassManager([LearnedScales(config)], ManagerOptions(verify=True, progress=False)).run(ctx)[0]
+
+
+def _with_timesteps(batches, steps=(900, 500, 100)):
+    return [CalibrationBatch(b.feeds, {"__timestep__": np.full(b.batch_size, steps[i % len(steps)])}, b.source)
+            for i, b in enumerate(batches)]
+
+
+def test_timestep_weight_formula():
+    losses = np.array([1.0, 1.0, 2.0])
+    np.testing.assert_allclose(timestep_weights(losses, 20.0), (1 - losses / 4.0) ** 20)
+    np.testing.assert_allclose(timestep_weights(losses, 1.0), [0.75, 0.75, 0.5])  # the "linear" variant
+    np.testing.assert_allclose(timestep_weights(np.zeros(3)), 1.0)
+    weights = TimestepWeights(np.array([10, 10, 20, 30]), np.array([1.0, 3.0, 4.0, 6.0]), momentum=0.95, power=20)
+    np.testing.assert_allclose(weights.ema, [2.0, 4.0, 6.0])  # initial L_t: mean loss per timestep
+    weights.update(np.array([0, 0, 2]), np.array([4.0, 6.0, 1.0]))
+    np.testing.assert_allclose(weights.ema, [0.95 * 2 + 0.05 * 5, 4.0, 0.95 * 6 + 0.05 * 1])
+    # a timestep with a larger running loss weighs less: the weights rank the timesteps inversely to L_t
+    np.testing.assert_array_equal(np.argsort(weights.weights()), np.argsort(-weights.ema))
+    np.testing.assert_allclose(weights.weights(), (1 - weights.ema / weights.ema.sum()) ** 20)
+
+
+def test_outlier_layer_is_folded_exactly_and_quantizes_better():
+    model = fold_graphs.outlier_model()
+    ctx = context(model, {"x": (4, 8, 16)}, wbits=4)
+    record = _run(ctx, _config(init="ones", lr=0.05, iterations=150))  # verify: exact within 1e-5
+    assert record.modified and record.verify["max_relative_error"] <= EXACT_RTOL and ctx.fallbacks == []
+    assert "LayerNormalization" in record.notes[0]
+
+    def quantized_sqnr(float_model):
+        qctx = CompileContext(float_model, QuantSettings(wbits=4, abits=8), ctx.calibration)
+        for pass_ in (QuantizeWeights(), InsertActivationQDQ()):
+            pass_.call(qctx)
+        feeds = batches_for(model, {"x": (4, 8, 16)}, count=1, seed=7)[0].feeds
+        return sqnr_db(run_model(model, feeds), run_model(qctx.model(), feeds))
+
+    before, after = quantized_sqnr(model), quantized_sqnr(ctx.model())
+    assert after > before + 1.0, (before, after)  # measured improvement of the quantized layer output
+
+
+def test_guard_never_worse_than_identity():
+    ctx = context(fold_graphs.outlier_model(), {"x": (4, 8, 16)}, wbits=8)
+    record = _run(ctx, _config(iterations=5))
+    ratio = float(record.notes[-1].split("median ×")[1].split(",")[0])
+    assert ratio <= 1.0
+
+
+def test_block_with_attention_and_gelu_fallback_stays_exact():
+    model = fold_graphs.block_model()
+    ctx = context(model, {"x": (2, 4, 8)})
+    record = _run(ctx, _config(lr=0.05))
+    assert record.verify["max_relative_error"] <= EXACT_RTOL
+    assert any("'gelu'" in fallback for fallback in ctx.fallbacks)  # explicit Mul after GELU
+    assert compare_models(model, ctx.model(), ctx.calibration) <= EXACT_RTOL
+
+
+@pytest.mark.parametrize("model, shape", [(fold_graphs.norm_conv_model("instance"), (2, 8, 4, 4)),
+                                          (fold_graphs.conv_chain_model(), (2, 4, 8, 8))])
+def test_conv_groups_stay_exact(model, shape):
+    ctx = context(model, {"x": shape})
+    record = _run(ctx, _config(lr=0.05, init="ones"))
+    assert record.verify["max_relative_error"] <= EXACT_RTOL
+
+
+def test_no_constant_weight_is_no_match():
+    ctx = context(graphs.linear_model(constant_weight=False), {"x": (2, 4, 16), "W": (16, 8)})
+    assert not LearnedScales(_config()).call(ctx).modified
+
+
+def test_timestep_weighting_needs_timesteps():
+    ctx = context(fold_graphs.outlier_model(), {"x": (4, 8, 16)})
+    notes = LearnedScales(_config(iterations=3)).call(ctx).notes
+    assert any("timestep weighting off" in note for note in notes)
+    ctx = context(fold_graphs.outlier_model(), {"x": (4, 8, 16)})
+    ctx.calibration = _with_timesteps(ctx.calibration)
+    notes = LearnedScales(_config(iterations=3)).call(ctx).notes
+    assert any("adaptive' over 3 timesteps" in note for note in notes)
+
+
+def test_samples_keep_their_timestep_and_rows_map_back():
+    model = fold_graphs.outlier_model()
+    ctx = context(model, {"x": (4, 8, 16)}, count=6)
+    ctx.calibration = _with_timesteps(ctx.calibration)
+    chosen = select_samples(ctx.calibration, 3)  # fewer rows than batches: one row from spread batches
+    assert [b.batch_size for b in chosen] == [1, 1, 1]
+    assert list(sample_timesteps(chosen)) == [900, 100, 100]  # batches 0, 2 and 5
+    chosen = select_samples(ctx.calibration, 12)
+    assert sum(b.batch_size for b in chosen) == 12 and len(sample_timesteps(chosen)) == 12
+    values = collect_inputs(ctx, chosen, ["ln.out"])
+    x, rows = values["ln.out"]
+    assert x.shape == (12, 8, 16) and list(rows) == list(range(12))
+
+
+def test_missing_torch_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(QCompileError, match="needs PyTorch"):
+        import_torch("learned_scales")

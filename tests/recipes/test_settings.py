@@ -1,0 +1,47 @@
+"""Recipe settings overrides: ``Recipe.with_settings``, ``--set PASS.FIELD=VALUE`` and the DGQ flags."""
+
+import argparse
+
+import pytest
+from qcompiler.passes.dgq_groups import DgqGroupsConfig
+from qcompiler.passes.group_qdq import InsertGroupQDQConfig
+
+from qcompiler.cli.compile_command import add_arguments, recipe_settings
+from qcompiler.errors import QCompileError
+from qcompiler.recipes import get_recipe, parse_setting
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["model.onnx", *argv])
+
+
+def _config(recipe, pass_name):
+    return next(step.config for step in recipe.steps if step.pass_name == pass_name)
+
+
+def test_parse_setting_reads_toml_values_and_falls_back_to_strings():
+    assert parse_setting("dgq_groups.groups=8") == ("dgq_groups", "groups", 8)
+    assert parse_setting("insert_group_qdq.channel_groups=fold") == ("insert_group_qdq", "channel_groups", "fold")
+    assert parse_setting("log2_attention.keep_start_token=[]") == ("log2_attention", "keep_start_token", ())
+    with pytest.raises(QCompileError, match="PASS.FIELD=VALUE"):
+        parse_setting("groups=8")
+
+
+def test_dgq_flags_replace_the_step_configs_and_leave_the_builtin_alone():
+    dgq = get_recipe("dgq")
+    changed = dgq.with_settings(recipe_settings(_args("--groups", "8", "--channel-groups", "fold", "--per-timestep")))
+    assert _config(changed, "dgq_groups") == DgqGroupsConfig(groups=8, per_timestep=True)
+    assert _config(changed, "insert_group_qdq") == InsertGroupQDQConfig("fold")
+    assert [s.pass_name for s in changed.steps] == [s.pass_name for s in dgq.steps]
+    assert _config(get_recipe("dgq"), "dgq_groups") in (None, DgqGroupsConfig())
+
+
+def test_set_overrides_are_validated_against_the_recipe_and_the_config():
+    with pytest.raises(QCompileError, match="recipe 'minmax' has no pass 'dgq_groups'"):
+        get_recipe("minmax").with_settings(recipe_settings(_args("--groups", "8")))
+    with pytest.raises(QCompileError, match="has no setting \\['bogus'\\]"):
+        get_recipe("dgq").with_settings(recipe_settings(_args("--set", "dgq_groups.bogus=1")))
+    with pytest.raises(QCompileError, match="groups must be at least 1"):
+        get_recipe("dgq").with_settings(recipe_settings(_args("--set", "dgq_groups.groups=0")))

@@ -1,0 +1,65 @@
+"""The ``dgq`` recipe on the bundled trained UNet: every lowering recorded, integer kernels, per-timestep ranges.
+
+A small slice of the shipped timestep-tagged calibration (4 rows at each of 5 timesteps) keeps it
+short; final-image quality is measured by ``benchmarks/bench_diffusion.py``, not here.
+"""
+
+import numpy as np
+import pytest
+
+import qcompiler
+from qcompiler.api import CompileOptions
+from qcompiler.models import BUNDLED_DEFAULT
+from qcompiler.passes.group_qdq import SPLIT
+from qcompiler.passes.timestep_ranges import LOWERING as PER_TIMESTEP
+from qcompiler.quant import sqnr_db
+from qcompiler.recipes import get_recipe
+from qcompiler.runtimes.ort import make_session
+
+STEPS = (0, 6, 12, 18, 24)  # t = 961, 721, 481, 241, 1
+
+
+def _batches():
+    files = sorted(BUNDLED_DEFAULT.with_suffix(".calib").glob("*.npz"))
+    batches = []
+    for index in STEPS:
+        with np.load(files[index]) as data:
+            batches.append({k: data[k][:4] for k in data.files})
+    return batches
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dgq_unet")
+    feeds = [{k: v for k, v in b.items() if not k.startswith("__")} for b in _batches()]
+    results = {}
+    for name, recipe in (("dgq", get_recipe("dgq")),
+                         ("per_timestep", get_recipe("dgq").with_settings({"dgq_groups": {"per_timestep": True}}))):
+        out = folder / f"unet.{name}.onnx"
+        results[name] = (out, qcompiler.quantize(BUNDLED_DEFAULT, recipe, feeds, out,
+                                                 CompileOptions(progress=False)))
+    return results, feeds
+
+
+def test_every_weight_gemm_is_lowered_and_runs_on_integer_kernels(compiled):
+    results, _ = compiled
+    report = results["dgq"][1].report
+    assert report["quantized_gemms"] == 136
+    lowered = {r["node"]: r["lowering"] for r in report["quantized"]
+               if r["role"] == "activation" and r["pass"] == "insert_group_qdq"}
+    assert len(lowered) == 136 and set(lowered.values()) == {SPLIT}
+    assert report["integer_kernels"]["integer_gemms"] >= 136
+
+
+def test_outputs_track_float_and_per_timestep_ranges_are_finer(compiled):
+    results, feeds = compiled
+    float_session = make_session(BUNDLED_DEFAULT)
+    sqnr = {}
+    for name, (path, _) in results.items():
+        session = make_session(path)
+        sqnr[name] = np.mean([sqnr_db(float_session.run(None, f)[0], session.run(None, f)[0]) for f in feeds])
+    assert sqnr["dgq"] > 20.0
+    # On the calibrated rows every per-timestep range lies inside the static one: finer grids.
+    assert sqnr["per_timestep"] > sqnr["dgq"] + 1.0, sqnr
+    lowering = {r["lowering"] for r in results["per_timestep"][1].report["quantized"] if r["role"] == "activation"}
+    assert PER_TIMESTEP in lowering
