@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from qcompiler.passes.insert_activation_qdq import quantized_gemms
 
 from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.insert_activation_qdq import quantized_gemms
 from qcompiler.quant import QuantSpec, scale_zero_point
 
 #: Plans per context, keyed weakly so a finished compile frees them with its context.
@@ -192,13 +192,16 @@ class DgqGroups(Pass):
         if self.config.per_timestep:
             self._add_timestep_ranges(ctx, plans, targets, spec, notes)
         by_axis = {a: sum(p.axis == a for p in plans.values()) for a in ("channel", "pixel")}
-        return PassResult(False, (f"planned {len(plans)} tensors (K ≤ {groups}): {by_axis['channel']} channel "
-                                  f"groups, {by_axis['pixel']} pixel groups", *notes))
+        return PassResult(False, ((f"planned {len(plans)} tensors (K ≤ {groups}): {by_axis['channel']} channel "
+                                  f"groups, {by_axis['pixel']} pixel groups"), *notes))
 
     def _add_timestep_ranges(self, ctx: CompileContext, plans: dict[str, GroupPlan], targets: dict,
                              spec: QuantSpec, notes: list[str]) -> None:
         """S(t), Z(t) per plan from one extra pass over the calibration data grouped by timestep."""
-        from qcompiler.passes.timestep_ranges import timestep_parameters, timestep_statistics
+        from qcompiler.passes.timestep_ranges import (
+            timestep_parameters,
+            timestep_statistics,
+        )
 
         timesteps, per_t = timestep_statistics(ctx.model(), ctx.calibration,
                                                {name: axis for name, (_, axis) in targets.items()},

@@ -25,15 +25,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from qcompiler.passes.dgq_groups import GroupPlan, group_plans
+from qcompiler.passes.group_lowering import (
+    Builder,
+    LinearWeight,
+    conv_split_reason,
+    dequantized_weight,
+    fold_activation,
+    linear_weight,
+    lower_conv_split,
+    lower_linear_fold,
+    lower_linear_split,
+    quantize_channel_groups,
+)
+from qcompiler.passes.insert_activation_qdq import quantized_gemms
 
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.dgq_groups import GroupPlan, group_plans
-from qcompiler.passes.group_lowering import (Builder, LinearWeight, conv_split_reason, dequantized_weight,
-                                             fold_activation, linear_weight, lower_conv_split,
-                                             lower_linear_fold, lower_linear_split, quantize_channel_groups)
-from qcompiler.passes.insert_activation_qdq import quantized_gemms
 from qcompiler.quant import QuantSpec
 
 ROWS = "MatMulInteger per-row"

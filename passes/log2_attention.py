@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from qcompiler.passes.group_lowering import Builder
 
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.group_lowering import Builder
 from qcompiler.patterns import Attention, find_attention
 
 LOWERING = "simulated (no log-domain kernel in ORT/TensorRT)"
