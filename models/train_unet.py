@@ -109,13 +109,21 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 
 class Trainer:
-    """Model, EMA copy, optimizer, random streams and step counter: what a checkpoint holds."""
+    """Model, EMA copy, optimizer, random streams and step counter: what a checkpoint holds.
+
+    Subclasses (``train_dit.DiTTrainer``) override ``build_model`` and ``batch``: ``train_step``
+    calls ``model(noisy, timesteps, condition)`` with the second element of ``batch()``.
+    """
+
+    #: Prefix of the progress lines and the loss plot's title.
+    log_prefix = "unet"
+    plot_title = "UNet training loss"
 
     def __init__(self, config: TrainConfig, ckpt_dir: Path):
         torch.manual_seed(config.seed)
         self.config, self.ckpt_dir = config, ckpt_dir
         self.tokenizer = Tokenizer.from_templates()
-        self.model = TextToImage(len(self.tokenizer.vocabulary))
+        self.model = self.build_model()
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)     # noise and timesteps
@@ -127,6 +135,10 @@ class Trainer:
         split = load_split()
         self.images, self.labels = torch.from_numpy(split["x_train"]), split["y_train"]
         self.empty_ids = self.tokenizer.encode("")
+
+    def build_model(self) -> nn.Module:
+        """The trained network; called right after ``torch.manual_seed(config.seed)``."""
+        return TextToImage(len(self.tokenizer.vocabulary))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch of images and token ids, ``caption_dropout`` of captions emptied."""
@@ -187,7 +199,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return ckpt_dir / torch.load(pointer, weights_only=False)["path"]
 
 
-def plot_loss(csv_path: Path, png_path: Path) -> None:
+def plot_loss(csv_path: Path, png_path: Path, title: str = "UNet training loss") -> None:
     """Loss (log scale) against step, raw 10-step means and a 20-point running mean."""
     import matplotlib
 
@@ -201,7 +213,7 @@ def plot_loss(csv_path: Path, png_path: Path) -> None:
     ax.plot(rows[:, 0], rows[:, 1], alpha=0.3, label="10-step mean")
     window = min(20, len(rows))
     ax.plot(rows[window - 1:, 0], np.convolve(rows[:, 1], np.ones(window) / window, "valid"), label="running mean")
-    ax.set(xlabel="step", ylabel="MSE (epsilon)", yscale="log", title="UNet training loss")
+    ax.set(xlabel="step", ylabel="MSE (epsilon)", yscale="log", title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -226,21 +238,23 @@ def train(trainer: Trainer) -> None:
             with csv_path.open("a") as f:
                 csv.writer(f).writerow([trainer.step, f"{np.mean(losses):.5f}", f"{lr:.3g}",
                                         f"{trainer.train_seconds:.1f}"])
-            print(f"[unet] step {trainer.step} loss {np.mean(losses):.4f} lr {lr:.2e} "
+            print(f"[{trainer.log_prefix}] step {trainer.step} loss {np.mean(losses):.4f} lr {lr:.2e} "
                   f"{trainer.train_seconds / trainer.step:.2f} s/step", flush=True)
             losses = []
         if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
-            print(f"[unet] checkpoint {trainer.save()}", flush=True)
-            plot_loss(csv_path, trainer.ckpt_dir / "loss.png")
+            print(f"[{trainer.log_prefix}] checkpoint {trainer.save()}", flush=True)
+            plot_loss(csv_path, trainer.ckpt_dir / "loss.png", trainer.plot_title)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qcompiler.models.train_unet", description=__doc__.split("\n")[0])
+def run(argv: list[str] | None, *, prog: str, description: str, trainer_class: type[Trainer],
+        default_ckpt_dir: Path, export, default_steps: int = TrainConfig.steps) -> int:
+    """The command line shared by the trainers: parse, build, resume, train, then ``export(trainer, out)``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
-    parser.add_argument("--ckpt-dir", type=Path, default=DEFAULT_CKPT_DIR)
+    parser.add_argument("--ckpt-dir", type=Path, default=default_ckpt_dir)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint; no training")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="export folder")
@@ -249,21 +263,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     config = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                          checkpoint_every=args.checkpoint_every)
-    trainer = Trainer(config, args.ckpt_dir)
+    trainer = trainer_class(config, args.ckpt_dir)
+    prefix = trainer.log_prefix
     checkpoint = latest_checkpoint(args.ckpt_dir) if (args.resume or args.export_only) else None
     if checkpoint is not None:
         trainer.load(checkpoint)
-        print(f"[unet] resumed from {checkpoint} at step {trainer.step}", flush=True)
+        print(f"[{prefix}] resumed from {checkpoint} at step {trainer.step}", flush=True)
     elif args.export_only:
         parser.error(f"--export-only: no checkpoint in {args.ckpt_dir}")
     if not args.export_only:
-        print(f"[unet] {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+        print(f"[{prefix}] {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
               f"training to step {config.steps}: {config}", flush=True)
         train(trainer)
+    export(trainer, args.out)
+    return 0
+
+
+def _export_unet(trainer: Trainer, out: Path) -> None:
     from qcompiler.models.export_unet import export_trained
 
-    export_trained(trainer, args.out)
-    return 0
+    export_trained(trainer, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argv, prog="python -m qcompiler.models.train_unet", description=__doc__.split("\n")[0],
+               trainer_class=Trainer, default_ckpt_dir=DEFAULT_CKPT_DIR, export=_export_unet)
 
 
 if __name__ == "__main__":

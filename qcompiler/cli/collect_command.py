@@ -2,8 +2,9 @@
 
 Runs the float DDIM sampler with classifier-free guidance for N prompts and writes the
 denoiser's inputs at every step (both guidance halves) as .npz files with ``__timestep__``,
-``__label__`` and ``__step__`` metadata (DESIGN.md section 4). The text encoder
-``<denoiser stem>.text_encoder.onnx`` and ``<denoiser stem>.json`` are read from beside the model.
+``__label__`` and ``__step__`` metadata (DESIGN.md section 4). ``<denoiser stem>.json`` and, for a
+text-conditioned denoiser, the text encoder ``<denoiser stem>.text_encoder.onnx`` are read from
+beside the model; a class-conditioned one (input ``class_labels``) gets the prompted digits.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from qcompiler.errors import QCompileError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("denoiser", help="the float denoiser ONNX (inputs sample, timestep, encoder_hidden_states)")
+    parser.add_argument("denoiser", help="the float denoiser ONNX (inputs sample, timestep, and encoder_hidden_states "
+                        "or class_labels)")
     parser.add_argument("--prompts", type=int, default=64, help="number of prompts (images) to sample (default 64)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")

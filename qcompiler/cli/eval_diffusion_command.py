@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", help="MNIST classifier ONNX (default: the bundled one)")
     parser.add_argument("--grid", help="write a PNG grid: float rows above quantized rows")
     parser.add_argument("--json", help="write every number to this JSON file")
+    parser.add_argument("--cache", help="folder caching the float model's images across runs (default: none)")
 
 
 def _write_json(result: dict, path: Path) -> None:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 2:
         raise QCompileError("--samples must be at least 2 (the Fréchet distance needs a covariance)")
     options = DiffusionEvalOptions(samples=args.samples, steps=args.steps, guidance_scale=args.guidance,
-                                   seed=args.seed, classifier=args.classifier)
+                                   seed=args.seed, classifier=args.classifier, cache=args.cache)
     try:
         result = evaluate_diffusion(args.float_model, args.quant_model, options, grid=args.grid)
     except FileNotFoundError as exc:

@@ -6,8 +6,10 @@ conditional and the unconditional (guidance) halves. ``collect`` samples ``promp
 with the float denoiser and writes one ``.npz`` per (prompt batch, DDIM step) in the
 project's calibration format (``qcompiler.calibration.readers``):
 
-- ``sample`` (2B, C, H, W), ``timestep`` (2B,), ``encoder_hidden_states`` (2B, L, D): exactly
-  the denoiser's feeds, rows 0..B−1 unconditional (empty caption), rows B..2B−1 conditional;
+- ``sample`` (2B, C, H, W), ``timestep`` (2B,) and the conditioning input,
+  ``encoder_hidden_states`` (2B, L, D) float32 (text-conditioned UNet) or ``class_labels``
+  (2B,) int64 (class-conditioned DiT; the null class on unconditional rows): exactly the
+  denoiser's feeds, rows 0..B−1 unconditional (empty prompt), rows B..2B−1 conditional;
 - ``__timestep__`` (2B,) int64: the timestep of every row;
 - ``__label__`` (2B,) int64: the prompted digit, −1 on unconditional rows;
 - ``__step__`` (2B,) int64: the DDIM step index (0 = the noisiest).
@@ -25,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompiler.diffusion.conditioning import conditioner_for
 from qcompiler.diffusion.sampler import OnnxDenoiser, SamplerConfig, config_for, sample
-from qcompiler.diffusion.text import TextEncoder, prompts_for
+from qcompiler.diffusion.text import prompts_for
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,10 @@ def collect(denoiser_path: str | os.PathLike, out_dir: str | os.PathLike, prompt
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.npz"):
         stale.unlink()
-    text = TextEncoder.for_denoiser(denoiser_path)
+    denoiser = OnnxDenoiser(denoiser_path)
+    condition = conditioner_for(denoiser_path, denoiser.condition_input)
     captions, labels = prompts_for(prompts)
     recorder = _Recorder(folder, labels, config.batch_size)
-    sample(OnnxDenoiser(denoiser_path), text(captions), text.empty(), list(range(seed, seed + prompts)),
+    sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + prompts)),
            config, hook=recorder)
     return CollectResult(folder, recorder.files, recorder.samples, tuple(sorted(recorder.timesteps, reverse=True)))

@@ -1,7 +1,8 @@
 """Diffusion evaluation: float vs quantized denoiser from the same seeds and prompts, with a PNG grid.
 
 DESIGN.md section 7. Both denoisers run the same DDIM loop (``sampler``), the same initial
-noise (seed i for prompt i) and the same contexts (the float model's text encoder), so any
+noise (seed i for prompt i) and the same contexts (the float model's conditioner: its text
+encoder for the UNet, the prompted digit's label for the class-conditioned DiT), so any
 difference in the final images is the quantization's. Reported:
 
 - ``psnr_db`` (mean over images of per-image PSNR; +inf if every image is identical) and
@@ -10,20 +11,27 @@ difference in the final images is the quantization's. Reported:
 - ``frechet``: Fréchet distance in the classifier's penultimate features, per model, against
   the real held-out digits (the FID stand-in), and ``frechet_quant_vs_float``.
 
-``sample_model`` is the float-only half (used to report a trained model's own quality).
+``sample_model`` is the float-only half (used to report a trained model's own quality). With
+``cache`` (a folder; ``qcompile eval-diffusion --cache DIR``) the float model's images are
+stored under a key made of the model's bytes (and its text encoder's), the JSON beside it, the
+prompt count, seed and every sampler setting, so evaluating several quantized variants of one
+float model samples the float images once; the quantized model is always sampled.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qcompiler.diffusion import metrics
+from qcompiler.diffusion.conditioning import conditioner_for
 from qcompiler.diffusion.sampler import OnnxDenoiser, SamplerConfig, config_for, sample
-from qcompiler.diffusion.text import TextEncoder, prompts_for
+from qcompiler.diffusion.text import prompts_for
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,7 @@ class DiffusionEvalOptions:
     grid_columns: int = 10
     grid_rows: int = 2           # pairs of (float, quantized) rows in the grid
     classifier: str | None = None  # path; None = the bundled mnist_classifier.onnx
+    cache: str | None = None       # folder for the float model's images; None = no cache
 
 
 def real_heldout_features(classifier: metrics.Classifier) -> np.ndarray:
@@ -55,13 +64,40 @@ def sample_model(denoiser_path: str | os.PathLike, samples: int, config: Sampler
                  text_source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 1, 32, 32), prompted labels (N,)) for prompts_for(N), seeds seed..seed+N−1.
 
-    ``text_source`` names the float denoiser whose text encoder and JSON to use (default: the
-    denoiser itself).
+    ``text_source`` names the float denoiser whose conditioner (text encoder, JSON) to use
+    (default: the denoiser itself).
     """
-    text = TextEncoder.for_denoiser(text_source or denoiser_path)
+    denoiser = OnnxDenoiser(denoiser_path)
+    condition = conditioner_for(text_source or denoiser_path, denoiser.condition_input)
     captions, labels = prompts_for(samples)
-    images = sample(OnnxDenoiser(denoiser_path), text(captions), text.empty(),
-                    list(range(seed, seed + samples)), config)
+    images = sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + samples)), config)
+    return images, labels
+
+
+def _cache_key(denoiser_path: Path, samples: int, config: SamplerConfig, seed: int) -> str:
+    from qcompiler.diffusion.text import text_encoder_path
+
+    digest = hashlib.sha256(denoiser_path.read_bytes())
+    for extra in (text_encoder_path(denoiser_path), denoiser_path.with_suffix(".json")):
+        digest.update(extra.read_bytes() if extra.exists() else b"-")
+    digest.update(json.dumps({"samples": samples, "seed": seed, "config": asdict(config)}, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_sample_model(denoiser_path: str | os.PathLike, samples: int, config: SamplerConfig, seed: int = 0,
+                        cache: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``sample_model`` of a float denoiser, read from / written to ``cache`` when given."""
+    if cache is None:
+        return sample_model(denoiser_path, samples, config, seed)
+    path = Path(cache) / f"{Path(denoiser_path).stem}.{_cache_key(Path(denoiser_path), samples, config, seed)}.npz"
+    if path.exists():
+        data = np.load(path)
+        return data["images"], data["labels"]
+    images, labels = sample_model(denoiser_path, samples, config, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(staging, images=images, labels=labels)
+    os.replace(staging, path)
     return images, labels
 
 
@@ -107,8 +143,8 @@ def evaluate_diffusion(float_path: str | os.PathLike, quant_path: str | os.PathL
                        grid: str | os.PathLike | None = None) -> dict:
     """Every number of the float-vs-quantized comparison (see the module docstring)."""
     config = config_for(float_path, steps=options.steps, guidance_scale=options.guidance_scale)
-    float_images, labels = sample_model(float_path, options.samples, config, options.seed)
     quant_images, _ = sample_model(quant_path, options.samples, config, options.seed, text_source=float_path)
+    float_images, labels = cached_sample_model(float_path, options.samples, config, options.seed, options.cache)
     classifier = metrics.Classifier(options.classifier)
     real = real_heldout_features(classifier)
     float_quality, quant_quality = (quality(x, labels, classifier, real) for x in (float_images, quant_images))

@@ -7,10 +7,15 @@ contexts ``[c_empty; c_prompt]`` gives ``(ε_u, ε_c)``; the guided prediction i
 scheduler math is diffusers' (a library, not hand-written); only the denoiser differs between
 a float and a quantized model, so the same loop, seeds and contexts drive both.
 
-A denoiser ONNX has inputs ``sample`` (B, C, H, W), ``timestep`` (B,) and
-``encoder_hidden_states`` (B, L, D); ``timestep`` may be float32 or int64 (read from the
-graph). The training schedule comes from ``<denoiser>.json`` (``scheduler_config``) when it
-exists, as ``models/export_unet.py`` writes it, else from ``SamplerConfig.scheduler_config``.
+A denoiser ONNX has inputs ``sample`` (B, C, H, W), ``timestep`` (B,) and one conditioning
+input (``CONDITION_INPUTS``): ``encoder_hidden_states`` (B, L, D) float32 for a text-conditioned
+denoiser (the UNet) or ``class_labels`` (B,) int64 for a class-conditioned one (the DiT, whose
+null class is the unconditional context); ``timestep`` may be float32 or int64 (read from the
+graph). The loop only concatenates and broadcasts contexts along the batch axis, so it is the
+same for both; ``conditioning.conditioner_for`` maps prompts to the contexts. The training
+schedule comes from ``<denoiser>.json`` (``scheduler_config``) when it exists, as
+``models/export_unet.py`` and ``models/export_dit.py`` write it, else from
+``SamplerConfig.scheduler_config``.
 
 Each image's initial noise comes from its own seed (``numpy.random.default_rng(seed)``), so
 an image depends on its seed and prompt only, not on which batch it was drawn in.
@@ -33,6 +38,32 @@ DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "squar
                             "prediction_type": "epsilon"}
 #: Called with the feeds of every denoiser call and the DDIM step index (the collector's hook).
 StepHook = Callable[[dict[str, np.ndarray], int], None]
+#: Conditioning input name -> the dtype its contexts are fed as.
+CONDITION_INPUTS = {"encoder_hidden_states": np.float32, "class_labels": np.int64}
+
+
+def _condition_input(path: Path, names: set[str]) -> str:
+    """The one conditioning input among ``names``; QCompileError naming the accepted ones otherwise."""
+    missing = {"sample", "timestep"} - names
+    if missing:
+        raise QCompileError(f"{path}: not a denoiser, it lacks input(s) {sorted(missing)}")
+    found = [name for name in CONDITION_INPUTS if name in names]
+    if len(found) != 1:
+        what = "both" if found else "neither"
+        raise QCompileError(f"{path}: a denoiser needs exactly one conditioning input, "
+                            f"'encoder_hidden_states' (text-conditioned) or 'class_labels' (class-conditioned); "
+                            f"it has {what} (inputs: {sorted(names)})")
+    return found[0]
+
+
+def condition_input_of(path: str | os.PathLike) -> str:
+    """``"encoder_hidden_states"`` or ``"class_labels"``, read from the ONNX graph's inputs."""
+    from qcompiler.graph import load_model
+
+    path = Path(path)
+    graph = load_model(path, load_external_data=False).graph  # QCompileError naming the file if unreadable
+    initializers = {t.name for t in graph.initializer}
+    return _condition_input(path, {i.name for i in graph.input if i.name not in initializers})
 
 
 @dataclass(frozen=True)
@@ -76,7 +107,7 @@ def config_for(denoiser_path: str | os.PathLike, **overrides) -> SamplerConfig:
 
 
 class OnnxDenoiser:
-    """``noise_pred = denoiser(sample, timestep, encoder_hidden_states)`` through an ORT session."""
+    """``noise_pred = denoiser(sample, timestep, encoder_hidden_states | class_labels)`` through an ORT session."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         from qcompiler.runtimes.ort import make_session
@@ -84,16 +115,16 @@ class OnnxDenoiser:
         self.path = Path(path)
         self.session = make_session(self.path, threads=threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = {"sample", "timestep", "encoder_hidden_states"} - set(inputs)
-        if missing:
-            raise QCompileError(f"{self.path}: not a denoiser, it lacks input(s) {sorted(missing)}")
+        #: The conditioning input's name, one of CONDITION_INPUTS.
+        self.condition_input = _condition_input(self.path, set(inputs))
         self.timestep_dtype = np.int64 if "int64" in inputs["timestep"].type else np.float32
         self.output = self.session.get_outputs()[0].name
 
     def feeds(self, sample: np.ndarray, timestep: int, context: np.ndarray) -> dict[str, np.ndarray]:
+        name = self.condition_input
         return {"sample": np.ascontiguousarray(sample, np.float32),
                 "timestep": np.full(len(sample), timestep, dtype=self.timestep_dtype),
-                "encoder_hidden_states": np.ascontiguousarray(context, np.float32)}
+                name: np.ascontiguousarray(context, CONDITION_INPUTS[name])}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.output], feeds)[0]
@@ -106,7 +137,11 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
 
 def sample_batch(denoiser: OnnxDenoiser, context: np.ndarray, empty_context: np.ndarray, seeds: Sequence[int],
                  config: SamplerConfig, hook: StepHook | None = None, image_shape=(1, 32, 32)) -> np.ndarray:
-    """Images (B, C, H, W) in [-1, 1] for B contexts (B, L, D), guided against ``empty_context`` (L, D)."""
+    """Images (B, C, H, W) in [-1, 1] for B contexts, guided against ``empty_context`` (one row).
+
+    Contexts are (B, L, D) with ``empty_context`` (L, D) for a text-conditioned denoiser, (B,)
+    labels with a scalar null class for a class-conditioned one.
+    """
     import torch
 
     scheduler = config.scheduler()

@@ -40,3 +40,28 @@ def tiny_denoiser(tmp_path_factory):
         "scheduler_config": DEFAULT_SCHEDULER_CONFIG, "vocabulary": list(tokenizer.vocabulary),
         "max_length": MAX_LENGTH}))
     return folder / "tiny.onnx"
+
+
+TINY_DIT = dict(sample_size=32, in_channels=1, out_channels=1, patch_size=4, num_layers=1, num_attention_heads=2,
+                attention_head_dim=8, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit(tmp_path_factory):
+    """Path of ``tiny_dit.onnx`` (inputs sample, timestep, class_labels) with ``tiny_dit.json`` beside it.
+
+    Exported through ``models/export_dit.export_model`` from a one-block random DiT.
+    """
+    from qcompiler.diffusion.sampler import DEFAULT_SCHEDULER_CONFIG
+    from qcompiler.models.export_dit import export_model
+    from qcompiler.models.train_dit import ClassToImage
+
+    folder = tmp_path_factory.mktemp("tiny_dit")
+    torch.manual_seed(0)
+    model = ClassToImage(TINY_DIT)
+    with torch.no_grad():  # AdaLN-zero starts at an identity block and a zero output: give it some signal
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape))
+    export_model(model, folder, "tiny_dit", layers=1)
+    (folder / "tiny_dit.json").write_text(json.dumps({"scheduler_config": DEFAULT_SCHEDULER_CONFIG, "null_class": 10}))
+    return folder / "tiny_dit.onnx"

@@ -55,3 +55,16 @@ def test_commands_name_a_missing_model(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "nope.onnx" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@needs_classifier
+def test_a_class_conditioned_model_evaluates_and_its_float_images_are_cached(tiny_dit, tmp_path):
+    options = DiffusionEvalOptions(samples=3, steps=2, cache=str(tmp_path / "cache"))
+    first = evaluate_diffusion(tiny_dit, tiny_dit, options)
+    assert first["psnr_db"] == math.inf and first["accuracy"]["float"] == first["accuracy"]["quant"]
+    cached = list((tmp_path / "cache").glob("tiny_dit.*.npz"))
+    assert len(cached) == 1
+    # A second run reads the float images back; another sampler setting is another entry.
+    assert evaluate_diffusion(tiny_dit, tiny_dit, options)["frechet"] == first["frechet"]
+    evaluate_diffusion(tiny_dit, tiny_dit, DiffusionEvalOptions(samples=3, steps=3, cache=options.cache))
+    assert len(list((tmp_path / "cache").glob("tiny_dit.*.npz"))) == 2

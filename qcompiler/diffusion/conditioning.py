@@ -1,0 +1,92 @@
+"""Conditioners: prompts -> the denoiser's conditioning input, for text- and class-conditioned denoisers.
+
+The DDIM/CFG sampler, the collector and the evaluation take prompts (``text.prompts_for``)
+and never look at what a denoiser is conditioned on; a conditioner turns prompts into the
+context rows the denoiser's conditioning input takes, and gives the unconditional context
+(the classifier-free guidance half):
+
+- ``TextEncoder`` (``text.py``) for a denoiser with ``encoder_hidden_states`` (the UNet):
+  captions -> (B, L, D) float32 through the ONNX text encoder beside the float model; the
+  unconditional context is the encoding of ``""``.
+- ``ClassLabels`` for a denoiser with ``class_labels`` (the DiT): each prompt names one digit,
+  as a word ("seven") or a numeral ("7"), and maps to that label (B,) int64; the empty prompt
+  ``""`` maps to the null class (``null_class`` in ``<denoiser>.json``, default 10, the extra
+  row of the DiT's label-embedding table that training's label dropout uses).
+
+``conditioner_for(path)`` picks one from the denoiser's inputs (``sampler.condition_input``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from qcompiler.errors import QCompileError
+from qcompiler.models.mnist_data import DIGIT_WORDS, NUM_CLASSES
+
+#: The null class of a class-conditioned denoiser without a JSON saying otherwise.
+DEFAULT_NULL_CLASS = NUM_CLASSES
+
+
+class Conditioner(Protocol):
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """One context row per prompt, stacked on axis 0."""
+
+    def empty(self) -> np.ndarray:
+        """The unconditional context: one row, without the batch axis."""
+
+
+def digit_of(prompt: str) -> int | None:
+    """The digit a prompt names (word or numeral), None for an empty prompt; ValueError if none or several."""
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    if not words:
+        return None
+    found = {DIGIT_WORDS.index(w) for w in words if w in DIGIT_WORDS}
+    found |= {int(w) for w in words if len(w) == 1 and w.isdigit()}
+    if len(found) != 1:
+        what = f"several digits {sorted(found)}" if found else "no digit"
+        raise ValueError(f"prompt {prompt!r} names {what}; a class-conditioned denoiser needs exactly one")
+    return found.pop()
+
+
+class ClassLabels:
+    """Prompts -> int64 digit labels; ``""`` -> the null class."""
+
+    def __init__(self, null_class: int = DEFAULT_NULL_CLASS):
+        self.null_class = int(null_class)
+
+    @classmethod
+    def for_denoiser(cls, denoiser_path: str | os.PathLike) -> ClassLabels:
+        from qcompiler.diffusion.sampler import model_metadata
+
+        return cls(model_metadata(denoiser_path).get("null_class", DEFAULT_NULL_CLASS))
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        labels = []
+        for prompt in prompts:
+            try:
+                digit = digit_of(prompt)
+            except ValueError as exc:
+                raise QCompileError(str(exc)) from None
+            labels.append(self.null_class if digit is None else digit)
+        return np.array(labels, dtype=np.int64)
+
+    def empty(self) -> np.ndarray:
+        return np.array(self.null_class, dtype=np.int64)
+
+
+def conditioner_for(denoiser_path: str | os.PathLike, condition_input: str | None = None) -> Conditioner:
+    """The conditioner of a float denoiser (text encoder and JSON are read from beside it).
+
+    ``condition_input`` is the denoiser's conditioning input name; read from the model when None.
+    """
+    from qcompiler.diffusion.sampler import condition_input_of
+    from qcompiler.diffusion.text import TextEncoder
+
+    kind = condition_input or condition_input_of(Path(denoiser_path))
+    if kind == "class_labels":
+        return ClassLabels.for_denoiser(denoiser_path)
+    return TextEncoder.for_denoiser(denoiser_path)
