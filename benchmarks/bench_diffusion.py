@@ -2,7 +2,7 @@
 
 For each model (``unet``: models/unet_mnist.onnx; ``dit``: models/dit_mnist.onnx when present),
 setting (W8A8, W8A6, W4A8, W4A6) and recipe, the row's model is compiled by the ``qcompile`` CLI
-in a child process (wall time and the child's peak RSS from ``os.wait4``) on the model's
+in a child process (wall time, and its peak RSS from GNU time's %M) on the model's
 calibration folder (``models/<name>.calib`` or ``qcompile collect``-ed into the work folder), then:
 
 - quality: the float and the quantized denoiser sample the same prompts and seeds (DDIM 25 steps,
@@ -39,6 +39,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,17 +85,25 @@ def calibration(name: str, work: Path) -> Path:
     return folder
 
 
-def run_child(arguments: list[str]) -> tuple[float, float]:
-    """Run ``qcompile ARGS`` in a child; (wall seconds, the child's peak RSS in MiB)."""
+def run_child(arguments: list[str]) -> tuple[float, float | None]:
+    """Run ``qcompile ARGS`` in a child; (wall seconds, its peak RSS in MiB, None if unmeasurable).
+
+    The peak comes from GNU time's %M, not from ``os.wait4``: Linux carries a process's RSS high-water
+    mark across exec, so a child forked from this (large) benchmark process would report at least
+    the parent's size. GNU time forks the command from its own small process.
+    """
+    gnu_time = Path("/usr/bin/time")
     command = [sys.executable, "-m", "qcompiler.cli.main", *arguments]
+    report = Path(tempfile.mkstemp(suffix=".rss")[1])
+    wrapped = [str(gnu_time), "-f", "%M", "-o", str(report), *command] if gnu_time.exists() else command
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
+    child = subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"`{shlex.join(command)}` failed:\n{output[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    text = report.read_text().strip().splitlines() if report.exists() else []
+    report.unlink(missing_ok=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"`{shlex.join(command)}` failed:\n{child.stdout[-3000:]}")
+    return seconds, (int(text[-1]) / 1024 if text and text[-1].isdigit() else None)
 
 
 def compile_row(row: Row, model: Path, calib: Path, work: Path, lowering: str | None = None) -> dict:
@@ -107,7 +116,8 @@ def compile_row(row: Row, model: Path, calib: Path, work: Path, lowering: str | 
         if lowering:
             args += ["--channel-groups", lowering]
         seconds, peak = run_child(args)
-        (work / f"{row.key(lowering)}.cost.json").write_text(json.dumps({"wall_s": seconds, "peak_rss_mib": peak}))
+        (work / f"{row.key(lowering)}.cost.json").write_text(json.dumps({"wall_s": seconds, "peak_rss_mib": peak,
+                                                                       "rss_method": "gnu-time"}))
     cost = json.loads((work / f"{row.key(lowering)}.cost.json").read_text())
     return {"path": str(out), "report": json.loads(report_path.read_text()), **cost}
 
@@ -224,7 +234,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
             except RuntimeError as exc:  # a failed compile is reported, not fatal to the other rows
                 print(f"[bench] {name} {row.key()} FAILED: {exc}", flush=True)
                 continue
-        results.append(json.loads(cached.read_text()))
+        results.append({**json.loads(cached.read_text()), "model": name})
         print(f"[bench] {name} {row.key()}: {results[-1]['psnr_db']:.2f} dB", flush=True)
     if not args.no_latency:
         measure_latency([r for r in results if "deployed" in r], calib, args.runs)
