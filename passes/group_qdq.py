@@ -171,13 +171,17 @@ class InsertGroupQDQ(Pass):
         """Per-index QDQ (fake quantization) into a float GEMM on the constant Ŵ (MatMulNBits: kept)."""
         if "simulated" not in shared:
             shared["simulated"] = self._simulated_qdq(b, plan, x)
+        return SIMULATED, {**self._read_fake_quantized(b, x, node, shared["simulated"]), "reason": reason}
+
+    @staticmethod
+    def _read_fake_quantized(b: Builder, x: gs.Tensor, node: gs.Node, x_hat: gs.Tensor) -> dict:
+        """Point ``node`` at X̂ instead of X and give it the constant Ŵ (MatMulNBits keeps its kernel)."""
         for index, value in enumerate(node.inputs):
             if value is x:
-                node.inputs[index] = shared["simulated"]
+                node.inputs[index] = x_hat
         if node.op != "MatMulNBits":
             node.inputs[1] = b.const("dequantized_weight", dequantized_weight(node))
-        return SIMULATED, {"kernel": f"float {node.op}" if node.op != "MatMulNBits" else "MatMulNBits",
-                           "reason": reason}
+        return {"kernel": f"float {node.op}" if node.op != "MatMulNBits" else "MatMulNBits"}
 
     def _per_timestep(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
         """Run-time (s, z) of each row's nearest calibrated timestep before a float GEMM on Ŵ."""
@@ -186,13 +190,8 @@ class InsertGroupQDQ(Pass):
         if "per_timestep" not in shared:
             timestep = next(i for i in b.ctx.graph.inputs if i.name == plan.timestep_input)
             shared["per_timestep"] = simulated_timestep_qdq(b, x, timestep, plan)
-        for index, value in enumerate(node.inputs):
-            if value is x:
-                node.inputs[index] = shared["per_timestep"]
-        if node.op != "MatMulNBits":
-            node.inputs[1] = b.const("dequantized_weight", dequantized_weight(node))
-        return LOWERING, {"kernel": f"float {node.op}" if node.op != "MatMulNBits" else "MatMulNBits",
-                          "timesteps": int(plan.timesteps.size)}
+        details = self._read_fake_quantized(b, x, node, shared["per_timestep"])
+        return LOWERING, {**details, "timesteps": int(plan.timesteps.size)}
 
     def _simulated_qdq(self, b: Builder, plan: GroupPlan, x: gs.Tensor) -> gs.Tensor:
         scale, zero_point = plan.element_scale().astype(np.float32), plan.element_zero_point()
