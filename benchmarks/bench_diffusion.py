@@ -189,15 +189,19 @@ def measure_row(row: Row, model: Path, calib: Path, work: Path, sampler: Sampler
     return result
 
 
-def measure_latency(rows: list[dict], calib: Path, runs: int) -> None:
-    """Median ms of one denoiser call on the first calibration batch, rows interleaved per round."""
-    from qcompiler.runtimes.ort import make_session
+def measure_latency(rows: list[dict], model: Path, calib: Path, runs: int) -> None:
+    """Median ms of one denoiser call on the first calibration batch, rows interleaved per round.
+
+    The first row is the float model, so ``latency_vs_float`` compares side by side in one run.
+    """
+    import onnx
 
     from qcompiler.calibration.readers import load_calibration
+    from qcompiler.runtimes.ort import make_session
 
     sessions = [make_session(row["deployed"], threads=1) for row in rows]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
-    batch = next(iter(load_calibration(calib)))
+    batch = load_calibration(calib, onnx.load(str(model), load_external_data=False), limit=8)[0]
     feeds = [{k: v for k, v in batch.feeds.items() if k in n} for n in names]
     times: list[list[float]] = [[] for _ in rows]
     for round_index in range(runs + 1):
@@ -210,7 +214,7 @@ def measure_latency(rows: list[dict], calib: Path, runs: int) -> None:
     base = float(np.median(times[0])) * 1e3
     for row, series in zip(rows, times):
         row["latency_ms"] = float(np.median(series)) * 1e3
-        row["latency_vs_first_row"] = row["latency_ms"] / base
+        row["latency_vs_float"] = row["latency_ms"] / base
 
 
 def run_model(name: str, args: argparse.Namespace) -> list[dict]:
@@ -223,7 +227,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
     calib = calibration(MODELS[name], work)
     sampler = Sampler(model, args.samples, work)
     rows = main_rows(args.settings, args.recipes) + (ablation_rows() + dmq_rows() if args.ablation else [])
-    results = [{"model": name, "row": "float", "recipe": "float", "setting": "float",
+    results = [{"model": name, "row": "float", "recipe": "float", "setting": "float", "deployed": str(model),
                 **{k: sampler.float_quality[k] for k in ("accuracy", "frechet")}}]
     for row in rows:
         cached = work / "rows" / f"{row.key()}.s{args.samples}.json"
@@ -237,7 +241,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
         results.append({**json.loads(cached.read_text()), "model": name})
         print(f"[bench] {name} {row.key()}: {results[-1]['psnr_db']:.2f} dB", flush=True)
     if not args.no_latency:
-        measure_latency([r for r in results if "deployed" in r], calib, args.runs)
+        measure_latency([r for r in results if "deployed" in r], model, calib, args.runs)
     return results
 
 

@@ -44,7 +44,7 @@ from qcompiler.graph import constant_value
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.passes.fold_scales import ScaleGroup, find_scale_groups, fold
 from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
-from qcompiler.passes.learned_scales import collect_inputs, select_samples
+from qcompiler.passes.les_training import collect_inputs, select_samples
 from qcompiler.passes.quantize_weights import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
 from qcompiler.patterns import Conv, Linear, match_conv, match_linear, weight_array
 from qcompiler.quant import QuantSpec, quantize_weight, scale_zero_point

@@ -1,0 +1,307 @@
+"""DMQ LES training machinery: calibration samples with their timesteps, the per-group problem, Adam on log γ.
+
+``learned_scales`` (the pass) picks the scale groups and folds the γ this module learns; the loss,
+the quantizers, the timestep weighting and the guard are documented in that module's docstring.
+``pow2_skip_scales`` reuses the sample selection and the input collector.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.context import CompileContext
+from qcompiler.errors import QCompileError
+from qcompiler.graph import add_outputs
+from qcompiler.passes.fold_scales import ScaleGroup
+from qcompiler.passes.shift_scale import matmul_weights
+from qcompiler.patterns import Conv, match_conv, weight_array
+
+if TYPE_CHECKING:
+    from qcompiler.passes.learned_scales import LearnedScalesConfig
+
+TIMESTEP_KEY = "__timestep__"
+
+
+def import_torch(pass_name: str):
+    """torch, or a QCompileError saying how to install it (it is in the [export]/[dev] extras)."""
+    try:
+        import torch
+    except ImportError:
+        raise QCompileError(f"pass '{pass_name}' needs PyTorch (CPU): pip install torch==2.13.0, or install "
+                            "qcompile with the [export] or [dev] extra") from None
+    return torch
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration samples: whole batch rows (a Conv needs its spatial neighbourhood), with their timesteps.
+
+def select_samples(calibration: list[CalibrationBatch], count: int, seed: int = 0) -> list[CalibrationBatch]:
+    """Up to ``count`` batch rows spread evenly over the calibration batches (= timesteps for ``collect``).
+
+    Fewer wanted rows than batches: one row from each of ``count`` evenly spaced batches; else every
+    batch gives ⌊count/len⌋ rows and ``count mod len`` evenly spaced batches one more (random rows,
+    seeded), so every timestep is covered. Metadata with the batch axis is sliced along.
+    """
+    rng = np.random.default_rng(seed)
+    if not calibration:
+        return []
+    total = len(calibration)
+    if count < total:
+        per = {int(i): 1 for i in np.linspace(0, total - 1, count).round().astype(int)}
+    else:
+        spread = np.linspace(0, total - 1, count % total).round().astype(int) if count % total else []
+        extra = {int(i) for i in spread}
+        per = {index: count // total + (index in extra) for index in range(total)}
+    selected = []
+    for index, rows in per.items():
+        batch = calibration[index]
+        take = min(rows, batch.batch_size)
+        keep = np.sort(rng.choice(batch.batch_size, size=take, replace=False))
+        selected.append(_rows(batch, keep))
+    return selected
+
+
+def _rows(batch: CalibrationBatch, rows: np.ndarray) -> CalibrationBatch:
+    size = batch.batch_size
+
+    def cut(value: np.ndarray) -> np.ndarray:
+        return value[rows] if value.ndim >= 1 and value.shape[0] == size else value
+
+    return CalibrationBatch({k: cut(v) for k, v in batch.feeds.items()},
+                            {k: cut(v) for k, v in batch.metadata.items()}, f"{batch.source}[rows]")
+
+
+def sample_timesteps(batches: list[CalibrationBatch]) -> np.ndarray | None:
+    """The timestep of every selected sample (row), or None when a batch has no ``__timestep__``."""
+    parts = []
+    for batch in batches:
+        value = batch.metadata.get(TIMESTEP_KEY)
+        if value is None or np.ndim(value) != 1 or len(value) != batch.batch_size:
+            return None
+        parts.append(np.asarray(value).astype(np.int64))
+    return np.concatenate(parts) if parts else None
+
+
+def collect_inputs(ctx: CompileContext, batches: list[CalibrationBatch], names: list[str],
+                   tensors_per_run: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Each tensor's values over ``batches`` (concatenated on the leading axis) and the sample of each row.
+
+    The sample index of a leading-axis row is ``offset + i // k`` when the tensor's leading axis
+    is k × the batch's rows (k = 1: one row per sample); None when it is not a multiple.
+    """
+    from qcompiler.runtimes.ort import make_session, run
+
+    inputs = {value.name for value in ctx.graph.inputs}
+    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    computed = [name for name in names if name not in inputs]
+    model = ctx.model() if computed else None
+    chunks = [computed[i:i + tensors_per_run] for i in range(0, len(computed), tensors_per_run)]
+    for chunk in chunks + [[name for name in names if name in inputs]]:
+        if not chunk:
+            continue
+        session = make_session(add_outputs(model, chunk)) if any(n not in inputs for n in chunk) else None
+        parts: dict[str, list] = {name: [] for name in chunk}
+        index: dict[str, list | None] = {name: [] for name in chunk}
+        offset = 0
+        for batch in batches:
+            values = run(session, batch.feeds, chunk) if session is not None else {}
+            rows = batch.batch_size
+            for name in chunk:
+                value = np.asarray(values[name] if name in values else batch.feeds[name], np.float32)
+                parts[name].append(value)
+                lead = value.shape[0] if value.ndim else 0
+                if index[name] is not None and lead and lead % rows == 0:
+                    index[name].append(offset + np.arange(lead) // (lead // rows))
+                else:
+                    index[name] = None
+            offset += rows
+        for name in chunk:
+            out[name] = (np.concatenate(parts[name]), np.concatenate(index[name]) if index[name] else None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Timestep weights.
+
+class TimestepWeights:
+    """w_t = (1 − L_t/Σ_t L_t)^power with L_t an EMA (``momentum``) of the mean loss of samples at t."""
+
+    def __init__(self, timesteps: np.ndarray, initial_losses: np.ndarray, momentum: float = 0.95,
+                 power: float = 20.0):
+        self.values, self.slot = np.unique(timesteps, return_inverse=True)
+        self.momentum, self.power = momentum, power
+        self.ema = np.array([initial_losses[self.slot == k].mean() for k in range(len(self.values))], np.float64)
+
+    def update(self, slots: np.ndarray, losses: np.ndarray) -> None:
+        """L_t ← m·L_t + (1 − m)·mean(ℓ_n for the mini-batch samples n at t)."""
+        for k in np.unique(slots):
+            self.ema[k] = self.momentum * self.ema[k] + (1 - self.momentum) * float(losses[slots == k].mean())
+
+    def weights(self) -> np.ndarray:
+        """w_t per timestep slot (order of ``values``)."""
+        return timestep_weights(self.ema, self.power)
+
+
+def timestep_weights(losses: np.ndarray, power: float = 20.0) -> np.ndarray:
+    """w_t = (1 − L_t/Σ_t L_t)^power; all ones when every L_t is 0."""
+    losses = np.asarray(losses, np.float64)
+    total = losses.sum()
+    if total <= 0:
+        return np.ones_like(losses)
+    return np.clip(1.0 - losses / total, 0.0, 1.0) ** power
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-group problem in torch.
+
+class GroupProblem:
+    """The torch model of one scale group: float references and the fake-quantized forward for a γ."""
+
+    def __init__(self, torch, group: ScaleGroup, x: np.ndarray, channel_min: np.ndarray, channel_max: np.ndarray,
+                 settings):
+        self.torch, self.group = torch, group
+        self.conv = isinstance(group.consumers[0], Conv)
+        if self.conv:
+            self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        else:  # (items, rows, C): a leading item axis, everything else flattened to rows
+            self.x = torch.from_numpy(np.ascontiguousarray(x.reshape(x.shape[0], -1, x.shape[-1]), np.float32))
+        self.low = torch.from_numpy(np.asarray(channel_min, np.float32))
+        self.high = torch.from_numpy(np.asarray(channel_max, np.float32))
+        self.abits = settings.abits
+        self.consumers = []
+        for unit in group.consumers:
+            if self.conv:
+                unit = match_conv(unit.node)
+                weight = torch.from_numpy(weight_array(unit).astype(np.float32))  # (O, C, kh, kw)
+                attrs = unit.node.attrs
+                pads = list(attrs.get("pads", [0, 0, 0, 0]))
+                spec = {"stride": tuple(attrs.get("strides", [1, 1])),
+                        "dilation": tuple(attrs.get("dilations", [1, 1])),
+                        "pads": (pads[1], pads[3], pads[0], pads[2]) if pads else (0, 0, 0, 0)}
+                block = None
+            else:
+                weight = torch.from_numpy(matmul_weights(unit))  # (K, N)
+                spec = None
+                block = settings.block_size if settings.wbits == 4 and unit.node.op == "MatMul" else None
+            self.consumers.append((weight, spec, block))
+        self.wbits = settings.wbits
+
+    @property
+    def items(self) -> int:
+        return int(self.x.shape[0])
+
+    def _apply(self, x, weight, spec):
+        functional = self.torch.nn.functional
+        if not self.conv:
+            return x @ weight
+        if any(spec["pads"]):
+            x = functional.pad(x, spec["pads"])
+        return functional.conv2d(x, weight, stride=spec["stride"], dilation=spec["dilation"])
+
+    def _gamma_shape(self, gamma, ndim: int, axis: int):
+        shape = [1] * ndim
+        shape[axis] = gamma.numel()
+        return gamma.reshape(shape)
+
+    def _fake_quant_activation(self, x, gamma):
+        torch = self.torch
+        low = torch.clamp(torch.min(self.low / gamma), max=0.0)
+        high = torch.clamp(torch.max(self.high / gamma), min=0.0)
+        qmax = 2 ** self.abits - 1
+        scale = torch.clamp((high - low) / qmax, min=1e-12)
+        zero = torch.clamp(torch.round(-low / scale), 0, qmax).detach()
+        scaled = x / scale
+        rounded = scaled + (torch.round(scaled) - scaled).detach()
+        return (torch.clamp(rounded + zero, 0, qmax) - zero) * scale
+
+    def _fake_quant_weight(self, weight, block):
+        torch = self.torch
+        qmax = 2 ** (self.wbits - 1) - 1
+        if self.conv:  # per output channel (axis 0)
+            absmax = weight.abs().amax(dim=tuple(range(1, weight.ndim)), keepdim=True)
+        elif block is None:  # (K, N): per output column
+            absmax = weight.abs().amax(dim=0, keepdim=True)
+        else:  # blocks of `block` along K per column (MatMulNBits)
+            k = weight.shape[0]
+            pad = (-k) % block
+            padded = torch.nn.functional.pad(weight, (0, 0, 0, pad))
+            blocks = padded.reshape(-1, block, weight.shape[1]).abs().amax(dim=1, keepdim=True)
+            absmax = blocks.expand(-1, block, -1).reshape(-1, weight.shape[1])[:k]
+        scale = torch.clamp(absmax / qmax, min=1e-12)
+        scaled = weight / scale
+        rounded = scaled + (torch.round(scaled) - scaled).detach()
+        return torch.clamp(rounded, -qmax, qmax) * scale
+
+    def references(self, index):
+        with self.torch.no_grad():
+            x = self.x[index]
+            return [self._apply(x, weight, spec) for weight, spec, _ in self.consumers]
+
+    def losses(self, gamma, index, references=None):
+        """ℓ_n per item of ``index`` (summed over consumers), with gradients to γ."""
+        x = self.x[index]
+        references = references if references is not None else self.references(index)
+        axis = 1 if self.conv else -1
+        x_hat = self._fake_quant_activation(x / self._gamma_shape(gamma, x.ndim, axis), gamma)
+        total = 0.0
+        for (weight, spec, block), reference in zip(self.consumers, references):
+            in_axis = 1 if self.conv else 0
+            w_hat = self._fake_quant_weight(weight * self._gamma_shape(gamma, weight.ndim, in_axis), block)
+            error = (self._apply(x_hat, w_hat, spec) - reference) ** 2
+            total = total + error.reshape(error.shape[0], -1).mean(dim=1)
+        return total
+
+    def pool_losses(self, gamma, chunk: int = 16) -> np.ndarray:
+        """ℓ_n for every item (no gradients), in chunks."""
+        torch = self.torch
+        out = []
+        with torch.no_grad():
+            for start in range(0, self.items, chunk):
+                index = torch.arange(start, min(start + chunk, self.items))
+                out.append(self.losses(gamma, index).numpy())
+        return np.concatenate(out).astype(np.float64)
+
+
+def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: LearnedScalesConfig,
+                item_timesteps: np.ndarray | None, desc: str = "", progress: bool = False) -> dict:
+    """Adam on θ = log γ with cosine-decayed lr; returns γ (after the guard) and what happened."""
+    from tqdm import tqdm
+
+    generator = torch.Generator().manual_seed(config.seed)
+    theta = torch.tensor(np.log(gamma0), dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=config.lr)
+    steps = config.iterations
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    weighting = None
+    initial = problem.pool_losses(torch.exp(theta.detach()))
+    if config.timestep_weighting != "off" and item_timesteps is not None:
+        power = config.power if config.timestep_weighting == "adaptive" else 1.0
+        weighting = TimestepWeights(item_timesteps, initial, config.momentum, power)
+    batch = min(config.batch_size, problem.items)
+    for _ in tqdm(range(steps), desc=desc, unit="it", leave=False, disable=None if progress else True):
+        index = torch.randperm(problem.items, generator=generator)[:batch]
+        losses = problem.losses(torch.exp(theta), index)
+        if weighting is not None:
+            slots = weighting.slot[index.numpy()]
+            weighting.update(slots, losses.detach().numpy())
+            weights = torch.from_numpy(weighting.weights()[slots].astype(np.float32))
+            loss = (weights * losses).mean()
+        else:
+            loss = losses.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    learned = torch.exp(theta.detach()).double().numpy()
+    candidates = {"learned": learned, "init": gamma0, "ones": np.ones_like(gamma0)}
+    errors = {"init": float(initial.mean())}
+    errors["learned"] = float(problem.pool_losses(torch.from_numpy(learned.astype(np.float32))).mean())
+    errors["ones"] = (errors["init"] if np.all(gamma0 == 1.0)
+                      else float(problem.pool_losses(torch.ones(len(gamma0))).mean()))
+    kept = min(("learned", "init", "ones"), key=lambda key: errors[key])
+    return {"gamma": candidates[kept], "kept": kept, "errors": errors,
+            "weights": None if weighting is None else dict(zip(weighting.values.tolist(),
+                                                               weighting.weights().round(4).tolist()))}
