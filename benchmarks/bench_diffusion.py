@@ -20,8 +20,11 @@ through them is slow on this CPU, so a DGQ row's images come from a twin compile
 numbers to float rounding, ``tests/passes/test_group_qdq.py``), and its kernels and latency from the
 split model. Over 25 chained DDIM steps a float-rounding difference can flip a quantization code
 and the trajectories drift apart a little, so each such row also records, on the first
-``--check-samples`` images, the PSNR of split vs simulate images and each one's PSNR vs float. The ablation rows (``--ablation``) are DGQ variants at W8A8: attention
-float / linear / log2, with and without the start-token exemption, K = 1/8/16.
+``--check-samples`` images, the PSNR of split vs simulate images and each one's PSNR vs float.
+
+The variant rows (``--ablation``): DGQ at W8A8 with attention float / linear / log2, with and
+without the start-token exemption, K = 1/8/16 and per-timestep ranges; DMQ with the adaptive
+timestep weighting; minmax and dgq at W4 with the MSE clip search of the weight scales.
 
 Rows are cached in ``--work`` (``rows/*.json``): rerunning skips finished rows, so an interrupted
 run resumes. Writes ``diffusion.json``, ``diffusion.md`` and ``diffusion.png`` to ``--out``.
@@ -47,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion_rows import Row, ablation_rows, dmq_rows, main_rows
+from diffusion_rows import Row, ablation_rows, dmq_rows, main_rows, weight_clip_rows
 
 MODELS = {"unet": "unet_mnist", "dit": "dit_mnist"}
 
@@ -226,7 +229,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
     (work / "rows").mkdir(parents=True, exist_ok=True)
     calib = calibration(MODELS[name], work)
     sampler = Sampler(model, args.samples, work)
-    rows = main_rows(args.settings, args.recipes) + (ablation_rows() + dmq_rows() if args.ablation else [])
+    variants = ablation_rows() + dmq_rows() + weight_clip_rows() if args.ablation else []
+    rows = main_rows(args.settings, args.recipes) + variants
     results = [{"model": name, "row": "float", "recipe": "float", "setting": "float", "deployed": str(model),
                 **{k: sampler.float_quality[k] for k in ("accuracy", "frechet")}}]
     for row in rows:

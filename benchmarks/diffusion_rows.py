@@ -78,3 +78,10 @@ def dmq_rows() -> list[Row]:
     """DMQ with the paper's adaptive timestep weighting (the recipe's default leaves it off)."""
     weighting = ("--set", "learned_scales.timestep_weighting=adaptive")
     return [Row("dmq", 4, abits, "timestep-weighting", weighting) for abits in (8, 6)]
+
+
+def weight_clip_rows() -> list[Row]:
+    """minmax and dgq with the MSE clip search of int4 weight scales that dmq uses (W4 only), to show
+    how much of a W4 gain comes from the weight quantizer rather than the activation treatment."""
+    clip = ("--set", "quantize_weights.clip_search=true")
+    return [Row(recipe, 4, abits, "clip-search", clip) for recipe in ("minmax", "dgq") for abits in (8, 6)]

@@ -170,8 +170,7 @@ class DgqGroups(Pass):
     Config = DgqGroupsConfig
 
     def requires(self, ctx: CompileContext) -> None:
-        if not ctx.calibration:
-            raise PassError(f"pass '{self.name}' needs calibration data for per-index ranges; pass --calib DIR")
+        self.require_calibration(ctx, "for per-index ranges")
         if self.config.per_timestep and self.config.timestep_input not in {i.name for i in ctx.graph.inputs}:
             raise PassError(f"pass '{self.name}': per_timestep needs the model input '{self.config.timestep_input}' "
                             f"(set dgq_groups.timestep_input); the model's inputs are "

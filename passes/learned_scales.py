@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.context import CompileContext
-from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.passes.fold_scales import ScaleGroup, find_absorber, find_scale_groups, fold
 from qcompiler.passes.les_training import (TIMESTEP_KEY, GroupProblem, TimestepWeights, collect_inputs,
@@ -106,8 +105,7 @@ class LearnedScales(Pass):
     exact = True
 
     def requires(self, ctx: CompileContext) -> None:
-        if not ctx.calibration:
-            raise PassError(f"pass '{self.name}' needs calibration data (the layers' inputs); pass --calib DIR")
+        self.require_calibration(ctx, "(the layers' inputs)")
         import_torch(self.name)
 
     def call(self, ctx: CompileContext) -> PassResult:

@@ -39,7 +39,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext, QuantRecord
-from qcompiler.errors import PassError
 from qcompiler.graph import constant_value
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.passes.fold_scales import ScaleGroup, find_scale_groups, fold
@@ -146,8 +145,7 @@ class Pow2SkipScales(Pass):
     Config = Pow2SkipScalesConfig
 
     def requires(self, ctx: CompileContext) -> None:
-        if not ctx.calibration:
-            raise PassError(f"pass '{self.name}' needs calibration data to vote; pass --calib DIR")
+        self.require_calibration(ctx, "to vote")
 
     def targets(self, ctx: CompileContext) -> list[tuple[ScaleGroup, str]]:
         """(group, why) for every input the pass rewrites; the reasons are 'skip concat' or 'range ratio'."""

@@ -35,7 +35,6 @@ import numpy as np
 from tqdm import tqdm
 
 from qcompiler.context import CompileContext, QuantSettings
-from qcompiler.errors import PassError
 from qcompiler.graph import add_outputs
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.passes.fold_scales import ScaleGroup, find_absorber, find_scale_groups, fold
@@ -182,8 +181,7 @@ class ShiftScale(Pass):
     exact = True
 
     def requires(self, ctx: CompileContext) -> None:
-        if not ctx.calibration:
-            raise PassError(f"pass '{self.name}' needs calibration data for activation ranges; pass --calib DIR")
+        self.require_calibration(ctx, "for activation ranges")
 
     def call(self, ctx: CompileContext) -> PassResult:
         groups = find_scale_groups(ctx.graph)

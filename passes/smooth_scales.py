@@ -23,7 +23,6 @@ import numpy as np
 from tqdm import tqdm
 
 from qcompiler.context import CompileContext
-from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.passes.fold_scales import ScaleGroup, find_scale_groups, fold
 from qcompiler.passes.shift_scale import OutputError, matmul_weights, sample_inputs
@@ -76,8 +75,7 @@ class SmoothScales(Pass):
     exact = True
 
     def requires(self, ctx: CompileContext) -> None:
-        if not ctx.calibration:
-            raise PassError(f"pass '{self.name}' needs calibration data for activation ranges; pass --calib DIR")
+        self.require_calibration(ctx, "for activation ranges")
 
     def call(self, ctx: CompileContext) -> PassResult:
         groups = find_scale_groups(ctx.graph)

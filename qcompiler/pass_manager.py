@@ -51,6 +51,11 @@ class Pass:
     def call(self, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def require_calibration(self, ctx: CompileContext, purpose: str) -> None:
+        """PassError unless the compile has calibration data; ``purpose`` says what the pass reads."""
+        if not ctx.calibration:
+            raise PassError(f"pass '{self.name}' needs calibration data {purpose}; pass --calib DIR")
+
 
 @dataclass
 class PassRecord:
