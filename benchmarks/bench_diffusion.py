@@ -24,7 +24,8 @@ and the trajectories drift apart a little, so each such row also records, on the
 
 The variant rows (``--ablation``): DGQ at W8A8 with attention float / linear / log2, with and
 without the start-token exemption, K = 1/8/16 and per-timestep ranges; DMQ with the adaptive
-timestep weighting; minmax and dgq at W4 with the MSE clip search of the weight scales.
+timestep weighting; at W4, minmax with the MSE clip search of the int4 weight scales (dgq's and
+dmq's W4 default) and dgq with min/max int4 weights.
 
 Rows are cached in ``--work`` (``rows/*.json``): rerunning skips finished rows, so an interrupted
 run resumes. Writes ``diffusion.json``, ``diffusion.md`` and ``diffusion.png`` to ``--out``.

@@ -11,7 +11,8 @@ on the group's recorded calibration inputs X_n (n = one batch row of the model i
          (min_c, max_c: per-channel ranges over the WHOLE calibration set, the range that
          ``insert_activation_qdq`` will calibrate after the fold, so training and lowering agree);
     Q_w: symmetric per output channel, ``wbits`` (int4 blocks along K for a W4 MatMul, its
-         MatMulNBits lowering); s_w = max|W·γ|/(2^(b−1) − 1).
+         MatMulNBits lowering); s_w = r·max|W·γ|/(2^(b−1) − 1) with r = 1 (default), or r from
+         an MSE clip search over ``weight_clip_ratios`` (no gradient), as ``quantize_weights`` lowers it.
     Both round with a straight-through estimator (round(x) = x + stopgrad(round(x) − x)); the
     scales are functions of γ and pass gradients.
 Adaptive timestep weighting (DESIGN §5.2, optional): each sample carries its timestep t (the
@@ -72,6 +73,11 @@ class LearnedScalesConfig:
     timestep_weighting: str = "adaptive"
     power: float = 20.0
     momentum: float = 0.95
+    #: Weight scales in the training forward: r·max|W·γ|/qmax with r from an MSE clip search over
+    #: these ratios (``quantize_weights.DEFAULT_CLIP_RATIOS`` = what dmq lowers), or (1.0,): min/max.
+    #: Min/max by default: training on the clip-searched grid measured 22.85 dB vs 24.09 dB final-image
+    #: PSNR on the UNet at W4A8 (32 images, benchmarks/README.md), i.e. no gain within the run-to-run drift.
+    weight_clip_ratios: tuple[float, ...] = (1.0,)
     #: Also learn γ for groups that no producer can absorb (an explicit Mul at run time).
     allow_explicit: bool = True
     exclude_nodes: tuple[str, ...] = ()
@@ -89,6 +95,8 @@ class LearnedScalesConfig:
         if self.timestep_weighting not in ("adaptive", "linear", "off"):
             raise ValueError("LearnedScalesConfig: timestep_weighting must be 'adaptive', 'linear' or 'off', "
                              f"got '{self.timestep_weighting}'")
+        if not self.weight_clip_ratios or not all(0 < r <= 1 for r in self.weight_clip_ratios):
+            raise ValueError(f"LearnedScalesConfig: weight_clip_ratios must be in (0, 1], got {self.weight_clip_ratios}")
         if not 0.0 <= self.momentum < 1.0 or self.power <= 0:
             raise ValueError(f"LearnedScalesConfig: 0 ≤ momentum < 1 and power > 0 required, got {self}")
 
@@ -142,7 +150,8 @@ class LearnedScales(Pass):
                     x, rows = values.pop(group.name)
                     item_timesteps = timesteps[rows] if timesteps is not None and rows is not None else None
                     unmapped += timesteps is not None and rows is None
-                    problem = GroupProblem(torch, group, x, *stats[group.name], ctx.settings)
+                    problem = GroupProblem(torch, group, x, *stats[group.name], ctx.settings,
+                                           config.weight_clip_ratios)
                     gamma0 = self._initial(group, stats[group.name])
                     result = learn_gamma(torch, problem, gamma0, config, item_timesteps,
                                          desc=f"{self.name} {number}/{len(ordered)}", progress=config.progress)

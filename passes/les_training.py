@@ -161,8 +161,9 @@ class GroupProblem:
     """The torch model of one scale group: float references and the fake-quantized forward for a γ."""
 
     def __init__(self, torch, group: ScaleGroup, x: np.ndarray, channel_min: np.ndarray, channel_max: np.ndarray,
-                 settings):
+                 settings, clip_ratios: tuple[float, ...] = (1.0,)):
         self.torch, self.group = torch, group
+        self.clip_ratios = tuple(clip_ratios)
         self.conv = isinstance(group.consumers[0], Conv)
         if self.conv:
             self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
@@ -218,22 +219,7 @@ class GroupProblem:
         return (torch.clamp(rounded + zero, 0, qmax) - zero) * scale
 
     def _fake_quant_weight(self, weight, block):
-        torch = self.torch
-        qmax = 2 ** (self.wbits - 1) - 1
-        if self.conv:  # per output channel (axis 0)
-            absmax = weight.abs().amax(dim=tuple(range(1, weight.ndim)), keepdim=True)
-        elif block is None:  # (K, N): per output column
-            absmax = weight.abs().amax(dim=0, keepdim=True)
-        else:  # blocks of `block` along K per column (MatMulNBits)
-            k = weight.shape[0]
-            pad = (-k) % block
-            padded = torch.nn.functional.pad(weight, (0, 0, 0, pad))
-            blocks = padded.reshape(-1, block, weight.shape[1]).abs().amax(dim=1, keepdim=True)
-            absmax = blocks.expand(-1, block, -1).reshape(-1, weight.shape[1])[:k]
-        scale = torch.clamp(absmax / qmax, min=1e-12)
-        scaled = weight / scale
-        rounded = scaled + (torch.round(scaled) - scaled).detach()
-        return torch.clamp(rounded, -qmax, qmax) * scale
+        return fake_quant_weight(self.torch, weight, self.wbits, self.conv, block, self.clip_ratios)
 
     def references(self, index):
         with self.torch.no_grad():
@@ -263,6 +249,50 @@ class GroupProblem:
                 index = torch.arange(start, min(start + chunk, self.items))
                 out.append(self.losses(gamma, index).numpy())
         return np.concatenate(out).astype(np.float64)
+
+
+def _scale_rows(torch, weight, conv: bool, block: int | None):
+    """(G, M) view of a weight: one row per quantization scale (output channel, or K-block of a column)."""
+    if conv:  # (O, C, kh, kw): per output channel
+        return weight.reshape(weight.shape[0], -1)
+    if block is None:  # (K, N): per output column
+        return weight.t()
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, (-weight.shape[0]) % block))
+    return padded.reshape(-1, block, weight.shape[1]).permute(0, 2, 1).reshape(-1, block)
+
+
+def _from_scale_rows(rows, weight, conv: bool, block: int | None):
+    if conv:
+        return rows.reshape(weight.shape)
+    if block is None:
+        return rows.t()
+    return rows.reshape(-1, weight.shape[1], block).permute(0, 2, 1).reshape(-1, weight.shape[1])[:weight.shape[0]]
+
+
+def fake_quant_weight(torch, weight, bits: int, conv: bool, block: int | None, clip_ratios=(1.0,)):
+    """Symmetric fake quantization with a straight-through round, s = r·max|W|/qmax per scale.
+
+    Scales: per output channel (``conv``: axis 0 of (O, C, kh, kw); else column of (K, N)) or per
+    ``block`` rows of a column (MatMulNBits). r = the ratio of ``clip_ratios`` with the least squared
+    weight error, chosen without gradient (first wins ties), as ``quantize_weights.clip_search`` does.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    rows = _scale_rows(torch, weight, conv, block)
+    absmax = rows.abs().amax(dim=1, keepdim=True)
+    ratio = torch.full_like(absmax, clip_ratios[0])
+    if len(clip_ratios) > 1:
+        with torch.no_grad():
+            best = None
+            for candidate in clip_ratios:
+                s = torch.clamp(absmax * candidate / qmax, min=1e-12)
+                error = ((torch.clamp(torch.round(rows / s), -qmax, qmax) * s - rows) ** 2).sum(dim=1, keepdim=True)
+                if best is not None:
+                    ratio = torch.where(error < best, torch.full_like(ratio, candidate), ratio)
+                best = error if best is None else torch.minimum(best, error)
+    scale = torch.clamp(absmax * ratio / qmax, min=1e-12)
+    scaled = rows / scale
+    rounded = scaled + (torch.round(scaled) - scaled).detach()
+    return _from_scale_rows(torch.clamp(rounded, -qmax, qmax) * scale, weight, conv, block)
 
 
 def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: LearnedScalesConfig,

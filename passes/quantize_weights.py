@@ -35,9 +35,11 @@ class QuantizeWeightsConfig:
     exclude_nodes: tuple[str, ...] = ()
     #: MatMulNBits compute: 4 = int8 GEMM with A quantized per block at run time; 0 = float (exactness tests).
     nbits_accuracy_level: int = 4
-    #: MSE clip search of each weight scale over ``clip_ratios`` (else min/max).
+    #: MSE clip search of each weight scale over ``clip_ratios`` (else min/max) ...
     clip_search: bool = False
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
+    #: ... for weights of at most this many bits (dgq: 4, int4 only; dmq: 8, every weight).
+    clip_search_max_bits: int = 8
 
     def __post_init__(self):
         if self.clip_search and (not self.clip_ratios or not all(0 < r <= 1 for r in self.clip_ratios)):
@@ -79,9 +81,15 @@ def quantize_weight_clipped(w: np.ndarray, spec: QuantSpec, ratios=DEFAULT_CLIP_
     return q, best_scale, zero_point
 
 
+def uses_clip_search(config: QuantizeWeightsConfig, bits: int) -> bool:
+    return config.clip_search and bits <= config.clip_search_max_bits
+
+
 def quantize_weight_as(w: np.ndarray, spec: QuantSpec, config: QuantizeWeightsConfig):
-    """``quantize_weight`` or, with ``config.clip_search``, ``quantize_weight_clipped``."""
-    return quantize_weight_clipped(w, spec, config.clip_ratios) if config.clip_search else quantize_weight(w, spec)
+    """``quantize_weight`` or, with ``config.clip_search`` at these bits, ``quantize_weight_clipped``."""
+    if uses_clip_search(config, spec.bits):
+        return quantize_weight_clipped(w, spec, config.clip_ratios)
+    return quantize_weight(w, spec)
 
 
 class QuantizeWeights(Pass):
@@ -121,7 +129,7 @@ class QuantizeWeights(Pass):
                              ctx.constant(names.make(base, self.name, "scale"), scale),
                              ctx.constant(names.make(base, self.name, "zero_point"), zero_point)],
                      outputs=[dq_out])
-        rule = "MSE clip search" if self.config.clip_search else f"max|W|/{spec.qmax}"
+        rule = "MSE clip search" if uses_clip_search(self.config, spec.bits) else f"max|W|/{spec.qmax}"
         dq.doc_string = (f"qcompile {self.name}: {spec.describe()} weight of {unit.node.op} "
                          f"'{unit.node.name}', scale = {rule} per output channel")
         ctx.graph.nodes.append(dq)
@@ -132,7 +140,7 @@ class QuantizeWeights(Pass):
     def _lower_matmul_nbits(self, ctx: CompileContext, unit: Linear) -> None:
         weight = weight_array(unit)
         block = ctx.settings.block_size
-        if self.config.clip_search:
+        if uses_clip_search(self.config, 4):
             spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=block)
             q, scales, _ = quantize_weight_clipped(np.ascontiguousarray(weight.T), spec, self.config.clip_ratios)
         else:

@@ -5,7 +5,11 @@ Steps, in order:
   exempt (simulated). It runs first because ``patterns.find_attention`` tells self from cross
   attention by tracing Q and K back to a constant-weight projection, which a quantized weight no
   longer is; and so the statistics below see the quantized attention.
-- ``quantize_weights``: int8 per output channel, or int4 blocks / MatMulNBits at ``--wbits 4``.
+- ``quantize_weights``: int8 per output channel (min/max), or at ``--wbits 4`` int4 blocks /
+  MatMulNBits with an MSE clip search of each scale (as dmq). Measured on the trained UNet
+  (benchmarks/results/diffusion.md): at W4A8 min/max int4 weights cost ~8.5 dB of final-image
+  PSNR, more than any activation treatment wins back; at W8 the weights are not the bottleneck
+  (weight-only W8: 47 dB), so they stay min/max there.
 - ``dgq_groups``: per GEMM input, the axis with the larger spread D_d and K-means groups along it
   (K = 16 at W8, the paper's W8A8/W8A6 setting, and 8 at W4, chosen by the pass from the weight width).
 - ``insert_group_qdq``: MatMulInteger with per-row scales (token groups) or K partial integer
@@ -26,6 +30,7 @@ range per calibrated timestep, looked up from the denoiser's ``timestep`` input 
 (``passes/timestep_ranges.py``; simulated: run-time scales reach no integer kernel).
 """
 
+from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
 from qcompiler.recipes import Recipe, Step
 
 DGQ = Recipe(
@@ -33,7 +38,8 @@ DGQ = Recipe(
     description="DGQ: per GEMM input, groups along the axis with the larger min/max spread (channel or "
                 "pixel/token), K-means K=16 (W8) / 8 (W4), asymmetric scale per group, lowered to MatMulInteger "
                 "with per-row scales or K partial integer GEMMs; Softmax outputs log2-quantized (simulated), "
-                "the cross-attention start token kept exact",
-    steps=(Step("log2_attention"), Step("quantize_weights"), Step("dgq_groups"), Step("insert_group_qdq"),
-           Step("insert_activation_qdq")),
+                "the cross-attention start token kept exact; int4 weights with an MSE clip search",
+    steps=(Step("log2_attention"),
+           Step("quantize_weights", QuantizeWeightsConfig(clip_search=True, clip_search_max_bits=4)),
+           Step("dgq_groups"), Step("insert_group_qdq"), Step("insert_activation_qdq")),
 )

@@ -131,3 +131,24 @@ def test_missing_torch_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(QCompileError, match="needs PyTorch"):
         import_torch("learned_scales")
+
+
+@pytest.mark.parametrize("layout, shape, block", [("conv", (6, 5, 3, 3), None), ("columns", (40, 7), None),
+                                                  ("blocks", (40, 7), 16)])
+def test_training_weight_quantizer_matches_the_clip_search_lowering(layout, shape, block):
+    """LES trains on the weights quantize_weights(clip_search) will deploy: same ratios, same grid."""
+    from qcompiler.passes.les_training import fake_quant_weight
+    from qcompiler.passes.quantize_weights import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
+    from qcompiler.quant import QuantSpec, element_params
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_t(3, size=shape).astype(np.float32)  # heavy tails: the search clips some scales
+    spec = (QuantSpec(bits=4, symmetric=True, granularity="block", axis=0, block_size=block) if block
+            else QuantSpec(bits=4, symmetric=True, granularity="axis", axis=0 if layout == "conv" else 1))
+    q, scale, zero_point = quantize_weight_clipped(weight, spec, DEFAULT_CLIP_RATIOS)
+    s, _ = element_params(weight, spec, scale, zero_point)
+    reference = q.astype(np.float32) * s
+    trained = fake_quant_weight(torch, torch.from_numpy(weight), 4, layout == "conv", block, DEFAULT_CLIP_RATIOS)
+    np.testing.assert_allclose(trained.numpy(), reference, rtol=1e-5, atol=1e-6)
+    minmax = fake_quant_weight(torch, torch.from_numpy(weight), 4, layout == "conv", block)
+    assert not np.allclose(minmax.numpy(), reference)  # the search chose r < 1 somewhere

@@ -70,3 +70,21 @@ def test_int4_accuracy_level_4_error_bound():
     # accuracy_level 4 also quantizes A to int8 per block of 32 at run time: relative error per
     # element ≤ 1/254 of the block's max, i.e. SQNR well above 30 dB against the int4-weight reference.
     assert sqnr_db(expected, run_model(ctx.model(), {"x": x})) > 30
+
+
+@pytest.mark.parametrize("wbits, searched", [(8, False), (4, True)])
+def test_clip_search_max_bits_limits_the_search_to_narrow_weights(wbits, searched):
+    """dgq's setting (clip_search_max_bits=4): min/max int8 weights, clip-searched int4 weights."""
+    from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
+
+    model = graphs.linear_model(k=64, n=8)
+    heavy = np.random.default_rng(1).standard_t(2, (64, 8)).astype(np.float32)  # the search clips these
+    model.graph.initializer[[i.name for i in model.graph.initializer].index("W")].CopyFrom(
+        __import__("onnx").numpy_helper.from_array(heavy, "W"))
+    scales = {}
+    for search in (False, True):
+        config = QuantizeWeightsConfig(clip_search=search, clip_search_max_bits=4)
+        ctx = context(model, {"x": (2, 4, 64)}, wbits=wbits)
+        QuantizeWeights(config).call(ctx)
+        scales[search] = [v for k, v in _weights(ctx.model()).items() if k.endswith("scale")][0]
+    assert np.array_equal(scales[False], scales[True]) != searched
