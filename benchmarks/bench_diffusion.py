@@ -205,7 +205,7 @@ def measure_latency(rows: list[dict], model: Path, calib: Path, runs: int) -> No
 
     sessions = [make_session(row["deployed"], threads=1) for row in rows]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
-    batch = load_calibration(calib, onnx.load(str(model), load_external_data=False), limit=8)[0]
+    batch = load_calibration(calib, onnx.load(str(model), load_external_data=False))[0]
     feeds = [{k: v for k, v in batch.feeds.items() if k in n} for n in names]
     times: list[list[float]] = [[] for _ in rows]
     for round_index in range(runs + 1):

@@ -31,7 +31,8 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"{meta['samples']} images per row (seeds 0..{meta['samples'] - 1}), DDIM {meta['steps']} steps, "
              f"guidance {meta['guidance']}. PSNR/SSIM: final images vs the float model's; accuracy: the MNIST "
              "classifier recognises the prompted digit; Fréchet: classifier features vs 500 real held-out "
-             "digits / vs the float samples. Latency: one denoiser call (batch = both guidance halves), "
+             "digits / vs the float samples. Latency: one denoiser call on the first calibration batch "
+             "(16 prompts × both guidance halves), "
              "1 thread, rows interleaved; × is relative to the float model in the same run."), ""]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
