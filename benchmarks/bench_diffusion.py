@@ -23,7 +23,8 @@ and the trajectories drift apart a little, so each such row also records, on the
 ``--check-samples`` images, the PSNR of split vs simulate images and each one's PSNR vs float.
 
 The variant rows (``--ablation``): DGQ at W8A8 with attention float / linear / log2, with and
-without the start-token exemption, K = 1/8/16 and per-timestep ranges; DMQ with the adaptive
+without the start-token exemption, K = 1/8/16, per-timestep ranges and the fold lowering (also at
+W8A6 and W4A8); DMQ with the adaptive
 timestep weighting; at W4, minmax with the MSE clip search of the int4 weight scales (dgq's and
 dmq's W4 default) and dgq with min/max int4 weights.
 
@@ -51,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion_rows import Row, ablation_rows, dmq_rows, main_rows, weight_clip_rows
+from diffusion_rows import Row, ablation_rows, dmq_rows, fold_rows, main_rows, weight_clip_rows
 
 MODELS = {"unet": "unet_mnist", "dit": "dit_mnist"}
 
@@ -230,7 +231,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
     (work / "rows").mkdir(parents=True, exist_ok=True)
     calib = calibration(MODELS[name], work)
     sampler = Sampler(model, args.samples, work)
-    variants = ablation_rows() + dmq_rows() + weight_clip_rows() if args.ablation else []
+    variants = ablation_rows() + fold_rows() + dmq_rows() + weight_clip_rows() if args.ablation else []
     rows = main_rows(args.settings, args.recipes) + variants
     results = [{"model": name, "row": "float", "recipe": "float", "setting": "float", "deployed": str(model),
                 **{k: sampler.float_quality[k] for k in ("accuracy", "frechet")}}]

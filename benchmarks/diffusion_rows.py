@@ -31,7 +31,8 @@ class Row:
     @property
     def simulate_for_quality(self) -> bool:
         """DGQ rows sample images from a ``--channel-groups simulate`` twin (see bench_diffusion)."""
-        return self.recipe == "dgq" and "dgq_groups.per_timestep=true" not in self.extra
+        return (self.recipe == "dgq" and "dgq_groups.per_timestep=true" not in self.extra
+                and "--channel-groups" not in self.extra)
 
     def key(self, lowering: str | None = None) -> str:
         name = f"{self.recipe}{'-' + self.variant if self.variant else ''}.w{self.wbits}a{self.abits}"
@@ -60,7 +61,8 @@ def main_rows(settings: list[str], recipes: list[str]) -> list[Row]:
 
 
 def ablation_rows(wbits: int = 8, abits: int = 8) -> list[Row]:
-    """DGQ at one setting: attention float/linear/log2 × start token exempt or not, and K = 1/8/16."""
+    """DGQ at one setting: attention float/linear/log2 × start token exempt or not, K = 1/8/16,
+    per-timestep ranges, and the fold lowering."""
     no_keep = ("--set", "log2_attention.keep_start_token=[]")
     linear = ("--set", "log2_attention.quantizer=linear")
     return [
@@ -71,7 +73,14 @@ def ablation_rows(wbits: int = 8, abits: int = 8) -> list[Row]:
         Row("dgq", wbits, abits, "k1", ("--groups", "1")),
         Row("dgq", wbits, abits, "k8", ("--groups", "8")),
         Row("dgq", wbits, abits, "per-timestep", ("--set", "dgq_groups.per_timestep=true")),
+        Row("dgq", wbits, abits, "fold", ("--channel-groups", "fold")),
     ]
+
+
+def fold_rows() -> list[Row]:
+    """DGQ's fold lowering (group ratios folded into W: one integer GEMM per layer, not bit-exact)
+    at the settings the ablation does not cover."""
+    return [Row("dgq", wbits, abits, "fold", ("--channel-groups", "fold")) for wbits, abits in ((8, 6), (4, 8))]
 
 
 def dmq_rows() -> list[Row]:
