@@ -7,7 +7,7 @@ Steps, in order:
   longer is; and so the statistics below see the quantized attention.
 - ``quantize_weights``: int8 per output channel (min/max), or at ``--wbits 4`` int4 blocks /
   MatMulNBits with an MSE clip search of each scale (as dmq). Measured on the trained UNet
-  (benchmarks/results/diffusion.md): at W4A8 min/max int4 weights cost ~8.5 dB of final-image
+  (benchmarks/results/diffusion.md): at W4A8 min/max int4 weights cost 8–9 dB of final-image
   PSNR, more than any activation treatment wins back; at W8 the weights are not the bottleneck
   (weight-only W8: 47 dB), so they stay min/max there.
 - ``dgq_groups``: per GEMM input, the axis with the larger spread D_d and K-means groups along it
