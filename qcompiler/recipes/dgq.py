@@ -8,8 +8,8 @@ Steps, in order:
 - ``quantize_weights``: int8 per output channel (min/max), or at ``--wbits 4`` int4 blocks /
   MatMulNBits with an MSE clip search of each scale (as dmq). Measured on the trained UNet
   (benchmarks/results/diffusion.md): at W4A8 min/max int4 weights cost 8–9 dB of final-image
-  PSNR, more than any activation treatment wins back; at W8 the weights are not the bottleneck
-  (weight-only W8: 47 dB), so they stay min/max there.
+  PSNR, more than any activation treatment wins back. At W8 the search is not measured, so the
+  weights stay min/max there (the W8 rows and the ablation in diffusion.md were measured so).
 - ``dgq_groups``: per GEMM input, the axis with the larger spread D_d and K-means groups along it
   (K = 16 at W8, the paper's W8A8/W8A6 setting, and 8 at W4, chosen by the pass from the weight width).
 - ``insert_group_qdq``: MatMulInteger with per-row scales (token groups) or K partial integer
