@@ -13,8 +13,6 @@ pass = "quantize_weights"
 [[steps]]
 pass = "dgq_groups"
 [[steps]]
-pass = "insert_group_qdq"
-[[steps]]
 pass = "insert_activation_qdq"
 '''
 

@@ -1,7 +1,6 @@
 """qcompile's graph passes, one per module; importing this package registers them by name."""
 
 from qcompiler.passes.dgq_groups import DgqGroups
-from qcompiler.passes.group_qdq import InsertGroupQDQ
 from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
 from qcompiler.passes.learned_scales import LearnedScales
 from qcompiler.passes.log2_attention import Log2Attention
@@ -11,8 +10,8 @@ from qcompiler.passes.shift_scale import ShiftScale
 from qcompiler.passes.smooth_scales import SmoothScales
 
 PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ,
-                                    DgqGroups, InsertGroupQDQ, Log2Attention, LearnedScales, Pow2SkipScales)}
+                                    DgqGroups, Log2Attention, LearnedScales, Pow2SkipScales)}
 
-__all__ = ["PASSES", "DgqGroups", "InsertGroupQDQ", "Log2Attention",
+__all__ = ["PASSES", "DgqGroups", "Log2Attention",
            "InsertActivationQDQ", "LearnedScales", "Pow2SkipScales", "QuantizeWeights", "ShiftScale",
            "SmoothScales"]

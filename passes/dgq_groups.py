@@ -15,7 +15,7 @@ back to channel groups and the pass's notes say so (``on_dynamic_pixels="error"`
 
 Error bound: every calibrated value lies in its group's range, so |X − X̂| ≤ s_g/2 inside it; a
 group's s_g is at most the per-tensor scale, since its range is a subset of the tensor's.
-The plans live beside the context (``group_plans``) for ``insert_group_qdq`` to lower.
+The plans go on the context (``ctx.group_plans``); the target's lowering stage turns them into ops.
 With ``per_timestep`` each group also gets one (s, z) per calibrated timestep, looked up at run
 time from the model's ``timestep`` input (``timestep_ranges``; simulated, no integer kernel).
 """
@@ -23,21 +23,15 @@ time from the model's ``timestep`` input (``timestep_ranges``; simulated, no int
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from qcompiler.passes.insert_activation_qdq import quantized_gemms
-
 from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
+from qcompiler.grids import GroupPlan, quantized_gemms
 from qcompiler.quant import QuantSpec, scale_zero_point
-
-#: Plans per context, keyed weakly so a finished compile frees them with its context.
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 @dataclass(frozen=True)
 class DgqGroupsConfig:
@@ -58,60 +52,6 @@ class DgqGroupsConfig:
         if self.on_dynamic_pixels not in ("channel", "error"):
             raise ValueError(f"DgqGroupsConfig: on_dynamic_pixels must be 'channel' or 'error', "
                              f"got {self.on_dynamic_pixels!r}")
-
-
-@dataclass(eq=False)
-class GroupPlan:
-    """How one activation is grouped: ``labels`` per index of ``axis``, parameters per group."""
-
-    tensor: str
-    axis: str  # "channel" | "pixel": the axis the groups run along
-    channel_axis: int  # the tensor's channel axis (-1 for Linear inputs, 1 for Conv inputs)
-    labels: np.ndarray = field(repr=False)
-    scales: np.ndarray = field(repr=False)
-    zero_points: np.ndarray = field(repr=False)
-    #: Each group's calibrated range (before ``scale_zero_point`` widens it to include 0).
-    group_min: np.ndarray = field(repr=False)
-    group_max: np.ndarray = field(repr=False)
-    bits: int
-    d_channel: float
-    d_pixel: float
-    #: Per-timestep parameters (``per_timestep``): calibrated t (T,), S and Z (T, K); else None.
-    timesteps: np.ndarray | None = field(default=None, repr=False)
-    timestep_scales: np.ndarray | None = field(default=None, repr=False)
-    timestep_zero_points: np.ndarray | None = field(default=None, repr=False)
-    timestep_input: str = "timestep"
-
-    @property
-    def groups(self) -> int:
-        return int(self.scales.size)
-
-    @property
-    def d_star(self) -> str:
-        return "channel" if self.d_channel >= self.d_pixel else "pixel"
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, symmetric=False)
-
-    def element_scale(self) -> np.ndarray:
-        """s per index of the grouped axis (the full-length vector with K distinct values)."""
-        return self.scales[self.labels]
-
-    def element_zero_point(self) -> np.ndarray:
-        return self.zero_points[self.labels]
-
-    def details(self) -> dict:
-        details = {"D_channel": self.d_channel, "D_pixel": self.d_pixel, "d_star": self.d_star,
-                   "group_axis": self.axis, "groups": self.groups}
-        if self.timesteps is not None:
-            details["per_timestep"] = int(self.timesteps.size)
-        return details
-
-
-def group_plans(ctx: CompileContext) -> dict[str, GroupPlan] | None:
-    """The plans ``dgq_groups`` made for ``ctx`` (tensor name -> plan), None if it has not run."""
-    return _PLANS.get(ctx)
 
 
 def axis_spread(index_min: np.ndarray, index_max: np.ndarray) -> float:
@@ -180,7 +120,7 @@ class DgqGroups(Pass):
         notes: list[str] = []
         targets = self._targets(ctx, notes)
         plans: dict[str, GroupPlan] = {}
-        _PLANS[ctx] = plans
+        ctx.group_plans = plans
         if not targets:
             return PassResult(False, ("no quantized GEMM input to group", *notes))
         stats = ctx.statistics({name: axis for name, (_, axis) in targets.items()})
@@ -197,7 +137,7 @@ class DgqGroups(Pass):
     def _add_timestep_ranges(self, ctx: CompileContext, plans: dict[str, GroupPlan], targets: dict,
                              spec: QuantSpec, notes: list[str]) -> None:
         """S(t), Z(t) per plan from one extra pass over the calibration data grouped by timestep."""
-        from qcompiler.passes.timestep_ranges import (
+        from qcompiler.lowering.timestep_ranges import (
             timestep_parameters,
             timestep_statistics,
         )

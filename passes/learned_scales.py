@@ -43,8 +43,8 @@ import numpy as np
 
 from qcompiler.context import CompileContext
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.fold_scales import ScaleGroup, find_absorber, find_scale_groups, fold
-from qcompiler.passes.les_training import (TIMESTEP_KEY, GroupProblem, TimestepWeights, collect_inputs,
+from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
+from qcompiler.les_training import (TIMESTEP_KEY, GroupProblem, TimestepWeights, collect_inputs,
                                            import_torch, learn_gamma, sample_timesteps, select_samples,
                                            timestep_weights)
 from qcompiler.passes.smooth_scales import smooth_scale, weight_row_absmax

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from qcompiler.passes.group_lowering import Builder
+from qcompiler.lowering.channel_groups import Builder
 
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.pass_manager import Pass, PassResult

@@ -33,7 +33,6 @@ Targets where every m_c = 1 are left to ``insert_activation_qdq`` unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -41,10 +40,10 @@ import onnx_graphsurgeon as gs
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.graph import constant_value
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.fold_scales import ScaleGroup, find_scale_groups, fold
-from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
-from qcompiler.passes.les_training import collect_inputs, select_samples
-from qcompiler.passes.quantize_weights import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
+from qcompiler.folding import ScaleGroup, find_scale_groups, fold
+from qcompiler.lowering.qdq import insert_tensor_qdq
+from qcompiler.les_training import collect_inputs, select_samples
+from qcompiler.weight_quant import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
 from qcompiler.patterns import Conv, Linear, match_conv, match_linear, weight_array
 from qcompiler.quant import QuantSpec, quantize_weight, scale_zero_point
 
@@ -215,8 +214,11 @@ class Pow2SkipScales(Pass):
         x_scaled = consumers[0].inputs[0]
         for node in consumers:
             self._integer_weight(ctx, node, original[node.name], multipliers)
-        fixed = SimpleNamespace(min=low, max=high, samples=sum(b.batch_size for b in ctx.calibration))
-        InsertActivationQDQ()._insert(ctx, x_scaled, consumers, fixed, spec, "GEMM input")
+        scale, zero_point = scale_zero_point(low, high, spec)
+        why = (f"qcompile {self.name}: {spec.describe()} activation of the PTS-scaled skip input; range "
+               f"[{low:.6g}, {high:.6g}] after the power-of-two multipliers")
+        insert_tensor_qdq(ctx, x_scaled, consumers, float(scale), int(zero_point), spec, self.name, why,
+                          output_side=False)
         lowering = ("one int8 GEMM, int4 weights shifted by 2^(3−j) (exact)" if ctx.settings.wbits == 4
                     else "m folded into W before int8 weight quantization (not bit-identical)")
         for node in consumers:

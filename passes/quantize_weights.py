@@ -20,12 +20,12 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.matmul_nbits import pack_matmul_nbits, quantize_int4_blocks
+from qcompiler.lowering.matmul_nbits import pack_matmul_nbits, quantize_int4_blocks
 from qcompiler.patterns import Conv, Linear, find_convs, find_linears, weight_array
-from qcompiler.quant import MIN_SCALE, QuantSpec, element_params, params_from_tensor, quantize_weight
+from qcompiler.grids import WeightRule
+from qcompiler.quant import QuantSpec, quantize_weight
+from qcompiler.weight_quant import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
 
-#: Clip ratios tried by ``clip_search``: 1.0, 0.95, ..., 0.5.
-DEFAULT_CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
 
 
 @dataclass(frozen=True)
@@ -44,41 +44,6 @@ class QuantizeWeightsConfig:
     def __post_init__(self):
         if self.clip_search and (not self.clip_ratios or not all(0 < r <= 1 for r in self.clip_ratios)):
             raise ValueError(f"QuantizeWeightsConfig: clip_ratios must be in (0, 1], got {self.clip_ratios}")
-
-
-def _reduce_to_params(error: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Sum a per-element error to the shape of the spec's parameters (block axis last for blocks)."""
-    if spec.granularity == "tensor":
-        return np.asarray(error.sum())
-    axis = spec.axis % error.ndim
-    if spec.granularity == "axis":
-        return error.sum(axis=tuple(i for i in range(error.ndim) if i != axis))
-    moved = np.moveaxis(error, axis, -1)
-    padded = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, (-moved.shape[-1]) % spec.block_size)])
-    return padded.reshape(*padded.shape[:-1], -1, spec.block_size).sum(axis=-1)
-
-
-def quantize_weight_clipped(w: np.ndarray, spec: QuantSpec, ratios=DEFAULT_CLIP_RATIOS):
-    """Like ``quant.quantize_weight`` (symmetric specs) with each scale from an MSE clip search.
-
-    s = r*·s_minmax per channel/block, r* = argmin_r Σ (W − s_r·clamp(round(W/s_r)))² over ``ratios``.
-    """
-    if not spec.symmetric:
-        raise ValueError("quantize_weight_clipped: symmetric weight specs only")
-    base, zero_point = params_from_tensor(w, spec)
-    best_scale, best_error = base.copy(), None
-    w32 = w.astype(np.float32)
-    for ratio in ratios:
-        scale = np.maximum(base * np.float32(ratio), MIN_SCALE).astype(np.float32)
-        s, _ = element_params(w32, spec, scale, zero_point)
-        q = np.clip(np.rint(w32 / s), spec.qmin, spec.qmax)
-        error = _reduce_to_params(np.square(w32 - q * s, dtype=np.float64), spec)
-        better = error < best_error if best_error is not None else np.ones_like(error, bool)
-        best_scale = np.where(better, scale, best_scale).astype(np.float32)
-        best_error = np.where(better, error, best_error) if best_error is not None else error
-    s, _ = element_params(w32, spec, best_scale, zero_point)
-    q = np.clip(np.rint(w32 / s), spec.qmin, spec.qmax).astype(spec.container)
-    return q, best_scale, zero_point
 
 
 def uses_clip_search(config: QuantizeWeightsConfig, bits: int) -> bool:
@@ -116,6 +81,10 @@ class QuantizeWeights(Pass):
         ctx.graph.cleanup().toposort()
         return PassResult(changed > 0, (f"quantized {changed} weights",))
 
+    def _rule(self, bits: int, block_size: int | None, source: np.ndarray) -> WeightRule:
+        ratios = self.config.clip_ratios if uses_clip_search(self.config, bits) else ()
+        return WeightRule(bits, block_size, tuple(ratios), source)
+
     def _insert_weight_dq(self, ctx: CompileContext, unit: Linear | Conv) -> None:
         weight = weight_array(unit)
         spec = QuantSpec(bits=ctx.settings.wbits, symmetric=True, granularity="axis", axis=unit.weight_out_axis)
@@ -136,6 +105,7 @@ class QuantizeWeights(Pass):
         unit.node.inputs[1] = dq_out
         lowering = "int8 container, int4 values (per-channel)" if ctx.settings.wbits == 4 else "DequantizeLinear"
         ctx.records.append(QuantRecord(unit.node.name, base, "weight", spec.describe(), lowering, self.name))
+        ctx.weight_rules[unit.node.name] = self._rule(spec.bits, None, weight)
 
     def _lower_matmul_nbits(self, ctx: CompileContext, unit: Linear) -> None:
         weight = weight_array(unit)
@@ -162,5 +132,6 @@ class QuantizeWeights(Pass):
         ctx.graph.nodes.append(node)
         spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=0, block_size=block)
         ctx.records.append(QuantRecord(node.name, base, "weight", spec.describe(), "MatMulNBits", self.name))
+        ctx.weight_rules[node.name] = self._rule(4, block, weight)
         if not any(domain.domain == "com.microsoft" for domain in ctx.template.opset_import):
             ctx.template.opset_import.add(domain="com.microsoft", version=1)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.graph import add_outputs
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.fold_scales import ScaleGroup, find_absorber, find_scale_groups, fold
+from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
 from qcompiler.patterns import Linear, match_linear, weight_array
 from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from qcompiler.context import CompileContext
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.fold_scales import ScaleGroup, find_scale_groups, fold
+from qcompiler.folding import ScaleGroup, find_scale_groups, fold
 from qcompiler.passes.shift_scale import OutputError, matmul_weights, sample_inputs
 
 #: Lower clamp of s and of max|W_j| (the SmoothQuant reference implementation's 1e-5).

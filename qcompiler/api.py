@@ -21,6 +21,7 @@ from qcompiler.errors import QCompileError
 from qcompiler.graph import load_model, save_model, set_metadata
 from qcompiler.pass_manager import ManagerOptions, PassManager
 from qcompiler.recipes import Recipe, get_recipe
+from qcompiler.targets import LowerStage
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class CompileOptions:
     progress: bool = True
     device: str = "cpu"
     write_report: bool = True
+    #: The lowering target (``qcompiler.targets``) and its DGQ channel-group form.
+    target: str = "ort"
+    channel_groups: str = "affine"
 
 
 @dataclass
@@ -78,29 +82,43 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     batches = _calibration(calibration, float_model, options.calib_limit)
     ctx = CompileContext(float_model, settings, batches, source=source)
     dump_prefix = str(Path(output).with_suffix("")) if output else str(Path(source).with_suffix(""))
-    manager = PassManager(recipe.build_passes(), ManagerOptions(options.verify, tuple(options.dump_after),
-                                                                dump_prefix, options.progress))
+    target = _target(options)
+    manager = PassManager(recipe.build_passes() + [LowerStage(target)],
+                          ManagerOptions(options.verify, tuple(options.dump_after), dump_prefix, options.progress))
     pass_records = manager.run(ctx)
     quantized = ctx.model()
     set_metadata(quantized, {"qcompile.version": qcompiler.__version__, "qcompile.recipe": recipe.name,
                              "qcompile.settings": json.dumps(asdict(settings)),
                              "qcompile.passes": ",".join(r.name for r in pass_records),
+                             "qcompile.target": target.name,
                              "qcompile.rescaled_tensors": json.dumps(sorted(ctx.rescaled_tensors))})
     compile_seconds = time.perf_counter() - started
 
     from qcompiler.report import build_report, check_integer_kernels, write_report
 
     with tempfile.TemporaryDirectory(prefix="qcompile-") as tmp:
-        target = Path(output) if output is not None else Path(tmp) / "quantized.onnx"
-        save_model(quantized, target)
-        report = build_report(recipe, settings, ctx, pass_records, float_model, target, source,
-                              compile_seconds, device=options.device)
+        path = Path(output) if output is not None else Path(tmp) / "quantized.onnx"
+        save_model(quantized, path)
+        report = build_report(recipe, settings, ctx, pass_records, float_model, path, source,
+                              compile_seconds, target.name, target.count_kernels(path))
     warnings = check_integer_kernels(recipe, report)
     for warning in warnings:
         print(f"qcompile: warning: {warning}", file=sys.stderr)
     if output is not None and options.write_report:
         write_report(report, Path(f"{output}.report.json"))
     return CompileResult(quantized, report, Path(output) if output else None, warnings)
+
+
+def _target(options: CompileOptions):
+    from qcompiler.targets import get_target
+    from qcompiler.targets.ort import OrtTargetConfig
+
+    if options.target == "ort":
+        try:
+            return get_target("ort", OrtTargetConfig(channel_groups=options.channel_groups, device=options.device))
+        except ValueError as exc:
+            raise QCompileError(str(exc)) from None
+    return get_target(options.target)
 
 
 def _check_output_path(path: Path) -> None:

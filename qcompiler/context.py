@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.graph import NameScope, to_graph, to_model
+from qcompiler.grids import GroupPlan, OutputGrid, WeightRule
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,13 @@ class CompileContext:
         self.fallbacks: list[str] = []
         #: Tensors a fold rescales on purpose (a producer writes (X − z)/s): not comparable to float.
         self.rescaled_tensors: set[str] = set()
+        # Decisions the quantizing passes hand to the target's lowering stage (qcompiler/grids.py).
+        #: DGQ group plans by tensor name (``dgq_groups``); None until that pass has run.
+        self.group_plans: dict[str, GroupPlan] | None = None
+        #: Per-tensor grids of quantized Conv outputs (``insert_activation_qdq``), by tensor name.
+        self.output_grids: dict[str, OutputGrid] = {}
+        #: How each GEMM's weight grid was chosen (``quantize_weights``), by GEMM node name.
+        self.weight_rules: dict[str, WeightRule] = {}
         self._stats_cache: dict[tuple[str, int | None], Any] = {}
         self._names: NameScope | None = None
 

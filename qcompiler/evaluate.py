@@ -69,7 +69,7 @@ def quantized_layer_outputs(quant_model: onnx.ModelProto, float_model: onnx.Mode
     import json
 
     from qcompiler.graph import to_graph
-    from qcompiler.passes.insert_activation_qdq import quantized_gemms
+    from qcompiler.grids import quantized_gemms
 
     metadata = {prop.key: prop.value for prop in quant_model.metadata_props}
     rescaled = set(json.loads(metadata.get("qcompile.rescaled_tensors", "[]")))

@@ -11,11 +11,10 @@ from qcompiler.graph import model_weight_bytes
 
 
 def build_report(recipe, settings, ctx, pass_records, float_model, output_path: Path, source: str,
-                 compile_seconds: float, device: str = "cpu") -> dict:
-    """Everything a person needs to judge a compile: what ran, what got quantized how, what it costs."""
-    from qcompiler.runtimes.ort import count_kernels
+                 compile_seconds: float, target: str, kernels) -> dict:
+    """Everything a person needs to judge a compile: what ran, what got quantized how, what it costs.
 
-    kernels = count_kernels(output_path, device=device)
+    ``kernels`` is the target's count of integer and float GEMMs in its runtime's optimized graph."""
     weight_records = [r for r in ctx.records if r.role == "weight"]
     size_after = output_path.stat().st_size
     data_file = Path(f"{output_path}.data")
@@ -33,10 +32,19 @@ def build_report(recipe, settings, ctx, pass_records, float_model, output_path: 
         "quantized": [record.as_dict() for record in ctx.records],
         "lowering_counts": dict(Counter(record.lowering for record in ctx.records)),
         "quantized_gemms": len(weight_records),
+        "target": target,
+        "simulated": _simulated(ctx.records),
         "integer_kernels": kernels.as_dict(),
         "fallbacks": list(ctx.fallbacks),
         "size_bytes": {"before": model_weight_bytes(float_model) + _graph_bytes(float_model), "after": size_after},
     }
+
+
+def _simulated(records) -> list[dict]:
+    """What the target does not run as it would deploy it: one entry per simulated record."""
+    return [{"node": r.node, "tensor": r.tensor, "lowering": r.lowering,
+             **({"reason": r.details["reason"]} if "reason" in r.details else {})}
+            for r in records if r.lowering.startswith("simulated")]
 
 
 def _graph_bytes(model) -> int:
@@ -49,7 +57,8 @@ def check_integer_kernels(recipe, report: dict) -> list[str]:
     got = report["integer_kernels"]["integer_gemms"]
     warnings = []
     if recipe.integer_kernels and got < promised:
-        warnings.append(f"recipe '{recipe.name}' quantized {promised} GEMMs but ORT runs only {got} as integer "
+        warnings.append(f"recipe '{recipe.name}' quantized {promised} GEMMs but target '{report['target']}' runs "
+                        f"only {got} as integer "
                         f"kernels (ops: {report['integer_kernels']['op_types']})")
     report["warnings"] = warnings
     return warnings
@@ -79,8 +88,11 @@ def format_summary(report: dict) -> str:
         table.add_row(record["name"], f"{record['seconds']:.2f}", str(record["modified"]), "; ".join(record["notes"]))
     console.print(table)
     kernels = report["integer_kernels"]
-    console.print(f"quantized GEMMs: {report['quantized_gemms']}   integer kernels in ORT's optimized graph: "
-                  f"{kernels['integer_gemms']}   float GEMMs left: {kernels['float_gemms']}")
+    console.print(f"target: {report['target']}   quantized GEMMs: {report['quantized_gemms']}   integer kernels in "
+                  f"the runtime's optimized graph: {kernels['integer_gemms']}   float GEMMs left: "
+                  f"{kernels['float_gemms']}")
+    simulated = Counter(entry["lowering"] for entry in report.get("simulated", []))
+    console.print("simulated: " + (", ".join(f"{n} × {kind}" for kind, n in simulated.items()) or "nothing"))
     console.print(f"lowering: {report['lowering_counts']}")
     size = report["size_bytes"]
     console.print(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB   calibration samples: "

@@ -10,8 +10,8 @@ import pytest
 import qcompiler
 from qcompiler.api import CompileOptions
 from qcompiler.models import BUNDLED_DEFAULT
-from qcompiler.passes.group_qdq import SPLIT
-from qcompiler.passes.timestep_ranges import LOWERING as PER_TIMESTEP
+from qcompiler.targets.ort_groups import AFFINE
+from qcompiler.lowering.timestep_ranges import LOWERING as PER_TIMESTEP
 from qcompiler.quant import sqnr_db
 from qcompiler.recipes import get_recipe
 from qcompiler.runtimes.ort import make_session
@@ -46,9 +46,9 @@ def test_every_weight_gemm_is_lowered_and_runs_on_integer_kernels(compiled):
     report = results["dgq"][1].report
     assert report["quantized_gemms"] == 136
     lowered = {r["node"]: r["lowering"] for r in report["quantized"]
-               if r["role"] == "activation" and r["pass"] == "insert_group_qdq"}
-    assert len(lowered) == 136 and set(lowered.values()) == {SPLIT}
-    assert report["integer_kernels"]["integer_gemms"] >= 136
+               if r["role"] == "activation" and r["pass"] == "ort" and "group_axis" in r}
+    assert len(lowered) == 136 and set(lowered.values()) == {AFFINE}
+    assert report["integer_kernels"]["integer_gemms"] == 136  # one kernel per GEMM (affine lowering)
 
 
 def test_outputs_track_float_and_per_timestep_ranges_are_finer(compiled):

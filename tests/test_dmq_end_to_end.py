@@ -63,7 +63,7 @@ def test_dmq_w4a8_on_the_unet_runs_on_integer_kernels(tmp_path):
         torch.set_num_threads(threads)
     report = result.report
     assert [p["name"] for p in report["passes"]] == ["learned_scales", "pow2_skip_scales", "quantize_weights",
-                                                     "insert_activation_qdq"]
+                                                     "insert_activation_qdq", "lower"]
     les, pts = report["passes"][0], report["passes"][1]
     assert les["modified"] and "timestep weighting 'adaptive' over 4 timesteps" in " ".join(les["notes"])
     assert "6 targets" in pts["notes"][0]  # the six decoder shortcut convs reading concat(h, skip)

@@ -36,7 +36,7 @@ def test_report_file_and_contents(w8a8):
     for key in ("recipe", "settings", "passes", "quantized", "integer_kernels", "size_bytes", "calibration_samples"):
         assert key in report
     assert report["calibration_samples"] == 64
-    assert [p["name"] for p in report["passes"]] == ["quantize_weights", "insert_activation_qdq"]
+    assert [p["name"] for p in report["passes"]] == ["quantize_weights", "insert_activation_qdq", "lower"]
     assert report["size_bytes"]["after"] < report["size_bytes"]["before"]  # int8 weights are 4× smaller
 
 

@@ -21,9 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                         help="also write <out>.after-PASS.onnx (repeatable)")
     parser.add_argument("--groups", type=int, help="DGQ: K groups per activation (default 16 at W8, 8 at W4)")
-    parser.add_argument("--channel-groups", choices=("split", "fold", "simulate"),
-                        help="DGQ channel-group lowering: K integer GEMMs (exact), ratios folded into W (one GEMM), "
-                             "or simulated QDQ before float GEMMs")
+    parser.add_argument("--target", default="ort", choices=("ort",),
+                        help="what the output runs on: ort = ONNX Runtime integer kernels (default)")
+    parser.add_argument("--channel-groups", default="affine", choices=("affine", "split", "fold", "simulate"),
+                        help="DGQ channel-group lowering: affine = DGQ's codes under one per-tensor grid, the "
+                             "affine folded into W and b, one integer GEMM (default); split = K integer GEMMs "
+                             "(bit-exact reference); fold = shared zero point, ratios in W; simulate = QDQ "
+                             "before float GEMMs")
     parser.add_argument("--per-timestep", action="store_true",
                         help="DGQ: group ranges per calibrated timestep (diffusion; simulated lowering)")
     parser.add_argument("--set", action="append", default=[], metavar="PASS.FIELD=VALUE", dest="settings",
@@ -52,8 +56,6 @@ def recipe_settings(args: argparse.Namespace) -> dict[str, dict[str, object]]:
         settings.setdefault("dgq_groups", {})["groups"] = args.groups
     if args.per_timestep:
         settings.setdefault("dgq_groups", {})["per_timestep"] = True
-    if args.channel_groups is not None:
-        settings.setdefault("insert_group_qdq", {})["channel_groups"] = args.channel_groups
     return settings
 
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(f"{model.stem}.{recipe.name}.w{wbits}a{abits}.onnx")
     options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
-                             device=args.device)
+                             device=args.device, target=args.target, channel_groups=args.channel_groups)
     result = quantize(model, recipe, calib, output, options)
     format_summary(result.report)
     print(f"wrote {output} and {output}.report.json")

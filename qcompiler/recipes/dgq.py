@@ -41,5 +41,5 @@ DGQ = Recipe(
                 "the cross-attention start token kept exact; int4 weights with an MSE clip search",
     steps=(Step("log2_attention"),
            Step("quantize_weights", QuantizeWeightsConfig(clip_search=True, clip_search_max_bits=4)),
-           Step("dgq_groups"), Step("insert_group_qdq"), Step("insert_activation_qdq")),
+           Step("dgq_groups"), Step("insert_activation_qdq")),
 )

@@ -1,4 +1,7 @@
-"""insert_activation_qdq: per-tensor static activation QDQ that ORT fuses into integer kernels."""
+"""insert_activation_qdq: per-tensor static activation QDQ that ORT fuses into integer kernels.
+
+The pass decides the grids; the Conv-output QDQ and the int32 Gemm bias that ORT's fusions need
+are the ORT target's (``_compile`` runs it, as every compile does)."""
 
 import numpy as np
 import onnx
@@ -6,13 +9,26 @@ import onnx
 from qcompiler.passes import InsertActivationQDQ, QuantizeWeights
 from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point
 from qcompiler.runtimes.ort import count_kernels
+from qcompiler.targets.ort import OrtTarget
 from tests import graphs
 from tests.passes.helpers import context, run_model
 
 
 def _compile(ctx):
     QuantizeWeights().call(ctx)
-    return InsertActivationQDQ().call(ctx)
+    result = InsertActivationQDQ().call(ctx)
+    OrtTarget().lower(ctx)
+    return result
+
+
+def test_conv_output_grid_is_recorded_not_inserted_by_the_pass():
+    ctx = context(graphs.conv_model(), {"x": (1, 4, 8, 8)})
+    QuantizeWeights().call(ctx)
+    InsertActivationQDQ().call(ctx)
+    assert ctx.output_grids and all(g.spec.bits == 8 for g in ctx.output_grids.values())
+    outputs = {grid.tensor for grid in ctx.output_grids.values()}
+    # No Q reads a Conv output until the target lowers: a TensorRT-style target would not want it.
+    assert not any(n.op == "QuantizeLinear" and n.inputs[0].name in outputs for n in ctx.graph.nodes)
 
 
 def test_linear_activation_qdq_matches_reference_and_fuses(tmp_path):

@@ -137,8 +137,8 @@ def test_missing_torch_is_a_clear_error(monkeypatch):
                                                   ("blocks", (40, 7), 16)])
 def test_training_weight_quantizer_matches_the_clip_search_lowering(layout, shape, block):
     """LES trains on the weights quantize_weights(clip_search) will deploy: same ratios, same grid."""
-    from qcompiler.passes.les_training import fake_quant_weight
-    from qcompiler.passes.quantize_weights import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
+    from qcompiler.les_training import fake_quant_weight
+    from qcompiler.weight_quant import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
     from qcompiler.quant import QuantSpec, element_params
 
     rng = np.random.default_rng(3)

@@ -14,6 +14,7 @@ from qcompiler.passes import InsertActivationQDQ, Pow2SkipScales, QuantizeWeight
 from qcompiler.passes.pow2_skip_scales import channel_range_ratio, fake_quantize_channels, vote
 from qcompiler.quant import QuantSpec, quantize_weight, scale_zero_point
 from qcompiler.runtimes.ort import count_kernels
+from qcompiler.targets.ort import OrtTarget
 from tests import graphs
 from tests.passes.helpers import run_model
 
@@ -101,7 +102,8 @@ def test_w4_lowering_equals_the_numpy_reference_and_runs_one_int8_gemm():
     ints = next(onnx.numpy_helper.to_array(i) for i in lowered.graph.initializer if i.name.endswith("int8"))
     assert ints.dtype == np.int8 and np.abs(ints).max() <= 56  # int4 · 2^(3−j) stays in int8
 
-    InsertActivationQDQ().call(ctx)  # the Conv output Q → QLinearConv
+    InsertActivationQDQ().call(ctx)  # the Conv output's grid ...
+    OrtTarget().lower(ctx)  # ... and its Q → QLinearConv
     record = next(r for r in ctx.records if r.details.get("position", "").startswith("Conv output"))
     out_scale, out_zero = record.details["scale"], record.details["zero_point"]
     q = np.clip(np.rint(expected / np.float32(out_scale)) + out_zero, 0, 255)
@@ -130,7 +132,7 @@ def test_w8_folds_multipliers_before_weight_quantization():
 
 
 def test_weight_clip_search_never_loses_to_minmax():
-    from qcompiler.passes.quantize_weights import quantize_weight_clipped
+    from qcompiler.weight_quant import quantize_weight_clipped
     from qcompiler.quant import element_params
 
     weight = np.random.default_rng(0).standard_t(3, (16, 40)).astype(np.float32)

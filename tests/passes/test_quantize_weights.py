@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qcompiler.passes import QuantizeWeights
-from qcompiler.passes.matmul_nbits import dequantize_matmul_nbits, quantize_int4_blocks
+from qcompiler.lowering.matmul_nbits import dequantize_matmul_nbits, quantize_int4_blocks
 from qcompiler.quant import QuantSpec, fake_quantize, sqnr_db
 from tests import graphs
 from tests.passes.helpers import context, run_model

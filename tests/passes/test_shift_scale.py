@@ -15,7 +15,7 @@ from qcompiler.models import DIGITS_VIT as BUNDLED_DEFAULT
 from qcompiler.pass_manager import EXACT_RTOL
 from qcompiler.graph import load_model
 from qcompiler.passes import ShiftScale
-from qcompiler.passes.fold_scales import find_scale_groups
+from qcompiler.folding import find_scale_groups
 from qcompiler.passes.shift_scale import os_plus_parameters, sample_inputs
 from qcompiler.quant import sqnr_db
 from qcompiler.runtimes.ort import make_session

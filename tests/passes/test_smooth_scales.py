@@ -102,5 +102,5 @@ def test_recipe_lowers_to_integer_kernels():
     result = qcompiler.quantize(fold_graphs.outlier_model(), "smoothquant", calibration,
                                 options=CompileOptions(progress=False))
     assert [p["name"] for p in result.report["passes"]] == ["smooth_scales", "quantize_weights",
-                                                            "insert_activation_qdq"]
+                                                            "insert_activation_qdq", "lower"]
     assert result.report["integer_kernels"]["integer_gemms"] == result.report["quantized_gemms"] == 1

@@ -4,7 +4,6 @@ import argparse
 
 import pytest
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
-from qcompiler.passes.group_qdq import InsertGroupQDQConfig
 
 from qcompiler.cli.compile_command import add_arguments, recipe_settings
 from qcompiler.errors import QCompileError
@@ -23,7 +22,8 @@ def _config(recipe, pass_name):
 
 def test_parse_setting_reads_toml_values_and_falls_back_to_strings():
     assert parse_setting("dgq_groups.groups=8") == ("dgq_groups", "groups", 8)
-    assert parse_setting("insert_group_qdq.channel_groups=fold") == ("insert_group_qdq", "channel_groups", "fold")
+    assert parse_setting("quantize_weights.clip_search=true") == ("quantize_weights", "clip_search", True)
+    assert parse_setting("learned_scales.objective=output") == ("learned_scales", "objective", "output")
     assert parse_setting("log2_attention.keep_start_token=[]") == ("log2_attention", "keep_start_token", ())
     with pytest.raises(QCompileError, match="PASS.FIELD=VALUE"):
         parse_setting("groups=8")
@@ -31,9 +31,11 @@ def test_parse_setting_reads_toml_values_and_falls_back_to_strings():
 
 def test_dgq_flags_replace_the_step_configs_and_leave_the_builtin_alone():
     dgq = get_recipe("dgq")
-    changed = dgq.with_settings(recipe_settings(_args("--groups", "8", "--channel-groups", "fold", "--per-timestep")))
+    args = _args("--groups", "8", "--channel-groups", "fold", "--per-timestep")
+    changed = dgq.with_settings(recipe_settings(args))
     assert _config(changed, "dgq_groups") == DgqGroupsConfig(groups=8, per_timestep=True)
-    assert _config(changed, "insert_group_qdq") == InsertGroupQDQConfig("fold")
+    # The channel-group form is the target's choice, not a pass setting.
+    assert args.channel_groups == "fold" and args.target == "ort"
     assert [s.pass_name for s in changed.steps] == [s.pass_name for s in dgq.steps]
     assert _config(get_recipe("dgq"), "dgq_groups") in (None, DgqGroupsConfig())
 

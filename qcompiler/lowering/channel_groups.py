@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext
 from qcompiler.graph import constant_value
-from qcompiler.passes.dgq_groups import GroupPlan
+from qcompiler.grids import GroupPlan
 from qcompiler.quant import MIN_SCALE, QuantSpec, quantize_weight
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qcompiler.context import CompileContext, QuantSettings
-from qcompiler.passes.fold_scales import find_absorber, find_scale_groups, fold
+from qcompiler.folding import find_absorber, find_scale_groups, fold
 from qcompiler.pass_manager import EXACT_RTOL
 from qcompiler.verify import compare_models, random_batches
 from tests import fold_graphs, graphs

@@ -6,11 +6,11 @@ from onnx import TensorProto, helper
 from qcompiler.passes import (
     DgqGroups,
     InsertActivationQDQ,
-    InsertGroupQDQ,
     QuantizeWeights,
 )
-from qcompiler.passes.dgq_groups import DgqGroupsConfig, group_plans
-from qcompiler.passes.timestep_ranges import LOWERING, split_by_timestep
+from qcompiler.passes.dgq_groups import DgqGroupsConfig
+from qcompiler.lowering.timestep_ranges import LOWERING, split_by_timestep
+from qcompiler.targets.ort import OrtTarget
 
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
@@ -58,9 +58,9 @@ def lowered(per_timestep: bool):
     ctx = CompileContext(timestep_model(), QuantSettings(), data)
     QuantizeWeights().call(ctx)
     DgqGroups(DgqGroupsConfig(groups=4, per_timestep=per_timestep)).call(ctx)
-    InsertGroupQDQ().call(ctx)
     InsertActivationQDQ().call(ctx)
-    return ctx, group_plans(ctx)["h"], data
+    OrtTarget().lower(ctx)
+    return ctx, ctx.group_plans["h"], data
 
 
 def test_split_by_timestep_regroups_mixed_rows():
@@ -75,7 +75,7 @@ def test_split_by_timestep_regroups_mixed_rows():
 def test_each_timestep_uses_its_own_group_ranges(t_index):
     ctx, plan, data = lowered(per_timestep=True)
     assert plan.timesteps.tolist() == list(TIMESTEPS)
-    assert {r.lowering for r in ctx.records if r.pass_name == "insert_group_qdq"} == {LOWERING}
+    assert {r.lowering for r in ctx.records if r.pass_name == "ort"} == {LOWERING}
     batch = data[t_index]
     got = run_model(ctx.model(), batch.feeds)
     # Reference: h quantized with the t-th row of (S, Z) per channel, times the int8-dequantized W.

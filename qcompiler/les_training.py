@@ -15,7 +15,7 @@ from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext
 from qcompiler.errors import QCompileError
 from qcompiler.graph import add_outputs
-from qcompiler.passes.fold_scales import ScaleGroup
+from qcompiler.folding import ScaleGroup
 from qcompiler.passes.shift_scale import matmul_weights
 from qcompiler.patterns import Conv, match_conv, weight_array
 

@@ -1,4 +1,4 @@
-"""insert_group_qdq: each DGQ lowering equals the numpy fake-quant reference and runs the kernels it claims."""
+"""The ORT target's DGQ group lowerings (split, fold, rows, simulate): each equals the numpy fake-quant reference and runs the kernels it claims."""
 
 import numpy as np
 import onnx
@@ -8,11 +8,12 @@ from onnx import TensorProto, helper
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import PassError
-from qcompiler.passes import DgqGroups, InsertActivationQDQ, InsertGroupQDQ, QuantizeWeights
-from qcompiler.passes.dgq_groups import DgqGroupsConfig, group_plans
-from qcompiler.passes.group_lowering import fold_parameters
-from qcompiler.passes.group_qdq import FOLD, ROWS, SIMULATED, SPLIT, InsertGroupQDQConfig
-from qcompiler.passes.matmul_nbits import dequantize_matmul_nbits, quantize_int4_blocks
+from qcompiler.passes import DgqGroups, InsertActivationQDQ, QuantizeWeights
+from qcompiler.passes.dgq_groups import DgqGroupsConfig
+from qcompiler.lowering.channel_groups import fold_parameters
+from qcompiler.targets.ort import OrtTarget, OrtTargetConfig
+from qcompiler.targets.ort_groups import FOLD, ROWS, SIMULATED, SPLIT
+from qcompiler.lowering.matmul_nbits import dequantize_matmul_nbits, quantize_int4_blocks
 from qcompiler.quant import QuantSpec, fake_quantize
 from qcompiler.runtimes.ort import count_kernels
 from tests import graphs
@@ -24,16 +25,16 @@ from tests.passes.test_dgq_groups import channel_outliers, feeds, token_outliers
 RTOL = 1e-5
 
 
-def lower(model, arrays, name="x", groups=DgqGroupsConfig(), lowering=InsertGroupQDQConfig(), wbits=8, abits=8,
+def lower(model, arrays, name="x", groups=DgqGroupsConfig(), mode="split", wbits=8, abits=8,
           weights=QuantizeWeights.Config()):
-    """The dgq recipe's passes on ``model``: weights, groups, group lowering, leftover per-tensor QDQ."""
+    """The dgq recipe's passes on ``model`` (weights, groups, leftover per-tensor QDQ), then the ORT target."""
     batches = [CalibrationBatch({name: x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
     ctx = CompileContext(model, QuantSettings(wbits=wbits, abits=abits), batches)
     QuantizeWeights(weights).call(ctx)
     DgqGroups(groups).call(ctx)
-    assert InsertGroupQDQ(lowering).call(ctx).modified
-    InsertActivationQDQ().call(ctx)  # must leave the lowered GEMMs alone
-    return ctx, group_plans(ctx)[name]
+    InsertActivationQDQ().call(ctx)  # must leave the planned tensors to the target
+    assert OrtTarget(OrtTargetConfig(channel_groups=mode)).lower(ctx).modified
+    return ctx, ctx.group_plans[name]
 
 
 def initializers(model):
@@ -55,11 +56,16 @@ def assert_close(got, expected):
 
 
 def lowerings(ctx):
-    return [r.lowering for r in ctx.records if r.pass_name == "insert_group_qdq"]
+    return [r.lowering for r in group_records(ctx)]
+
+
+def group_records(ctx):
+    """The target's records of DGQ plans (it also records the Conv outputs it quantizes)."""
+    return [r for r in ctx.records if r.pass_name == "ort" and "group_axis" in r.details]
 
 
 @pytest.mark.parametrize("abits", [8, 6])
-def test_token_groups_lower_to_matmul_integer_with_exact_zero_point_correction(tmp_path, abits):
+def test_token_groups_lower_to_one_integer_gemm_with_row_scales(tmp_path, abits):
     model = graphs.linear_model(k=16, n=8)
     ctx, plan = lower(model, feeds((2, 4, 16), outlier=token_outliers), abits=abits)
     assert plan.axis == "pixel" and lowerings(ctx) == [ROWS]
@@ -70,7 +76,7 @@ def test_token_groups_lower_to_matmul_integer_with_exact_zero_point_correction(t
                           @ int8_weight(weights["W"], 1) + weights["b"], 0)
     assert_close(run_model(ctx.model(), {"x": x}), expected)
     found = kernels(ctx, tmp_path)
-    assert found.op_types.get("MatMulInteger") == 1 and found.float_gemms == 0
+    assert found.op_types.get("MatMulIntegerToFloat") == 1 and found.float_gemms == 0
 
 
 def test_channel_groups_split_into_k_integer_gemms(tmp_path):
@@ -91,7 +97,7 @@ def test_fold_matches_its_reference_in_one_integer_gemm(tmp_path):
     model = graphs.linear_model(k=16, n=8)
     arrays = feeds((2, 4, 16), outlier=channel_outliers)
     groups = DgqGroupsConfig(groups=4)
-    ctx, plan = lower(model, arrays, groups=groups, lowering=InsertGroupQDQConfig("fold"))
+    ctx, plan = lower(model, arrays, groups=groups, mode="fold")
     assert lowerings(ctx) == [FOLD]
     assert len(ctx.fallbacks) == 1 and "Div" in ctx.fallbacks[0]  # its one run-time elementwise op
     sigma, zero_point = fold_parameters(plan)
@@ -133,7 +139,7 @@ def test_gemm_channel_split_folds_alpha_and_adds_the_bias(tmp_path, groups):
 def test_gemm_fold_runs_one_integer_gemm(tmp_path):
     model = graphs.gemm_model(k=16, n=8, trans_b=1)
     ctx, _ = lower(model, feeds((4, 16), outlier=channel_outliers), groups=DgqGroupsConfig(groups=3),
-                   lowering=InsertGroupQDQConfig("fold"))
+                   mode="fold")
     assert lowerings(ctx) == [FOLD]
     found = kernels(ctx, tmp_path)
     assert found.op_types.get("MatMulIntegerToFloat") == 1 and found.float_gemms == 0
@@ -208,12 +214,12 @@ def test_pixel_groups_over_two_axes_of_a_linear_input_are_simulated(tmp_path):
     assert kernels(ctx, tmp_path).float_gemms == 1  # a (B, H, W, C) input has no per-row integer GEMM
 
 
-def test_int4_weights_keep_matmul_nbits_behind_the_group_qdq(tmp_path):
+def test_int4_token_groups_scale_the_rows_of_matmul_nbits(tmp_path):
     model = graphs.linear_model(k=64, n=8)
     ctx, plan = lower(model, feeds((2, 4, 64), outlier=token_outliers), wbits=4,
                       weights=QuantizeWeights.Config(nbits_accuracy_level=0))  # 0: float compute, exact
-    record = next(r for r in ctx.records if r.pass_name == "insert_group_qdq")
-    assert record.lowering == SIMULATED and record.details["kernel"] == "MatMulNBits"
+    record = group_records(ctx)[0]
+    assert record.lowering == ROWS and record.details["kernel"] == "MatMulNBits"
     x = feeds((3, 4, 64), seed=7, count=1, outlier=token_outliers)[0]
     weights = initializers(model)
     w_hat = dequantize_matmul_nbits(*quantize_int4_blocks(weights["W"], 32), 32)
@@ -225,24 +231,19 @@ def test_int4_weights_keep_matmul_nbits_behind_the_group_qdq(tmp_path):
 
 def test_records_carry_the_axis_choice():
     ctx, plan = lower(graphs.linear_model(k=16, n=8), feeds((2, 4, 16), outlier=channel_outliers))
-    record = next(r for r in ctx.records if r.pass_name == "insert_group_qdq")
+    record = group_records(ctx)[0]
     assert record.details["d_star"] == "channel" and record.details["D_channel"] == plan.d_channel
     assert record.details["groups"] == plan.groups and record.role == "activation"
 
 
-def test_requires_dgq_groups_first():
-    ctx = CompileContext(graphs.linear_model(), QuantSettings())
-    with pytest.raises(PassError, match="dgq_groups"):
-        InsertGroupQDQ().requires(ctx)
-
-
 def test_config_rejects_unknown_channel_lowering():
-    with pytest.raises(ValueError, match="split"):
-        InsertGroupQDQConfig("merge")
+    with pytest.raises(ValueError, match="affine"):
+        OrtTargetConfig("merge")
 
 
 def test_no_plans_means_no_change():
     batches = [CalibrationBatch({"x": x}, {}, "t") for x in feeds((2, 4, 8))]
     ctx = CompileContext(graphs.layernorm_model(), QuantSettings(), batches)
     DgqGroups().call(ctx)
-    assert not InsertGroupQDQ().call(ctx).modified
+    assert ctx.group_plans == {}
+    assert not OrtTarget().lower(ctx).modified

@@ -38,3 +38,11 @@ def dequantize_matmul_nbits(q_nk: np.ndarray, scales: np.ndarray, block_size: in
     n, k = q_nk.shape
     per_element = np.repeat(scales, block_size, axis=1)[:, :k]
     return (q_nk.astype(np.float32) * per_element).T.astype(np.float32)
+
+
+def unpack_matmul_nbits(packed: np.ndarray, k: int) -> np.ndarray:
+    """The inverse of ``pack_matmul_nbits``: int4 values [N, K] from uint8 [N, n_blocks, block_size/2]."""
+    n = packed.shape[0]
+    low, high = packed & 0x0F, packed >> 4
+    unsigned = np.stack([low, high], axis=-1).reshape(n, -1)[:, :k]
+    return (unsigned.astype(np.int16) - MATMUL_NBITS_ZERO_POINT).astype(np.int8)

@@ -1,0 +1,141 @@
+"""Lowering benchmark: every recipe's deployed output beside minmax's, at the same bits, in one run.
+
+For each model (``unet``, ``dit`` of the zoo) and setting (W8A8, W8A6, W4A8) the rows are minmax,
+smoothquant, osplus, dgq (default lowering: channel groups as one per-tensor affine, one integer
+GEMM each), dgq with ``--channel-groups split`` (K partial integer GEMMs: the bit-exact reference)
+and dmq (W4 only). Each row is compiled by the ``qcompile`` CLI in a child process (wall time and
+peak RSS from GNU time) on a subsampled calibration set (every ``--calib-stride``-th row of every
+timestep file, so all timesteps stay represented), then measured:
+
+- latency: one denoiser call on the first calibration batch, 1 intra-op thread, ``--runs`` rounds
+  with all rows of a model interleaved (float first); ×minmax is against minmax at the same bits;
+- size: the output file (+ external data) against minmax's at the same bits;
+- kernels: integer / quantized GEMMs in ORT's optimized graph (from the compile report);
+- quality: PSNR of the final images vs the float model's on ``--samples`` prompts and seeds (DDIM
+  25 steps, guidance 4), every row sampled from its deployed model (split included).
+MiniLM's rows (every recipe's latency beside minmax's) come from ``bench_minilm.py --recipes all``.
+Rows are cached in ``--work``; writes ``lowering.json``, ``lowering.md`` and ``lowering.png``.
+
+Usage: python benchmarks/bench_lowering.py [--models unet dit] [--settings w8a8 w8a6 w4a8]
+       [--samples 16] [--runs 10] [--work build/bench_lowering]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_diffusion import MODELS, Sampler, calibration, compile_row, measure_latency, models_dir  # noqa: E402
+from diffusion_rows import Row  # noqa: E402
+from lowering_tables import write_outputs  # noqa: E402
+
+RECIPES = ("minmax", "smoothquant", "osplus", "dgq")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["unet", "dit"], choices=sorted(MODELS))
+    parser.add_argument("--settings", nargs="+", default=["w8a8", "w8a6", "w4a8"])
+    parser.add_argument("--samples", type=int, default=16, help="images per row (seeds 0..N-1)")
+    parser.add_argument("--runs", type=int, default=10, help="timed denoiser calls per row (interleaved)")
+    parser.add_argument("--calib-stride", type=int, default=4, help="keep every N-th row of each calibration file")
+    parser.add_argument("--work", type=Path, default=Path("build/bench_lowering"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser.parse_args(argv)
+
+
+def rows_for(settings: list[str]) -> list[Row]:
+    rows = []
+    for setting in settings:
+        wbits, abits = int(setting[1]), int(setting[3])
+        rows += [Row(recipe, wbits, abits) for recipe in RECIPES]
+        rows.append(Row("dgq", wbits, abits, "split", ("--channel-groups", "split")))
+        if wbits == 4:
+            rows.append(Row("dmq", wbits, abits))
+    return rows
+
+
+def subsample(calib: Path, work: Path, stride: int) -> Path:
+    """Every ``stride``-th row of every calibration file (metadata rows kept aligned)."""
+    folder = work / f"calib_stride{stride}"
+    if folder.is_dir():
+        return folder
+    staging = work / f".calib_stride{stride}.tmp"
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in sorted(calib.glob("*.npz")):
+        with np.load(path) as data:
+            np.savez(staging / path.name, **{k: v[::stride] if v.ndim else v for k, v in data.items()})
+    staging.rename(folder)
+    return folder
+
+
+def size_bytes(report: dict) -> int:
+    return int(report["size_bytes"]["after"])
+
+
+def measure(row: Row, model: Path, calib: Path, work: Path, sampler: Sampler) -> dict:
+    compiled = compile_row(row, model, calib, work)
+    report = compiled["report"]
+    images = sampler.images(compiled["path"])
+    return {**row.describe(), "deployed": compiled["path"], "compile_s": compiled["wall_s"],
+            "peak_rss_mib": compiled["peak_rss_mib"], "size_bytes": size_bytes(report),
+            "integer_gemms": report["integer_kernels"]["integer_gemms"], "quantized_gemms": report["quantized_gemms"],
+            "float_gemms": report["integer_kernels"]["float_gemms"], "simulated": len(report.get("simulated", [])),
+            "lowering": report["lowering_counts"],
+            "psnr_db": float(np.mean(sampler.metrics.psnr_per_image(sampler.float_images, images)))}
+
+
+def relative_to_minmax(results: list[dict]) -> None:
+    """× minmax (latency, size) at the same setting, and dgq's PSNR against its split reference."""
+    by_key = {(r["setting"], r["recipe"], r.get("variant", "")): r for r in results}
+    for row in results:
+        minmax = by_key.get((row["setting"], "minmax", ""))
+        if minmax and "latency_ms" in row:
+            row["latency_vs_minmax"] = row["latency_ms"] / minmax["latency_ms"]
+            row["size_vs_minmax"] = row["size_bytes"] / minmax["size_bytes"]
+        split = by_key.get((row["setting"], "dgq", "split"))
+        if row["recipe"] == "dgq" and not row.get("variant") and split:
+            row["psnr_vs_split_db"] = row["psnr_db"] - split["psnr_db"]
+
+
+def run_model(name: str, args) -> list[dict]:
+    model = models_dir() / f"{MODELS[name]}.onnx"
+    work = args.work / name
+    (work / "rows").mkdir(parents=True, exist_ok=True)
+    calib = subsample(calibration(MODELS[name], work), work, args.calib_stride)
+    sampler = Sampler(model, args.samples, work)
+    results = [{"model": name, "row": "float", "recipe": "float", "setting": "float", "variant": "",
+                "deployed": str(model), "size_bytes": model.stat().st_size}]
+    for row in rows_for(args.settings):
+        cached = work / "rows" / f"{row.key()}.s{args.samples}.json"
+        if not cached.exists():
+            print(f"[bench] {name} {row.key()} ...", flush=True)
+            cached.write_text(json.dumps(measure(row, model, calib, work, sampler)))
+        results.append({**json.loads(cached.read_text()), "model": name})
+        print(f"[bench] {name} {row.key()}: {results[-1]['psnr_db']:.2f} dB", flush=True)
+    measure_latency(results, model, calib, args.runs)
+    relative_to_minmax(results)
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = [row for name in args.models for row in run_model(name, args)]
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": shlex.join(sys.argv),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "samples": args.samples, "calib_stride": args.calib_stride, "runs": args.runs}
+    write_outputs(results, meta, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""DGQ groups at per-tensor cost: an exact affine that turns K group grids into one per-tensor grid.
+
+For a plan with groups (s_g, z_g) along the channels (the GEMM's reduction axis) pick one grid
+(s, z) for the whole tensor: s = max_g s_g and z = the rounded mean of z_g (any integer in range is
+exact; this one keeps δ small). With r_c = s_g(c)/s ≤ 1 and δ_c = s_g(c)·(z − z_g(c)), DGQ's code
+q_c = clamp(round(x_c/s_g) + z_g) dequantizes as
+    x̂_c = s_g·(q_c − z_g) = r_c·s·(q_c − z) + δ_c,
+so   Σ_c x̂_c·W[c, n] + b_n = Σ_c s·(q_c − z)·W'[c, n] + b'_n,   W' = diag(r)·W,  b' = b + δ·W.
+The integer codes are DGQ's codes, unchanged; one per-tensor DequantizeLinear(s, z) feeds one GEMM
+(an integer kernel), and W' is re-quantized per output channel by the rule that chose W's grid.
+The only error added to DGQ's is that re-quantization: |W' − Ŵ'| ≤ s'_w/2 per element.
+
+The codes come from one of (cheapest first):
+- a Norm producer that absorbs x' = (x − δ)/r into its affine (γ/r, (β − δ)/r), then a per-tensor
+  QuantizeLinear(s, z): round(x'/s) + z = round(x/s_g) + z_g (free at run time);
+- a per-axis QuantizeLinear(s_g, z_g, axis=channel) — ORT runs it at per-tensor speed on NCHW's
+  axis 1 (Conv inputs), but element by element on the innermost axis (measured 20 ms vs 0.8 ms);
+- Div(s_g) → Add(z_g) → QuantizeLinear(1, 0): two elementwise ops (innermost channel axis).
+The last two are DGQ's codes except where x/s_g lies within float rounding of a .5 tie.
+Token (pixel) groups of a MatMul commute with it: rows scaled after one integer GEMM,
+    Y[t, n] = r_t·(Σ_c s·(q − z)·Ŵ[c, n]) + δ_t·Σ_c Ŵ[c, n].
+A padded Conv reads zeros of x, which the per-tensor grid would not map to 0: an explicit Pad of x
+(value 0) before the QuantizeLinear keeps it exact, and the Conv's own pads become 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.graph import constant_value
+from qcompiler.grids import GroupPlan, WeightRule
+from qcompiler.lowering.channel_groups import Builder, dequantized_weight, weight_dq
+from qcompiler.lowering.matmul_nbits import pack_matmul_nbits, unpack_matmul_nbits
+from qcompiler.quant import QuantSpec
+from qcompiler.weight_quant import quantize_by_rule
+
+
+@dataclass(frozen=True)
+class GroupAffine:
+    """One per-tensor grid (s, z) and the per-index affine (r, δ) that maps DGQ's groups onto it."""
+
+    scale: np.float32
+    zero_point: int
+    index_scale: np.ndarray  # s_g per index of the grouped axis (float32)
+    index_zero_point: np.ndarray  # z_g per index (uint8)
+
+    @property
+    def ratio(self) -> np.ndarray:
+        return self.index_scale.astype(np.float64) / float(self.scale)
+
+    @property
+    def shift(self) -> np.ndarray:
+        return self.index_scale.astype(np.float64) * (self.zero_point - self.index_zero_point.astype(np.float64))
+
+
+def group_affine(plan: GroupPlan) -> GroupAffine:
+    spec = plan.spec
+    index_zero_point = plan.element_zero_point()
+    zero_point = int(np.clip(np.rint(index_zero_point.astype(np.float64).mean()), spec.qmin, spec.qmax))
+    return GroupAffine(np.float32(plan.scales.max()), zero_point, plan.element_scale().astype(np.float32),
+                       index_zero_point.astype(np.uint8))
+
+
+def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    shape = [1] * rank
+    shape[axis] = vector.size
+    return vector.reshape(shape)
+
+
+def codes_per_axis(b: Builder, x: gs.Tensor, affine: GroupAffine, axis: int, spec: QuantSpec) -> gs.Tensor:
+    """QuantizeLinear(x, s_g, z_g, axis): DGQ's codes, bit for bit."""
+    q = b.op("QuantizeLinear", [x, affine.index_scale, affine.index_zero_point], np.uint8, attrs={"axis": axis})
+    return b.narrow(q, spec)
+
+
+def codes_scaled(b: Builder, x: gs.Tensor, affine: GroupAffine, axis: int, rank: int, spec: QuantSpec) -> gs.Tensor:
+    """Div(x, s_g) → Add(z_g) → QuantizeLinear(1, 0): DGQ's codes up to float rounding at .5 ties."""
+    scaled = b.op("Div", [x, _along(affine.index_scale, axis, rank)], np.float32)
+    shifted = b.op("Add", [scaled, _along(affine.index_zero_point.astype(np.float32), axis, rank)], np.float32)
+    q = b.op("QuantizeLinear", [shifted, np.array(1.0, np.float32), np.array(0, np.uint8)], np.uint8)
+    return b.narrow(q, spec)
+
+
+def codes_per_tensor(b: Builder, x_absorbed: gs.Tensor, affine: GroupAffine, spec: QuantSpec) -> gs.Tensor:
+    """QuantizeLinear(x', s, z) on x' = (x − δ)/r written by the producer."""
+    q = b.op("QuantizeLinear", [x_absorbed, np.array(affine.scale), np.array(affine.zero_point, np.uint8)],
+             np.uint8)
+    return b.narrow(q, spec)
+
+
+def dequantize(b: Builder, codes: gs.Tensor, affine: GroupAffine) -> gs.Tensor:
+    """The one per-tensor DequantizeLinear(s, z) that the target fuses into the GEMM."""
+    return b.op("DequantizeLinear", [codes, np.array(affine.scale), np.array(affine.zero_point, np.uint8)],
+                np.float32)
+
+
+def conv_padding(node: gs.Node) -> list[int] | None:
+    """The Conv's explicit pads when any is non-zero (they move to a Pad of x), else None."""
+    pads = [int(p) for p in node.attrs.get("pads", [])]
+    return pads if any(pads) else None
+
+
+def pad_input(b: Builder, x: gs.Tensor, pads: list[int]) -> gs.Tensor:
+    """Pad(x, 0) with the Conv's [begin..., end...] pads on the spatial axes (N and C unpadded)."""
+    half = len(pads) // 2
+    onnx_pads = np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64)
+    return b.op("Pad", [x, onnx_pads, np.array(0.0, np.float32)], np.float32, attrs={"mode": "constant"})
+
+
+def weight_in_axis(node: gs.Node) -> int:
+    if node.op == "Conv":
+        return 1
+    if node.op == "Gemm":
+        return 1 if node.attrs.get("transB", 0) else 0
+    return 0  # MatMul [K, N], MatMulNBits (unpacked to [K, N])
+
+
+def _float_weight(node: gs.Node) -> np.ndarray:
+    """Ŵ as the GEMM computes with it (MatMulNBits unpacked to [K, N], Gemm's α folded in)."""
+    if node.op == "MatMulNBits":
+        k, block = int(node.attrs["K"]), int(node.attrs["block_size"])
+        q = unpack_matmul_nbits(constant_value(node.inputs[1]), k).astype(np.float32)
+        scales = constant_value(node.inputs[2]).reshape(q.shape[0], -1)
+        return (q * np.repeat(scales, block, axis=1)[:, :k]).T.astype(np.float64)
+    alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+    return dequantized_weight(node).astype(np.float64) * alpha
+
+
+def output_correction(node: gs.Node, shift: np.ndarray) -> np.ndarray:
+    """δ·Ŵ per output channel: Σ_c δ_c Ŵ[c, n] (Conv: summed over the kernel taps too)."""
+    weight = _float_weight(node)
+    moved = np.moveaxis(weight, weight_in_axis(node), 0)
+    out = np.tensordot(shift, moved, axes=([0], [0]))
+    return out.reshape(out.shape[0], -1).sum(axis=1) if node.op == "Conv" else out
+
+
+def rescale_weight(b: Builder, node: gs.Node, ratio: np.ndarray, rule: WeightRule) -> None:
+    """W' = diag(r)·W along the input axis, quantized by ``rule`` (per output channel, or int4 blocks).
+
+    W is the float weight the rule was computed from when the rule kept it (one rounding), else Ŵ."""
+    weight = _float_weight(node)
+    if rule.source is not None and rule.source.shape == weight.shape:
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        weight = rule.source.astype(np.float64) * alpha
+    rank, axis = weight.ndim, weight_in_axis(node)
+    scaled = (weight * _along(ratio, axis, rank)).astype(np.float32)
+    if node.op == "MatMulNBits":
+        block = int(node.attrs["block_size"])
+        spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=block)
+        q, scales, _ = quantize_by_rule(np.ascontiguousarray(scaled.T), spec, rule)
+        node.inputs[1] = b.const("int4_packed", pack_matmul_nbits(q, block))
+        node.inputs[2] = b.const("int4_scale", scales.astype(np.float32).reshape(-1))
+        return
+    if node.op == "Gemm":
+        node.attrs["alpha"] = 1.0  # folded into Ŵ above
+    _, _, out_axis = weight_dq(node)
+    spec = QuantSpec(bits=rule.bits, symmetric=True, granularity="axis", axis=out_axis)
+    q, scale, zero_point = quantize_by_rule(scaled, spec, rule)
+    node.inputs[1] = b.op("DequantizeLinear", [q, scale.astype(np.float32), zero_point], np.float32,
+                          attrs={"axis": out_axis})
+
+
+def add_output_bias(b: Builder, node: gs.Node, correction: np.ndarray) -> None:
+    """b' = b + correction on the GEMM's output channels: into Conv's B, Gemm's C, a MatMul's bias Add,
+    or a new Add after the GEMM."""
+    correction = correction.astype(np.float64)
+    if node.op == "Conv" or (node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) == 1.0):
+        if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+            bias = constant_value(node.inputs[2])
+            node.inputs[2] = b.const("bias", (bias.astype(np.float64) + correction.reshape(bias.shape)).astype(np.float32))
+            return
+        if len(node.inputs) == 2:
+            node.inputs.append(b.const("bias", correction.astype(np.float32)))
+            return
+    output = node.outputs[0]
+    readers = output.outputs
+    if len(readers) == 1 and readers[0].op == "Add" and output not in b.ctx.graph.outputs:
+        add = readers[0]
+        other = 1 if add.inputs[0] is output else 0
+        bias = constant_value(add.inputs[other])
+        if bias is not None and bias.shape[-1:] == correction.shape and bias.size == correction.size:
+            add.inputs[other] = b.const("bias", (bias.astype(np.float64) + correction.reshape(bias.shape))
+                                        .astype(np.float32))
+            return
+    inner = gs.Variable(b.ctx.names.make(output.name, b.pass_name, "unbiased"), dtype=np.float32)
+    node.outputs[node.outputs.index(output)] = inner
+    shape = (-1, 1, 1) if node.op == "Conv" else (-1,)
+    b.op("Add", [inner, correction.astype(np.float32).reshape(shape)], np.float32, outputs=[output])
+
+
+def scale_rows(b: Builder, node: gs.Node, affine: GroupAffine, tokens: int) -> None:
+    """After the GEMM: Y = r_t·Y_int + δ_t·colsum(Ŵ), the row form of the affine (token groups)."""
+    column_sums = _float_weight(node).sum(axis=0)
+    output = node.outputs[0]
+    inner = gs.Variable(b.ctx.names.make(output.name, b.pass_name, "per_tensor"), dtype=np.float32)
+    node.outputs[node.outputs.index(output)] = inner
+    rows = b.op("Mul", [inner, affine.ratio.astype(np.float32).reshape(tokens, 1)], np.float32)
+    # Two small constants whose product ORT folds once at load: the file keeps T + N values, not T·N.
+    correction = b.op("Mul", [affine.shift.astype(np.float32).reshape(tokens, 1),
+                              column_sums.astype(np.float32).reshape(1, -1)], np.float32)
+    b.op("Add", [rows, correction], np.float32, outputs=[output])

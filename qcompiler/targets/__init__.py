@@ -1,0 +1,61 @@
+"""Targets: the lowering stage that turns the passes' grid decisions into the ops a runtime runs.
+
+A target implements ``Target``: ``lower(ctx)`` rewrites the graph (it may read ``ctx.group_plans``,
+``ctx.output_grids``, ``ctx.weight_rules`` and the QDQ nodes the passes inserted), ``count_kernels``
+asks the runtime's optimized graph which GEMMs run on integer kernels, and ``Config`` is a frozen
+dataclass of its options. Passes never import a target; a new target is one module here plus an
+entry in ``TARGETS`` (docs/architecture.md says which files a new target touches).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+from qcompiler.context import CompileContext
+from qcompiler.errors import QCompileError
+from qcompiler.pass_manager import Pass, PassResult
+
+
+class Target:
+    """Base class of a lowering target."""
+
+    name: ClassVar[str] = "target"
+    Config: ClassVar[type]
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def lower(self, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def count_kernels(self, model_path: str | os.PathLike):  # pragma: no cover - abstract
+        """A ``runtimes.ort.KernelCount``-like object: integer_gemms, float_gemms, op_types."""
+        raise NotImplementedError
+
+
+class LowerStage(Pass):
+    """The pass manager's last step: ``target.lower(ctx)``, timed, verified and dumpable like a pass
+    (``--dump-after lower``)."""
+
+    name = "lower"
+
+    def __init__(self, target: Target):
+        super().__init__(None)
+        self.target = target
+
+    def call(self, ctx: CompileContext) -> PassResult:
+        return self.target.lower(ctx)
+
+
+def available_targets() -> dict[str, type[Target]]:
+    from qcompiler.targets.ort import OrtTarget
+
+    return {OrtTarget.name: OrtTarget}
+
+
+def get_target(name: str, config=None) -> Target:
+    targets = available_targets()
+    if name not in targets:
+        raise QCompileError(f"unknown target '{name}'; available: {', '.join(sorted(targets))}")
+    return targets[name](config)

@@ -1,0 +1,96 @@
+"""The ONNX Runtime target (CPU; CUDA sessions where onnxruntime-gpu is installed).
+
+What ORT fuses into integer kernels, and so what this target emits:
+- DQ(int8 per-channel W) → MatMul with a per-tensor uint8 activation DQ → MatMulIntegerToFloat;
+- DQ → Conv → Q → QLinearConv: the Conv output is quantized with the grid the pass recorded
+  (``ctx.output_grids``), because ORT fuses a Conv only with a quantized output;
+- DQ → Gemm → QGemm only with an int32 bias: C becomes DQ(round(C/(s_x·s_w)), s_x·s_w);
+- int4 MatMul weights: MatMulNBits (chosen by ``quantize_weights``; see docs/architecture.md);
+- DGQ group plans (``ctx.group_plans``): ``channel_groups="affine"`` (default) gives one per-tensor
+  DequantizeLinear over DGQ's own codes and folds the affine into the GEMM's weight and bias
+  (``lowering.channel_affine``), so every GEMM keeps one integer kernel; "split" (K partial
+  integer GEMMs, the bit-exact reference), "fold" (shared zero point, ratios in W) and "simulate"
+  (per-channel QDQ before a float GEMM) are kept for comparison.
+What it cannot run on an integer kernel (log2 attention, Conv pixel groups, per-timestep ranges,
+sub-8-bit activations' accuracy) stays simulated and is labelled so in every record.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from qcompiler.context import CompileContext, QuantRecord
+from qcompiler.graph import constant_value
+from qcompiler.grids import quantized_gemms
+from qcompiler.lowering.qdq import insert_tensor_qdq, quantize_gemm_bias
+from qcompiler.pass_manager import PassResult
+from qcompiler.targets import Target
+from qcompiler.targets.ort_groups import CHANNEL_GROUP_MODES, lower_group_plans
+
+
+@dataclass(frozen=True)
+class OrtTargetConfig:
+    #: DGQ channel groups: "affine" (one GEMM, DGQ's codes), "split", "fold" or "simulate".
+    channel_groups: str = "affine"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.channel_groups not in CHANNEL_GROUP_MODES:
+            raise ValueError(f"OrtTargetConfig: channel_groups must be one of {CHANNEL_GROUP_MODES}, "
+                             f"got {self.channel_groups!r}")
+
+
+def _per_tensor_quantizer(node) -> bool:
+    """A QuantizeLinear with one scale: what ORT needs right after a Conv to fuse QLinearConv (a
+    per-axis one, as DGQ's affine puts on the next Conv's input, does not count)."""
+    if node.op != "QuantizeLinear":
+        return False
+    scale = constant_value(node.inputs[1])
+    return scale is not None and scale.size == 1
+
+
+class OrtTarget(Target):
+    """Lowers to the QDQ forms ONNX Runtime fuses into integer kernels; see the module docstring."""
+
+    name = "ort"
+    Config = OrtTargetConfig
+
+    def lower(self, ctx: CompileContext) -> PassResult:
+        notes = []
+        if ctx.group_plans:
+            notes.append(lower_group_plans(ctx, self.config.channel_groups, self.name))
+        outputs = self._quantize_conv_outputs(ctx)
+        biases = sum(quantize_gemm_bias(ctx, node, self.name) for node in list(ctx.graph.nodes) if node.op == "Gemm")
+        ctx.graph.cleanup().toposort()
+        # The float weights the rules kept for the DGQ affine are not needed past lowering.
+        ctx.weight_rules = {name: replace(rule, source=None) for name, rule in ctx.weight_rules.items()}
+        notes.append(f"{outputs} Conv outputs quantized for QLinearConv; {biases} Gemm biases in int32 for QGemm")
+        return PassResult(bool(ctx.group_plans) or outputs > 0 or biases > 0, tuple(notes))
+
+    def _quantize_conv_outputs(self, ctx: CompileContext) -> int:
+        tensors = ctx.graph.tensors()
+        integer = {id(node) for node in quantized_gemms(ctx.graph)}
+        done = 0
+        for name, grid in ctx.output_grids.items():
+            tensor = tensors.get(name)
+            producer = tensor.inputs[0] if tensor is not None and tensor.inputs else None
+            if producer is None or producer.op != "Conv" or id(producer) not in integer \
+                    or any(_per_tensor_quantizer(c) for c in tensor.outputs):
+                continue  # lowered another way (K-split), left float (simulated groups), or already quantized
+            why = (f"qcompile {self.name}: {grid.spec.describe()} output of Conv '{producer.name}' so ORT fuses "
+                   f"DQ → Conv → Q into QLinearConv; calibrated range [{grid.calibrated_min:.6g}, "
+                   f"{grid.calibrated_max:.6g}] over {grid.samples} samples")
+            insert_tensor_qdq(ctx, tensor, list(tensor.outputs), grid.scale, grid.zero_point, grid.spec, self.name,
+                              why, output_side=True)
+            lowering = "simulated (narrowed int8 container)" if grid.spec.bits < 8 else "QDQ (fused by ORT)"
+            ctx.records.append(QuantRecord(producer.name, name, "activation", grid.spec.describe(), lowering,
+                                           self.name, {"scale": grid.scale, "zero_point": grid.zero_point,
+                                                       "position": "Conv output (for QLinearConv fusion)"}))
+            done += 1
+        return done
+
+    def count_kernels(self, model_path: str | os.PathLike):
+        from qcompiler.runtimes.ort import count_kernels
+
+        return count_kernels(model_path, device=self.config.device)

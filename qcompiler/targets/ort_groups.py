@@ -1,0 +1,267 @@
+"""DGQ group plans on ONNX Runtime: which lowering each (plan, GEMM) pair gets, and the records.
+
+Per GEMM input X with a plan (group g(i) per index, (s_g, z_g)); ``mode`` picks the channel-group form:
+- "affine" (default): DGQ's codes under one per-tensor grid, the affine folded into W and b
+  (``lowering.channel_affine``): one MatMulIntegerToFloat / QLinearConv / QGemm / MatMulNBits per GEMM.
+  Token (pixel) groups of a MatMul take the row form of the same affine in every mode.
+- "split": K partial integer GEMMs on the channel slices of each group, summed in float
+  (MatMulIntegerToFloat; ConvInteger for Conv): the bit-exact reference, K kernels per GEMM.
+- "fold": one shared zero point, group ratios folded into W (``lowering.channel_groups``; approximate).
+- "simulate": per-index QDQ before a float GEMM on the constant Ŵ (accuracy sweeps; no integer kernel).
+Whatever a mode cannot take (Conv pixel groups, grouped or auto-padded Convs, per-timestep ranges)
+is simulated and its record says why. Every path keeps the activation error |X − X̂| ≤ s_g/2
+inside the calibrated range (fold: σ_g ≥ s_g); "affine" adds the re-quantization of W' = diag(r)·Ŵ.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.context import CompileContext, QuantRecord
+from qcompiler.errors import PassError
+from qcompiler.folding import absorb_into_norm
+from qcompiler.grids import GroupPlan, WeightRule, quantized_gemms
+from qcompiler.lowering import channel_affine as affine_ops
+from qcompiler.lowering.channel_groups import (
+    Builder,
+    conv_split_reason,
+    dequantized_weight,
+    fold_activation,
+    linear_weight,
+    lower_conv_split,
+    lower_linear_fold,
+    lower_linear_split,
+    quantize_channel_groups,
+    weight_dq,
+)
+from qcompiler.quant import QuantSpec
+
+AFFINE = "per-tensor affine (DGQ codes, one integer GEMM)"
+ROWS = "row-scaled integer GEMM"
+SPLIT = "K-split integer GEMMs"
+FOLD = "fold into W"
+SIMULATED = "simulated"
+CHANNEL_GROUP_MODES = ("affine", "split", "fold", "simulate")
+
+
+def lower_group_plans(ctx: CompileContext, mode: str, target: str) -> str:
+    """Lower every plan in ``ctx.group_plans``; returns a one-line summary of the lowerings used."""
+    if ctx.graph.opset < 13:
+        raise PassError(f"target '{target}': DGQ groups need opset ≥ 13 for per-axis QuantizeLinear; "
+                        f"the model has opset {ctx.graph.opset}")
+    lowering = GroupLowering(ctx, mode, target)
+    gemm_names = {node.name for node in quantized_gemms(ctx.graph)}
+    counts: Counter = Counter()
+    notes = []
+    for plan in ctx.group_plans.values():
+        x = ctx.graph.tensors().get(plan.tensor)
+        if x is None:
+            notes.append(f"planned tensor '{plan.tensor}' is gone from the graph; not lowered")
+            continue
+        readers = [n for n in x.outputs if n.name in gemm_names]
+        for node, (kind, details) in lowering.lower(plan, x, readers):
+            spec = QuantSpec(bits=plan.bits, granularity="groups", axis=_axis(plan))
+            ctx.records.append(QuantRecord(node.name, plan.tensor, "activation", spec.describe(), kind, target,
+                                           {**plan.details(), **details}))
+            counts[kind] += 1
+    ctx.graph.cleanup().toposort()
+    return "DGQ groups: " + (", ".join(f"{n} × {k}" for k, n in counts.items()) or "nothing lowered") + \
+        ("; " + "; ".join(notes) if notes else "")
+
+
+def _axis(plan: GroupPlan) -> int:
+    """The axis the group scales run along in the lowered graph (pixels of a Conv: flattened to 2)."""
+    return plan.channel_axis if plan.axis == "channel" else (2 if plan.channel_axis == 1 else 1)
+
+
+class GroupLowering:
+    """Lowers one plan for all the GEMMs that read its tensor; pieces they share are built once."""
+
+    def __init__(self, ctx: CompileContext, mode: str, target: str):
+        self.ctx, self.mode, self.target = ctx, mode, target
+
+    def lower(self, plan: GroupPlan, x: gs.Tensor, readers: list[gs.Node]) -> list[tuple[gs.Node, tuple[str, dict]]]:
+        why = (f"DGQ {plan.axis} groups (K={plan.groups}, D_channel={plan.d_channel:.4g}, "
+               f"D_pixel={plan.d_pixel:.4g}) of '{x.name}'")
+        b = Builder(self.ctx, self.target, x.name, why)
+        shared: dict = {}
+        if plan.timesteps is not None:
+            return [(node, self._per_timestep(b, plan, x, node, shared)) for node in readers]
+        if plan.axis == "pixel":
+            return [(node, self._pixels(b, plan, x, node, shared)) for node in readers]
+        if self.mode == "affine":
+            return self._affine_channels(b, plan, x, readers)
+        return [(node, self._channels(b, plan, x, node, shared)) for node in readers]
+
+    # -- affine (default) -------------------------------------------------------------------------
+    def _affine_reason(self, node: gs.Node) -> str | None:
+        if node.op == "MatMulNBits":
+            return None
+        if node.op == "Conv":
+            reason = conv_split_reason(node)
+            if reason is None and node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+                reason = f"Conv '{node.name}' uses auto_pad={node.attrs['auto_pad']}"
+            return reason
+        found = weight_dq(node)
+        if found is None:
+            return f"the weight of {node.op} '{node.name}' is not a constant DequantizeLinear with zero point 0"
+        if node.op == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("beta", 1.0)) not in (0.0, 1.0)):
+            return f"Gemm '{node.name}' has transA=1 or β ∉ {{0, 1}}"
+        expected = 1 if node.op == "MatMul" else (0 if node.attrs.get("transB", 0) else 1)
+        return None if found[2] == expected else f"{node.op} '{node.name}' has its weight scale on axis {found[2]}"
+
+    def _affine_channels(self, b: Builder, plan: GroupPlan, x: gs.Tensor, readers: list[gs.Node]):
+        affine = affine_ops.group_affine(plan)
+        results, able, simulated = [], [], {}
+        for node in readers:
+            reason = self._affine_reason(node)
+            if reason is None:
+                able.append(node)
+            else:
+                results.append((node, self._simulate(b, plan, x, node, simulated, reason)))
+        codes: dict = {}
+        for node in able:
+            source = self._affine_codes(b, plan, x, node, affine, able, codes)
+            correction = affine_ops.output_correction(node, affine.shift)
+            affine_ops.rescale_weight(b, node, affine.ratio, self._rule(node))
+            affine_ops.add_output_bias(b, node, correction)
+            if node.op == "Conv" and affine_ops.conv_padding(node):
+                node.attrs["pads"] = [0] * len(node.attrs["pads"])
+            node.inputs[0] = source[0]
+            results.append((node, (AFFINE, {"kernel": _kernel(node), "codes": source[1], "scale": float(affine.scale),
+                                      "zero_point": affine.zero_point, "ratio_min": float(affine.ratio.min())})))
+        return results
+
+    def _affine_codes(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, affine, able, codes: dict):
+        """(DequantizeLinear output, how its codes are made), shared by readers with the same padding."""
+        pads = affine_ops.conv_padding(node) if node.op == "Conv" else None
+        key = tuple(pads or ())
+        if key in codes:
+            return codes[key]
+        spec = plan.spec
+        if node.op == "Conv":
+            source = affine_ops.pad_input(b, x, pads) if pads else x
+            q, how = affine_ops.codes_per_axis(b, source, affine, 1, spec), "per-axis QuantizeLinear"
+        else:
+            absorbed = None
+            if len(able) == len([n for n in x.outputs if n.op not in ("Shape", "Size")]):
+                absorbed = absorb_into_norm(self.ctx, x, able, affine.ratio, affine.shift, self.target)
+            if absorbed:
+                q, how = affine_ops.codes_per_tensor(b, x, affine, spec), f"absorbed by {absorbed}"
+            else:
+                rank = len(x.shape) if x.shape else 3
+                q, how = affine_ops.codes_scaled(b, x, affine, rank - 1, rank, spec), "Div + Add (explicit)"
+                self.ctx.fallbacks.append(f"{self.target}: '{x.name}' scaled per channel (Div + Add) before one "
+                                          "per-tensor QuantizeLinear (DGQ channel affine); no Norm could absorb it")
+        codes[key] = (affine_ops.dequantize(b, q, affine), how)
+        return codes[key]
+
+    def _rule(self, node: gs.Node) -> WeightRule:
+        rule = self.ctx.weight_rules.get(node.name)
+        if rule is None:  # a weight quantized outside quantize_weights: min/max at the compile's width
+            rule = WeightRule(self.ctx.settings.wbits)
+        return rule
+
+    # -- token (pixel) groups ---------------------------------------------------------------------
+    def _pixels(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
+        rank = len(x.shape) if x.shape else 0
+        reason = None
+        if node.op not in ("MatMul", "MatMulNBits") or rank != 3:
+            reason = f"{node.op} with a rank-{rank} input has no row-scaled GEMM"
+        elif node.op == "MatMul" and self._affine_reason(node):
+            reason = self._affine_reason(node)
+        if reason:
+            return self._simulate(b, plan, x, node, shared, reason)
+        tokens = plan.labels.size
+        if x.shape[1] != tokens:
+            raise PassError(f"target '{self.target}': '{x.name}' has shape {x.shape}; its per-token scales need "
+                            f"a static token axis of length {tokens} (the calibration's sequence length)")
+        affine = affine_ops.group_affine(plan)
+        if "rows" not in shared:
+            shared["rows"] = affine_ops.dequantize(b, affine_ops.codes_per_axis(b, x, affine, 1, plan.spec), affine)
+        affine_ops.scale_rows(b, node, affine, tokens)
+        node.inputs[0] = shared["rows"]
+        return ROWS, {"kernel": _kernel(node), "scale": float(affine.scale), "zero_point": affine.zero_point}
+
+    # -- split / fold / simulate (comparison modes) -------------------------------------------------
+    def _channels(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
+        if self.mode == "simulate":
+            return self._simulate(b, plan, x, node, shared, "channel_groups='simulate' was asked for")
+        if node.op == "MatMulNBits":
+            return self._simulate(b, plan, x, node, shared, "int4 weights: MatMulNBits re-quantizes its input "
+                                                            "per block at run time")
+        if node.op == "Conv":
+            reason = conv_split_reason(node)
+            if reason is not None:
+                return self._simulate(b, plan, x, node, shared, reason)
+            lower_conv_split(b, node, plan, self._parts(b, plan, x, shared))
+            return SPLIT, {"kernel": "ConvInteger"}
+        weight = linear_weight(node)
+        if isinstance(weight, str):
+            return self._simulate(b, plan, x, node, shared, weight)
+        if self.mode == "fold":
+            if "fold" not in shared:
+                shared["fold"] = fold_activation(b, plan)
+                self.ctx.fallbacks.append(f"{self.target}: '{x.name}' divided by its channels' group scales (Div) "
+                                          "before one per-tensor QuantizeLinear (fold into W)")
+            lower_linear_fold(b, node, weight, *shared["fold"], self.ctx.settings.wbits)
+            return FOLD, {"kernel": "MatMulIntegerToFloat", "rho_min": float(shared["fold"][1].min())}
+        lower_linear_split(b, node, weight, plan, self._parts(b, plan, x, shared))
+        return SPLIT, {"kernel": "MatMulIntegerToFloat"}
+
+    @staticmethod
+    def _parts(b: Builder, plan: GroupPlan, x: gs.Tensor, shared: dict):
+        if "parts" not in shared:
+            shared["parts"] = quantize_channel_groups(b, plan, x)
+        return shared["parts"]
+
+    def _simulate(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict, reason: str):
+        """Per-index QDQ (fake quantization) into a float GEMM on the constant Ŵ (MatMulNBits: kept)."""
+        if "simulated" not in shared:
+            shared["simulated"] = _simulated_qdq(b, plan, x)
+        return SIMULATED, {**_read_fake_quantized(b, x, node, shared["simulated"]), "reason": reason}
+
+    def _per_timestep(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
+        """Run-time (s, z) of each row's nearest calibrated timestep before a float GEMM on Ŵ."""
+        from qcompiler.lowering.timestep_ranges import LOWERING, simulated_timestep_qdq
+
+        if "per_timestep" not in shared:
+            timestep = next(i for i in self.ctx.graph.inputs if i.name == plan.timestep_input)
+            shared["per_timestep"] = simulated_timestep_qdq(b, x, timestep, plan)
+        details = _read_fake_quantized(b, x, node, shared["per_timestep"])
+        return LOWERING, {**details, "timesteps": int(plan.timesteps.size)}
+
+
+def _kernel(node: gs.Node) -> str:
+    return {"MatMul": "MatMulIntegerToFloat", "Conv": "QLinearConv", "Gemm": "QGemm"}.get(node.op, node.op)
+
+
+def _read_fake_quantized(b: Builder, x: gs.Tensor, node: gs.Node, x_hat: gs.Tensor) -> dict:
+    """Point ``node`` at X̂ instead of X and give it the constant Ŵ (MatMulNBits keeps its kernel).
+
+    The weight becomes the constant Ŵ because ORT would fuse a per-axis activation DQ → MatMul into
+    MatMulIntegerToFloat, which then fails at run time (it takes a scalar activation zero point)."""
+    for index, value in enumerate(node.inputs):
+        if value is x:
+            node.inputs[index] = x_hat
+    if node.op != "MatMulNBits":
+        node.inputs[1] = b.const("dequantized_weight", dequantized_weight(node))
+    return {"kernel": f"float {node.op}" if node.op != "MatMulNBits" else "MatMulNBits"}
+
+
+def _simulated_qdq(b: Builder, plan: GroupPlan, x: gs.Tensor) -> gs.Tensor:
+    scale, zero_point = plan.element_scale().astype(np.float32), plan.element_zero_point()
+    view, axis = x, _axis(plan)
+    flatten = plan.axis == "pixel" and (plan.channel_axis == 1 or len(x.shape) != 3)
+    if flatten:  # pixels span several axes: (N, C, H·W) for Conv, (N, P, C) for Linear
+        shape = [0, 0, -1] if plan.channel_axis == 1 else [0, plan.labels.size, -1]
+        view = b.op("Reshape", [x, np.array(shape, np.int64)], np.float32)
+    quantized = b.narrow(b.op("QuantizeLinear", [view, scale, zero_point], np.uint8, attrs={"axis": axis}),
+                         plan.spec)
+    dequantized = b.op("DequantizeLinear", [quantized, scale, zero_point], np.float32, attrs={"axis": axis})
+    if not flatten:
+        return dequantized
+    return b.op("Reshape", [dequantized, b.op("Shape", [x], np.int64)], np.float32)
