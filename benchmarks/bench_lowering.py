@@ -12,7 +12,9 @@ timestep file, so all timesteps stay represented), then measured:
 - size: the output file (+ external data) against minmax's at the same bits;
 - kernels: integer / quantized GEMMs in ORT's optimized graph (from the compile report);
 - quality: PSNR of the final images vs the float model's on ``--samples`` prompts and seeds (DDIM
-  25 steps, guidance 4), every row sampled from its deployed model (split included).
+  25 steps, guidance 4), sampled from the deployed model, for minmax, dgq and dgq split (the
+  question here is dgq's default lowering against its exact reference; every recipe's quality is
+  ``bench_diffusion.py``'s table). ``--quality-all`` samples every row.
 MiniLM's rows (every recipe's latency beside minmax's) come from ``bench_minilm.py --recipes all``.
 Rows are cached in ``--work``; writes ``lowering.json``, ``lowering.md`` and ``lowering.png``.
 
@@ -47,6 +49,7 @@ def parse_args(argv):
     parser.add_argument("--settings", nargs="+", default=["w8a8", "w8a6", "w4a8"])
     parser.add_argument("--samples", type=int, default=16, help="images per row (seeds 0..N-1)")
     parser.add_argument("--runs", type=int, default=10, help="timed denoiser calls per row (interleaved)")
+    parser.add_argument("--quality-all", action="store_true", help="sample images for every row")
     parser.add_argument("--calib-stride", type=int, default=4, help="keep every N-th row of each calibration file")
     parser.add_argument("--work", type=Path, default=Path("build/bench_lowering"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -82,16 +85,18 @@ def size_bytes(report: dict) -> int:
     return int(report["size_bytes"]["after"])
 
 
-def measure(row: Row, model: Path, calib: Path, work: Path, sampler: Sampler) -> dict:
+def measure(row: Row, model: Path, calib: Path, work: Path, sampler: Sampler, quality: bool) -> dict:
     compiled = compile_row(row, model, calib, work)
     report = compiled["report"]
-    images = sampler.images(compiled["path"])
+    psnr = None
+    if quality:
+        images = sampler.images(compiled["path"])
+        psnr = float(np.mean(sampler.metrics.psnr_per_image(sampler.float_images, images)))
     return {**row.describe(), "deployed": compiled["path"], "compile_s": compiled["wall_s"],
             "peak_rss_mib": compiled["peak_rss_mib"], "size_bytes": size_bytes(report),
             "integer_gemms": report["integer_kernels"]["integer_gemms"], "quantized_gemms": report["quantized_gemms"],
             "float_gemms": report["integer_kernels"]["float_gemms"], "simulated": len(report.get("simulated", [])),
-            "lowering": report["lowering_counts"],
-            "psnr_db": float(np.mean(sampler.metrics.psnr_per_image(sampler.float_images, images)))}
+            "lowering": report["lowering_counts"], "psnr_db": psnr}
 
 
 def relative_to_minmax(results: list[dict]) -> None:
@@ -103,7 +108,7 @@ def relative_to_minmax(results: list[dict]) -> None:
             row["latency_vs_minmax"] = row["latency_ms"] / minmax["latency_ms"]
             row["size_vs_minmax"] = row["size_bytes"] / minmax["size_bytes"]
         split = by_key.get((row["setting"], "dgq", "split"))
-        if row["recipe"] == "dgq" and not row.get("variant") and split:
+        if row["recipe"] == "dgq" and not row.get("variant") and split and row.get("psnr_db") is not None:
             row["psnr_vs_split_db"] = row["psnr_db"] - split["psnr_db"]
 
 
@@ -119,9 +124,10 @@ def run_model(name: str, args) -> list[dict]:
         cached = work / "rows" / f"{row.key()}.s{args.samples}.json"
         if not cached.exists():
             print(f"[bench] {name} {row.key()} ...", flush=True)
-            cached.write_text(json.dumps(measure(row, model, calib, work, sampler)))
+            quality = args.quality_all or row.recipe in ("minmax", "dgq")
+            cached.write_text(json.dumps(measure(row, model, calib, work, sampler, quality)))
         results.append({**json.loads(cached.read_text()), "model": name})
-        print(f"[bench] {name} {row.key()}: {results[-1]['psnr_db']:.2f} dB", flush=True)
+        print(f"[bench] {name} {row.key()}: {results[-1]['psnr_db']} dB", flush=True)
     measure_latency(results, model, calib, args.runs)
     relative_to_minmax(results)
     return results

@@ -122,7 +122,7 @@ def _ort_static(model: str, output: str, nodes: list[str], calib: str, float_out
 
     from qcompiler.calibration.readers import NpzFolderReader
 
-    # No quant_pre_process: its symbolic shape inference fails on this BERT export (DESIGN.md 9),
+    # No quant_pre_process: its symbolic shape inference fails on this BERT export (docs/algorithms.md §9),
     # and quantize_static runs onnx shape inference itself.
     # ORT's defaults, spelled out so the settings are visible: asymmetric activations, symmetric weights.
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True}

@@ -1,4 +1,4 @@
-"""Reproduce DGQ's observations (seed 002, DESIGN.md §5.4) on the trained text-to-image UNet (CPU).
+"""Reproduce DGQ's observations (seed 002, docs/algorithms.md §5.4) on the trained text-to-image UNet (CPU).
 
 Three measurements on ``models/unet_mnist.onnx`` and its timestep-tagged calibration folder
 (25 DDIM timesteps × 32 rows: 16 unconditional, 16 conditional), from one streaming pass of the

@@ -8,7 +8,7 @@ Transformer -> mean Pooling -> Normalize):
     sentence_embedding = normalize(sum_t(h_t * m_t) / max(sum_t m_t, 1e-9)),
     normalize(v) = v / max(||v||_2, 1e-12)
 
-Export settings (DESIGN.md section 9): the legacy TorchScript exporter (``dynamo=False``) at
+Export settings (docs/algorithms.md §9): the legacy TorchScript exporter (``dynamo=False``) at
 opset 17, which is known to work for BERT here. Attention is loaded with transformers'
 ``eager`` implementation so each layer exports as MatMul -> Div(sqrt(d)) -> Add(mask) ->
 Softmax -> MatMul, the pattern the attention passes look for; the default ``sdpa`` path
@@ -93,7 +93,7 @@ def export_onnx(encoder, onnx_path: Path, seq_len: int, opset: int) -> None:
     dummy = (torch.ones(2, seq_len, dtype=torch.int64),) * 2 + (torch.zeros(2, seq_len, dtype=torch.int64),)
     axes = {0: "batch", 1: "sequence"}
     tmp_path = onnx_path.with_name(onnx_path.name + ".tmp")
-    # The legacy exporter is chosen on purpose (DESIGN.md section 9), so its deprecation
+    # The legacy exporter is chosen on purpose (docs/algorithms.md §9), so its deprecation
     # warning says nothing the reader needs.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)

@@ -13,7 +13,7 @@ Writes, into the chosen folder (the package folder by default):
   training configs, the tokenizer vocabulary, ORT-vs-torch differences and SHA-256 of both files.
 
 Both are exported from the EMA weights with the legacy exporter (``dynamo=False``) at opset 18
-and a dynamic batch axis. DESIGN.md section 9 prefers ``dynamo=True`` at opset 21 (real
+and a dynamic batch axis. docs/algorithms.md §9 prefers ``dynamo=True`` at opset 21 (real
 GroupNormalization, DequantizeLinear ``block_size``), but that exporter needs ``onnxscript``,
 which the project does not install; the legacy exporter works for UNet2DConditionModel and
 emits GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, which

@@ -88,7 +88,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int, steps: int,
 
 
 def export_onnx(model: nn.Module, onnx_path: Path) -> None:
-    """Legacy export at opset 17, dynamic batch axis, two outputs (DESIGN.md section 9)."""
+    """Legacy export at opset 17, dynamic batch axis, two outputs (docs/algorithms.md §9)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -128,7 +128,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int, steps: int,
 
 
 def export_onnx(model: nn.Module, onnx_path: Path) -> None:
-    """Legacy export at opset 17 with a dynamic batch axis (DESIGN.md section 9)."""
+    """Legacy export at opset 17 with a dynamic batch axis (docs/algorithms.md §9)."""
     # The legacy exporter is chosen on purpose; its deprecation warnings are noise here.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

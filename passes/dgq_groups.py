@@ -1,11 +1,11 @@
 """Pass ``dgq_groups`` (DGQ): choose the grouping axis of every quantized GEMM input and its K groups.
 
-Analysis (DESIGN.md §5.4), per activation X that feeds a quantized Linear/Conv, from calibration:
+Analysis (docs/algorithms.md §5.4), per activation X that feeds a quantized Linear/Conv, from calibration:
     per index i of axis d ∈ {channel, pixel}: a^max_i = max X over everything but i, a^min_i likewise
     D_d = (max_i a^max_i − min_i a^max_i) + (max_i a^min_i − min_i a^min_i),   d* = argmax_d D_d
 Groups: K-means (scikit-learn, ``random_state=0``, ``n_init=10``) on the points (a^min_i, a^max_i)
 of the chosen axis, K = ``groups`` (default 16 for W8, 8 for W4 as in the paper); each group g
-takes its members' range [min a^min, max a^max] and the asymmetric parameters of DESIGN.md §3:
+takes its members' range [min a^min, max a^max] and the asymmetric parameters of docs/algorithms.md §3:
     s_g = (max_g − min_g)/(2^b − 1),  z_g = round(−min_g/s_g)        (``quant.scale_zero_point``)
 "pixel" means the positions of the tensor: tokens of a (B, T, C) input, pixels of an NCHW one.
 Conv inputs use channel groups (``conv_axis="channel"``, the design's choice); ``"auto"`` lets

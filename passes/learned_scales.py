@@ -15,7 +15,7 @@ on the group's recorded calibration inputs X_n (n = one batch row of the model i
          an MSE clip search over ``weight_clip_ratios`` (no gradient), as ``quantize_weights`` lowers it.
     Both round with a straight-through estimator (round(x) = x + stopgrad(round(x) − x)); the
     scales are functions of γ and pass gradients.
-Adaptive timestep weighting (DESIGN §5.2, optional): each sample carries its timestep t (the
+Adaptive timestep weighting (docs/algorithms.md §5.2, optional): each sample carries its timestep t (the
 calibration's ``__timestep__``). L_t = EMA(momentum 0.95) of the mean loss of samples at t
 (initialised by one pass over the pool at the initial γ), w_t = (1 − L_t/Σ_t L_t)^r (r = 20;
 ``"linear"``: r = 1), loss = mean_n(w_{t_n}·ℓ_n) over the mini-batch. Timesteps whose loss is
@@ -62,7 +62,7 @@ class LearnedScalesConfig:
     #: 1e-2, not the paper's 1e-3: with 60× fewer steps, θ = log γ must move further per step (measured
     #: on UNet layers: 200 steps at 1e-2 reach a lower error than at 1e-3, close to 800 steps).
     lr: float = 1e-2
-    #: "ones" (γ = 1, DESIGN §5.2) or "smoothquant" (γ = max|X|^α / max|W|^(1−α)).
+    #: "ones" (γ = 1, docs/algorithms.md §5.2) or "smoothquant" (γ = max|X|^α / max|W|^(1−α)).
     init: str = "ones"
     alpha: float = 0.5
     #: Calibration samples (batch rows) kept per group, spread over the calibration files (timesteps).

@@ -5,7 +5,7 @@ concat(h, skip), and any Conv/Linear input whose channel-range ratio exceeds ``v
     X → X/m ;  W → W·m        m_c = 2^(−j_c) ∈ {1, 1/2, 1/4, 1/8}          (folded by ``fold_scales.fold``)
     X/m → DQ(Q(X/m; s, z))    s, z fixed from the calibrated range of the ORIGINAL X:
                               s = (max X − min X)/(2^b − 1), z = round(−min X/s)  (b = abits)
-so channel c is quantized with scale s·m_c and the shared zero point z (DESIGN §5.3: "activation
+so channel c is quantized with scale s·m_c and the shared zero point z (docs/algorithms.md §5.3: "activation
 scale for channel c is s·m_c"): x̂_c = s·m_c·(clamp(round(x_c/(s·m_c)) + z, 0, 2^b − 1) − z).
 A channel with m_c < 1 gets a 2^j_c finer grid and clips at m_c·[min X, max X]. Dividing by a
 power of two is exact in float, so Q(X/m; s, z) reproduces that per-channel quantizer bit for bit.
@@ -15,7 +15,7 @@ Voting: every calibration sample n (one batch row) votes, per channel c, for
 and channel c takes the most common vote if at least ``agreement`` (85 %) of the samples cast it,
 else m_c = 1. s and z are the per-tensor min/max parameters above (they do not depend on m).
 
-Lowering (DESIGN §6):
+Lowering (docs/algorithms.md §6):
 - W4 (exact): Ŵ = s_w·Wq with Wq the int4 weight of the ORIGINAL W per output channel (MSE clip
   search with ``clip_search``); the GEMM weight becomes the int8 values Wq·2^(3−j_c) (|·| ≤ 56)
   with scale s_w/8 — equal to m_c·Ŵ — so X̂·Ŵ with per-channel activation scales s·m_c is ONE int8

@@ -6,7 +6,7 @@ Rewrite (W4, MatMul):  MatMul(X, W) → MatMulNBits(X, pack(W_q), s_w, block_siz
                W_q = clamp(round(W/s_w), −7, 7),  s_w[n, b] = max_{k ∈ block b} |W[k, n]| / 7
 W4 Conv/Gemm weights (no blocked DQ below opset 21): int4 values per output channel in an int8
 container. Error bound: |W − Ŵ| ≤ s_w/2 element-wise (rounding inside the symmetric range).
-Option ``clip_search`` (MSE clip search, DESIGN §3): per output channel (or block)
+Option ``clip_search`` (MSE clip search, docs/algorithms.md §3): per output channel (or block)
 s_w = r*·max|W|/qmax with r* = argmin_{r ∈ clip_ratios} ‖W − Ŵ_r‖² (r = 1 is min/max; values
 beyond r·max|W| clip to ±qmax).
 """

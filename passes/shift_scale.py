@@ -7,7 +7,7 @@ so channel j of X' spans ±min(r_j, t*) with r_j = (max_j − min_j)/2. t* comes
 search minimising the quantized consumers' output error on calibration samples:
     error(t) = Σ_consumers ‖(X − z)·W − Q_a((X − z)/s)·Q_w(s·W)‖²      (b and z·W cancel)
 with Q_a uint8 asymmetric per tensor over X''s calibrated range and Q_w int8 symmetric per output
-channel (int4 blocks for W4 MatMuls), as the recipe lowers them. DESIGN.md §5.1 scores Q/K/V by
+channel (int4 blocks for W4 MatMuls), as the recipe lowers them. docs/algorithms.md §5.1 scores Q/K/V by
 the attention output; this pass scores each consumer's own output (no attention simulation yet).
 
 Grid: ``grid`` candidates spaced geometrically (outlier ratios span orders of magnitude) from

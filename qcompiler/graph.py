@@ -117,7 +117,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference (ORT's symbolic inference fails on BERT exports, DESIGN.md section 9)."""
+    """onnx shape inference (ORT's symbolic inference fails on BERT exports, docs/algorithms.md §9)."""
     if model.ByteSize() < PROTOBUF_LIMIT:
         try:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)

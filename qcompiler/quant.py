@@ -1,6 +1,6 @@
 """Quantization specs and the numpy reference of quantize/dequantize that tests and passes share.
 
-Uniform affine (DESIGN.md section 3):
+Uniform affine (docs/algorithms.md §3):
     q = clamp(round(x / s) + z, qmin, qmax)        x_hat = s * (q - z)
     asymmetric: s = (max - min) / (2^b - 1),  z = round(-min / s)    (range widened to include 0)
     symmetric:  s = max|x| / (2^(b-1) - 1),   z = 0                  (q in [-(2^(b-1)-1), 2^(b-1)-1])

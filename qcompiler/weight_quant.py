@@ -1,6 +1,6 @@
 """Weight grids: min/max or MSE clip-searched symmetric scales, shared by passes and lowerings.
 
-MSE clip search (DESIGN §3): per output channel (or block) s_w = r*·max|W|/q_max with
+MSE clip search (docs/algorithms.md §3): per output channel (or block) s_w = r*·max|W|/q_max with
 r* = argmin_{r ∈ clip_ratios} ‖W − Ŵ_r‖² (r = 1 is min/max; values beyond r·max|W| clip to ±q_max).
 ``quantize_by_rule`` re-derives a weight grid with the rule ``quantize_weights`` recorded
 (``grids.WeightRule``), for lowerings that rescale weight rows (DGQ's channel affine).

@@ -171,7 +171,7 @@ def outlier_model(c: int = 16, n: int = 16, channel: int = 3, gain: float = 40.0
     """x → LayerNorm → fc → y where γ, β put a systematic outlier in one channel of the fc input.
 
     Channel ``channel`` of the LN output is gain·N(0, 1) + offset on normal inputs, the others
-    are N(0, 1)-like: the way real transformers' LN outputs carry outliers (DESIGN.md §8). Its
+    are N(0, 1)-like: the way real transformers' LN outputs carry outliers (docs/algorithms.md §8). Its
     weight row is divided by ``gain``, as trained weights do, so it does not drown the output.
     Without ``use_beta`` the LayerNorm has no bias input (``offset`` is then unused).
     """

@@ -2,7 +2,7 @@
 
 Runs the float DDIM sampler with classifier-free guidance for N prompts and writes the
 denoiser's inputs at every step (both guidance halves) as .npz files with ``__timestep__``,
-``__label__`` and ``__step__`` metadata (DESIGN.md section 4). ``<denoiser stem>.json`` and, for a
+``__label__`` and ``__step__`` metadata (docs/algorithms.md §4). ``<denoiser stem>.json`` and, for a
 text-conditioned denoiser, the text encoder ``<denoiser stem>.text_encoder.onnx`` are read from
 beside the model; a class-conditioned one (input ``class_labels``) gets the prompted digits.
 """

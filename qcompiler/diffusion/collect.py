@@ -1,6 +1,6 @@
 """Timestep-aware calibration: run the float DDIM sampler and record the denoiser's inputs at every step.
 
-DESIGN.md section 4 (after Q-Diffusion / TFMQ-DM): calibration data for a diffusion model
+docs/algorithms.md §4 (after Q-Diffusion / TFMQ-DM): calibration data for a diffusion model
 must come from the trajectories the model actually visits, at every timestep, for both the
 conditional and the unconditional (guidance) halves. ``collect`` samples ``prompts`` images
 with the float denoiser and writes one ``.npz`` per (prompt batch, DDIM step) in the

@@ -1,6 +1,6 @@
 """Diffusion evaluation: float vs quantized denoiser from the same seeds and prompts, with a PNG grid.
 
-DESIGN.md section 7. Both denoisers run the same DDIM loop (``sampler``), the same initial
+docs/algorithms.md §7. Both denoisers run the same DDIM loop (``sampler``), the same initial
 noise (seed i for prompt i) and the same contexts (the float model's conditioner: its text
 encoder for the UNet, the prompted digit's label for the class-conditioned DiT), so any
 difference in the final images is the quantization's. Reported:

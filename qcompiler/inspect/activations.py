@@ -12,7 +12,7 @@ quantization-error estimates in ``recommend``. A channel is *systematic* when it
 outliers in at least ``min_recurrence`` tensors of the same width (the paper's "the channel
 index is mostly the same across layers").
 
-DGQ view (DESIGN.md section 5.4), with a^max_i, a^min_i the max/min of index i of axis d:
+DGQ view (docs/algorithms.md §5.4), with a^max_i, a^min_i the max/min of index i of axis d:
 
     D_d = (max_i a^max − min_i a^max) + (max_i a^min − min_i a^min),   d* = argmax_d D_d
 """

@@ -3,7 +3,7 @@
 For one sample with Softmax output A[h, i, j] (H heads, L_q queries, L_k keys):
 
     Â_j = Σ_i (1/H) Σ_h A[h, i, j]     head-averaged attention summed over queries (Σ_j Â_j = L_q)
-    key j is an attention outlier  ⇔  Â_j ≥ 0.1 · L_q          (DESIGN.md section 5.7)
+    key j is an attention outlier  ⇔  Â_j ≥ 0.1 · L_q          (docs/algorithms.md §5.7)
     start-token mass = Â_0 / L_q       the share of all attention that lands on key 0
 
 Uniform attention gives Â_j = L_q / L_k, so an outlier key draws at least 0.1·L_k times its fair

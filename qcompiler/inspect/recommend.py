@@ -10,7 +10,7 @@ channel, kernel tap; K taps) whose input channel j carries E_j = Σ h² over n_j
     weight  N_w = Σ_o Δ_o² / 12 · K · Σ_j E_j / σ_j²      Δ_o = max_{j,k}|σ_j W_ojk| / (2^(w−1) − 1)
     SQNR    = 10·log10( S / (N_a + N_w) )                 (dB, at the GEMM output)
 
-(weights symmetric per output channel at ``wbits``, DESIGN.md section 3). Steps per position p
+(weights symmetric per output channel at ``wbits``, docs/algorithms.md §3). Steps per position p
 instead of per channel give N_a = Σ_p n_p s_p² · mean_j(ω_j) / 12. The treatments:
 
     per tensor           σ = 1, s' = (max(h_max, 0) − min(h_min, 0)) / (2^b − 1)

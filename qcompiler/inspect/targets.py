@@ -1,6 +1,6 @@
 """Choose what `qcompile inspect` watches: GEMM inputs, norm outputs, residual sums, weights, attention.
 
-Activations of interest (DESIGN.md section 5.7, after "Systematic Outliers in LLMs"):
+Activations of interest (docs/algorithms.md §5.7, after "Systematic Outliers in LLMs"):
 - the input of every Linear/Conv (what a recipe quantizes),
 - every normalisation output (LayerNorm/GroupNorm: the layer outputs of a post-LN transformer),
 - every residual sum: an Add of two activations that does not broadcast, i.e. not a bias Add

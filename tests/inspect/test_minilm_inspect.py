@@ -110,7 +110,7 @@ def test_names_the_systematic_channels(reference, report):
     norm_channels = [reference[f"norm{i}"]["channels"] for i in range(13)]
     recurring = {c for c in set().union(*norm_channels) if sum(c in s for s in norm_channels) >= 2}
     named = {item["channel"] for item in report["systematic_channels"] if item["width"] == HIDDEN}
-    # DESIGN.md section 8: MiniLM's LayerNorm outputs and FFN-down inputs carry real outliers,
+    # docs/algorithms.md §8: MiniLM's LayerNorm outputs and FFN-down inputs carry real outliers,
     # with one dominant channel that recurs through the residual stream.
     assert recurring and recurring <= named
     assert any(reference[f"down{i}"]["channels"] for i in range(6))

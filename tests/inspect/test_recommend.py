@@ -57,7 +57,7 @@ def test_smoothquant_prediction_matches_simulation_and_helps_channel_outliers():
     stats, counts, consumers = prepared(x, w)
     sqnr = recommend.predict(stats, counts, consumers, abits=8, wbits=8, groups=8)
     absmax = np.abs(x).max(axis=(0, 1))
-    sigma = np.sqrt(absmax / np.abs(w).max(axis=1))  # DESIGN.md 5.1 with α = 0.5
+    sigma = np.sqrt(absmax / np.abs(w).max(axis=1))  # docs/algorithms.md §5.1 with α = 0.5
     assert sqnr["smoothquant"] == pytest.approx(measured(x, w, sigma), abs=TOLERANCE_DB)
     assert sqnr["per_tensor"] == pytest.approx(measured(x, w, np.ones(64)), abs=TOLERANCE_DB)
     assert sqnr["smoothquant"] > sqnr["per_tensor"]
