@@ -8,6 +8,18 @@ from pathlib import Path
 
 from qcompiler.errors import QCompileError
 
+#: Passes whose work moved to the lowering stage: what to use instead.
+RETIRED_PASSES = {
+    "insert_group_qdq": "DGQ groups are lowered by the target now: drop this step and choose the form with "
+                        "--channel-groups affine|split|fold|simulate (CompileOptions.channel_groups)",
+}
+
+
+def _unknown_pass(where: str, name: str, known) -> QCompileError:
+    if name in RETIRED_PASSES:
+        return QCompileError(f"{where}: pass '{name}' no longer exists; {RETIRED_PASSES[name]}")
+    return QCompileError(f"{where}: unknown pass '{name}'; known: {sorted(known)}")
+
 
 @dataclass(frozen=True)
 class Step:
@@ -31,7 +43,7 @@ class Recipe:
         built = []
         for step in self.steps:
             if step.pass_name not in PASSES:
-                raise QCompileError(f"recipe '{self.name}': unknown pass '{step.pass_name}'; known: {sorted(PASSES)}")
+                raise _unknown_pass(f"recipe '{self.name}'", step.pass_name, PASSES)
             built.append(PASSES[step.pass_name](step.config))
         return built
 
@@ -121,7 +133,7 @@ def load_recipe_file(path: Path) -> Recipe:
         raw = dict(raw)
         pass_name = raw.pop("pass", None)
         if pass_name not in PASSES:
-            raise QCompileError(f"{path}: step {index + 1} names unknown pass '{pass_name}'; known: {sorted(PASSES)}")
+            raise _unknown_pass(f"{path}: step {index + 1}", str(pass_name), PASSES)
         config_cls = PASSES[pass_name].Config
         allowed = {f.name for f in fields(config_cls)}
         unknown = set(raw) - allowed

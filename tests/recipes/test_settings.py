@@ -47,3 +47,12 @@ def test_set_overrides_are_validated_against_the_recipe_and_the_config():
         get_recipe("dgq").with_settings(recipe_settings(_args("--set", "dgq_groups.bogus=1")))
     with pytest.raises(QCompileError, match="groups must be at least 1"):
         get_recipe("dgq").with_settings(recipe_settings(_args("--set", "dgq_groups.groups=0")))
+
+
+def test_a_recipe_file_with_the_retired_group_pass_says_what_replaced_it(tmp_path):
+    from qcompiler.recipes import load_recipe_file
+
+    path = tmp_path / "old.toml"
+    path.write_text('[[steps]]\npass = "dgq_groups"\n[[steps]]\npass = "insert_group_qdq"\nchannel_groups = "fold"\n')
+    with pytest.raises(QCompileError, match="--channel-groups"):
+        load_recipe_file(path)
