@@ -33,7 +33,7 @@ def _sqnr(model_path, data) -> float:
 def compiled(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dgq")
     results = {}
-    for recipe in ("minmax", "dgq"):
+    for recipe in ("minmax", "dgq", "dgq-log2"):
         out = folder / f"digits.{recipe}.onnx"
         results[recipe] = (out, qcompiler.quantize(BUNDLED_DEFAULT, recipe, CALIB, out, CompileOptions(progress=False)))
     return results
@@ -48,13 +48,18 @@ def test_report_names_the_lowering_of_every_quantized_node(compiled):
     for record in activations.values():
         assert record["lowering"] in (AFFINE, ROWS, SPLIT, FOLD, SIMULATED)
         assert {"D_channel", "D_pixel", "d_star", "groups"} <= set(record)
-    softmax = [r for r in report["quantized"] if r["pass"] == "log2_attention"]
+    assert not [r for r in report["quantized"] if r["pass"] == "log2_attention"]  # dgq leaves attention float
+    assert report["simulated"] == []  # nothing simulated: every quantized tensor runs on an integer kernel
+    log2 = compiled["dgq-log2"][1].report
+    softmax = [r for r in log2["quantized"] if r["pass"] == "log2_attention"]
+    assert {r["node"] for r in log2["simulated"]} == {r["node"] for r in softmax}
     assert len(softmax) == 2 and all(r["lowering"] == LOG2_LOWERING for r in softmax)  # two attention blocks
     assert all(r["attention"] == "self" and not r["start_token_exact"] for r in softmax)  # a ViT has no cross
 
 
-def test_every_weight_gemm_runs_on_an_integer_kernel(compiled):
-    _, result = compiled["dgq"]
+@pytest.mark.parametrize("recipe", ["dgq", "dgq-log2"])
+def test_every_weight_gemm_runs_on_an_integer_kernel(compiled, recipe):
+    _, result = compiled[recipe]
     kernels = result.report["integer_kernels"]
     # The only float GEMMs left are attention's activation × activation products: 2 per block.
     assert kernels["float_gemms"] == 4
@@ -63,8 +68,8 @@ def test_every_weight_gemm_runs_on_an_integer_kernel(compiled):
 
 
 def test_logits_sqnr_against_minmax_within_the_log2_attention_budget(compiled):
-    minmax, dgq = (_sqnr(compiled[name][0], HELDOUT) for name in ("minmax", "dgq"))
-    # minmax leaves Softmax outputs float; dgq log2-quantizes them. If that error reached the logits
+    minmax, dgq = (_sqnr(compiled[name][0], HELDOUT) for name in ("minmax", "dgq-log2"))
+    # minmax leaves Softmax outputs float; dgq-log2 log2-quantizes them. If that error reached the logits
     # at unit gain, noise powers add: SQNR ≥ −10·log10(10^(−minmax/10) + 10^(−log2/10)).
     budget = -10 * math.log10(10 ** (-minmax / 10) + 10 ** (-_log2_rounding_sqnr_db() / 10))
     assert dgq >= budget, (dgq, minmax, budget)

@@ -225,5 +225,5 @@ def _attention_note(attention: list[dict]) -> str | None:
         return None
     start = sum(0 in site["sink_positions"] for site in sinks)
     note = (f"{len(sinks)} attention block(s) have sink keys, {start} of them at key 0; if attention "
-            "probabilities are quantized, use a log2 quantizer (dgq)")
+            "probabilities are quantized, use a log2 quantizer (dgq-log2)")
     return note + (", with key 0 (the start token) kept exact" if start else "")

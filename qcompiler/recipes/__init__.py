@@ -93,13 +93,13 @@ def parse_setting(text: str) -> tuple[str, str, object]:
 
 
 def _builtin() -> dict[str, Recipe]:
-    from qcompiler.recipes.dgq import DGQ
+    from qcompiler.recipes.dgq import DGQ, DGQ_LOG2
     from qcompiler.recipes.dmq import DMQ
     from qcompiler.recipes.minmax import MINMAX
     from qcompiler.recipes.osplus import OSPLUS
     from qcompiler.recipes.smoothquant import SMOOTHQUANT
 
-    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ, DMQ)}
+    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ, DGQ_LOG2, DMQ)}
 
 
 def available_recipes() -> dict[str, Recipe]:
