@@ -75,9 +75,11 @@ class OrtTarget(Target):
         for name, grid in ctx.output_grids.items():
             tensor = tensors.get(name)
             producer = tensor.inputs[0] if tensor is not None and tensor.inputs else None
-            if producer is None or producer.op != "Conv" or id(producer) not in integer \
-                    or any(_per_tensor_quantizer(c) for c in tensor.outputs):
-                continue  # lowered another way (K-split), left float (simulated groups), or already quantized
+            if producer is None or producer.op != "Conv" or id(producer) not in integer:
+                continue  # lowered another way (K-split) or left float (simulated groups)
+            if any(_per_tensor_quantizer(c) for c in tensor.outputs):
+                done += self._share_existing_qdq(ctx, tensor)
+                continue
             why = (f"qcompile {self.name}: {grid.spec.describe()} output of Conv '{producer.name}' so ORT fuses "
                    f"DQ → Conv → Q into QLinearConv; calibrated range [{grid.calibrated_min:.6g}, "
                    f"{grid.calibrated_max:.6g}] over {grid.samples} samples")
@@ -89,6 +91,22 @@ class OrtTarget(Target):
                                                        "position": "Conv output (for QLinearConv fusion)"}))
             done += 1
         return done
+
+    @staticmethod
+    def _share_existing_qdq(ctx: CompileContext, tensor) -> int:
+        """The Conv output already feeds a per-tensor Q/DQ (the next GEMM's input grid): let every
+        other reader read that DQ too, so the Q is the Conv's only consumer and ORT fuses
+        QLinearConv. One grid serves both roles, as one tensor can hold only one."""
+        q = next(c for c in tensor.outputs if _per_tensor_quantizer(c))
+        dq = next((c for c in q.outputs[0].outputs if c.op == "DequantizeLinear"), None)
+        others = [c for c in tensor.outputs if c is not q]
+        if dq is None or not others or tensor in ctx.graph.outputs:
+            return 0
+        for reader in others:
+            for index, value in enumerate(reader.inputs):
+                if value is tensor:
+                    reader.inputs[index] = dq.outputs[0]
+        return 1
 
     def count_kernels(self, model_path: str | os.PathLike):
         from qcompiler.runtimes.ort import count_kernels

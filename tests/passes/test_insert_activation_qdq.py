@@ -108,3 +108,22 @@ def test_below_8_bits_conv_outputs_keep_fusion_and_output_names(tmp_path):
     assert count_kernels(path).op_types.get("QLinearConv") == 2
     x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert len(np.unique(run_model(quantized, {"x": x}))) <= 2**6
+
+
+def test_conv_output_read_by_a_conv_and_a_residual_add_still_fuses(tmp_path):
+    """The output's grid and the next Conv's input grid are one QDQ; the Add reads its DQ too."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h", "w2"], ["g"], name="conv2"),
+             helper.make_node("Add", ["h", "g"], ["y"], name="residual")]
+    model = graphs.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4, 8, 8])],
+                              [graphs.init("w1", rng.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+                               graphs.init("w2", rng.standard_normal((4, 4, 1, 1)).astype(np.float32))])
+    ctx = context(model, {"x": (1, 4, 8, 8)})
+    _compile(ctx)
+    path = tmp_path / "q.onnx"
+    onnx.save(ctx.model(), path)
+    assert count_kernels(path).op_types.get("QLinearConv") == 2
