@@ -3,9 +3,11 @@
 Rewrite:  GEMM(X, Ŵ) → GEMM(DQ(Q(X, s, z)), Ŵ)  for every GEMM whose weight is quantized, with
           s = (max − min)/(2^b − 1),  z = round(−min/s)  (uint8, min ≤ 0 ≤ max, from calibration)
 Tensors that ``dgq_groups`` planned are left to the target, which lowers their groups.
-Decision only, no rewrite: every quantized Conv's output also gets a per-tensor grid on the
+Decision only, no rewrite: every quantized Conv's output also gets a per-tensor 8-bit grid on the
 context (``ctx.output_grids``), computed from the same calibration run; a target whose runtime
-fuses a quantized output (ORT: DQ → Conv → Q into QLinearConv) inserts it at lowering time.
+fuses a quantized output (ORT: DQ → Conv → Q into QLinearConv) inserts it at lowering time. An
+output is not a GEMM input: it is re-quantized only because such a kernel writes integers, so it
+gets the kernel's full 8 bits whatever ``--abits`` is (6-bit outputs would add error no GEMM needs).
 Below 8 bits a Clip to [s·(0 − z), s·(2^b − 1 − z)] precedes Q so the 8-bit container holds
 only 2^b levels (simulated accuracy; the kernel still runs int8).
 Error bound: |X − X̂| ≤ s/2 for X within the calibrated [min, max]; values outside are clipped.
@@ -67,9 +69,10 @@ class InsertActivationQDQ(Pass):
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
         for name, (tensor, consumers) in inputs.items():
             self._insert(ctx, tensor, consumers, stats[name], spec)
+        output_spec = QuantSpec(bits=8, symmetric=False)
         for name, node in outputs.items():
-            scale, zero_point = scale_zero_point(stats[name].min, stats[name].max, spec)
-            ctx.output_grids[name] = OutputGrid(name, node.name, float(scale), int(zero_point), spec,
+            scale, zero_point = scale_zero_point(stats[name].min, stats[name].max, output_spec)
+            ctx.output_grids[name] = OutputGrid(name, node.name, float(scale), int(zero_point), output_spec,
                                                 float(stats[name].min), float(stats[name].max), stats[name].samples)
         ctx.graph.cleanup().toposort()
         return PassResult(bool(inputs), (f"{len(inputs)} GEMM inputs quantized; grids for {len(outputs)} Conv "
