@@ -41,10 +41,17 @@ def build_report(recipe, settings, ctx, pass_records, float_model, output_path: 
 
 
 def _simulated(records) -> list[dict]:
-    """What the target does not run as it would deploy it: one entry per simulated record."""
-    return [{"node": r.node, "tensor": r.tensor, "lowering": r.lowering,
-             **({"reason": r.details["reason"]} if "reason" in r.details else {})}
-            for r in records if r.lowering.startswith("simulated")]
+    """What the target does not run as it would deploy it: one entry per simulated record (plain
+    ONNX ops, or sub-8-bit codes in a narrowed 8-bit container: accuracy simulated, kernel int8)."""
+    entries = []
+    for r in records:
+        if r.lowering.startswith("simulated"):
+            entries.append({"node": r.node, "tensor": r.tensor, "lowering": r.lowering,
+                            **({"reason": r.details["reason"]} if "reason" in r.details else {})})
+        elif r.details.get("narrowed_container"):
+            entries.append({"node": r.node, "tensor": r.tensor,
+                            "lowering": "simulated (narrowed int8 container)", "kernel": r.lowering})
+    return entries
 
 
 def _graph_bytes(model) -> int:

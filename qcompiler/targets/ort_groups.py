@@ -64,6 +64,8 @@ def lower_group_plans(ctx: CompileContext, mode: str, target: str) -> str:
         readers = [n for n in x.outputs if n.name in gemm_names]
         for node, (kind, details) in lowering.lower(plan, x, readers):
             spec = QuantSpec(bits=plan.bits, granularity="groups", axis=_axis(plan))
+            if plan.bits < 8:  # codes clamped to 2^b levels in a uint8 container, as insert_activation_qdq does
+                details = {**details, "narrowed_container": True}
             ctx.records.append(QuantRecord(node.name, plan.tensor, "activation", spec.describe(), kind, target,
                                            {**plan.details(), **details}))
             counts[kind] += 1

@@ -131,6 +131,7 @@ def test_layernorm_absorbs_the_affine_and_the_codes_are_dgqs(tmp_path, abits):
     record = next(r for r in ctx.records if r.pass_name == "ort" and r.node == "fc0")
     assert plan.axis == "channel" and record.lowering == AFFINE and "LayerNormalization" in record.details["codes"]
     assert not ctx.fallbacks  # nothing explicit at run time
+    assert record.details.get("narrowed_container", False) == (abits < 8)  # the report lists it as simulated
     x = feeds((3, 4, 16), seed=7, count=1)[0]
     codes_name, s, z, w_scale = codes_and_weight_scale(ctx, "fc0")
     lowered = with_outputs(to_model(ctx.graph, ctx.template), [codes_name])
