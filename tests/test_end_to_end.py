@@ -92,7 +92,13 @@ def test_a6_is_labelled_simulated(tmp_path):
     result = qcompiler.quantize(BUNDLED_DEFAULT, "minmax", CALIB, tmp_path / "a6.onnx",
                                 CompileOptions(abits=6, progress=False))
     activations = [r for r in result.report["quantized"] if r["role"] == "activation"]
-    assert activations and all("simulated" in r["lowering"] for r in activations)
+    inputs = [r for r in activations if r["position"] == "GEMM input"]
+    assert inputs and all("simulated" in r["lowering"] for r in inputs)
+    assert {r["tensor"] for r in result.report["simulated"]} == {r["tensor"] for r in inputs}
+    # A Conv output is re-quantized only for QLinearConv: at the kernel's 8 bits, not simulated.
+    outputs = [r for r in activations if r["position"].startswith("Conv output")]
+    assert outputs and all(r["spec"].startswith("int8") for r in outputs)
+    assert all("simulated" not in r["lowering"] for r in outputs)
 
 
 def test_cli_default_calibration_and_eval_json(tmp_path, monkeypatch, capsys):
