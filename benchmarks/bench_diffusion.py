@@ -14,10 +14,11 @@ calibration folder (``models/<name>.calib`` or ``qcompile collect``-ed into the 
 - latency: one denoiser call at the sampler's batch (both guidance halves), ``--runs`` timed runs
   interleaved across the rows of a model (one run of each row per round), one intra-op thread.
 
-DGQ's channel groups run as K partial integer GEMMs ("split", exact). Sampling hundreds of images
-through them is slow on this CPU, so a DGQ row's images come from a twin compiled with
+DGQ rows run the target's default lowering (one integer GEMM per GEMM) and sample from the deployed
+model. A row that asks for ``--channel-groups split`` (K partial integer GEMMs, exact) is slow to
+sample hundreds of images through on this CPU, so its images come from a twin compiled with
 ``--channel-groups simulate`` (per-channel QDQ before float GEMMs: one denoiser call gives the same
-numbers to float rounding, ``tests/passes/test_group_qdq.py``), and its kernels and latency from the
+numbers to float rounding, ``tests/targets/test_ort_groups.py``), and its kernels and latency from the
 split model. Over 25 chained DDIM steps a float-rounding difference can flip a quantization code
 and the trajectories drift apart a little, so each such row also records, on the first
 ``--check-samples`` images, the PSNR of split vs simulate images and each one's PSNR vs float.

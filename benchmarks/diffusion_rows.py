@@ -28,9 +28,10 @@ class Row:
 
     @property
     def simulate_for_quality(self) -> bool:
-        """DGQ rows sample images from a ``--channel-groups simulate`` twin (see bench_diffusion)."""
-        return (self.recipe == "dgq" and "dgq_groups.per_timestep=true" not in self.extra
-                and "--channel-groups" not in self.extra)
+        """Rows lowered with ``--channel-groups split`` (slow on ORT's CPU) sample images from a
+        ``--channel-groups simulate`` twin (see bench_diffusion); every other row from its deployed model."""
+        extra = list(self.extra)
+        return "--channel-groups" in extra and extra[extra.index("--channel-groups") + 1] == "split"
 
     def key(self, lowering: str | None = None) -> str:
         name = f"{self.recipe}{'-' + self.variant if self.variant else ''}.w{self.wbits}a{self.abits}"

@@ -1,7 +1,7 @@
 """Pass ``learned_scales`` (DMQ LES): learn a per-input-channel γ per GEMM on its calibration inputs, then fold it.
 
 Rewrite, per scale group (an activation X and the Linears/Convs reading it; Q, K, V share one γ):
-    X → X/γ ;  W → W·γ   (W[k, :]·γ_k along the input axis)              (folded by ``fold_scales.fold``)
+    X → X/γ ;  W → W·γ   (W[k, :]·γ_k along the input axis)              (folded by ``qcompiler.folding.fold``)
 γ = exp(θ) (always > 0), θ learned with torch (Adam, lr ``lr``, cosine decay to 0, ``iterations`` steps)
 on the group's recorded calibration inputs X_n (n = one batch row of the model input = one sample):
     Ŷ_n = Q_a(X_n/γ) ⊛ Q_w(W·γ)          Y_n = X_n ⊛ W          (⊛: MatMul or the Conv; bias cancels)

@@ -2,7 +2,7 @@
 
 Rewrite, per target input X (channels c) and its GEMMs (1×1 decoder shortcut Convs reading
 concat(h, skip), and any Conv/Linear input whose channel-range ratio exceeds ``variance_ratio``):
-    X → X/m ;  W → W·m        m_c = 2^(−j_c) ∈ {1, 1/2, 1/4, 1/8}          (folded by ``fold_scales.fold``)
+    X → X/m ;  W → W·m        m_c = 2^(−j_c) ∈ {1, 1/2, 1/4, 1/8}          (folded by ``qcompiler.folding.fold``)
     X/m → DQ(Q(X/m; s, z))    s, z fixed from the calibrated range of the ORIGINAL X:
                               s = (max X − min X)/(2^b − 1), z = round(−min X/s)  (b = abits)
 so channel c is quantized with scale s·m_c and the shared zero point z (docs/algorithms.md §5.3: "activation

@@ -2,7 +2,7 @@
 
 Rewrite, per scale group (an activation X and the Linears reading it; Q, K, V share one):
     z_j = (max_t X_tj + min_t X_tj)/2          s_j = max(1, (max_t X_tj − z_j)/t*)
-    X' = (X − z)/s,   W'[j, :] = s_j·W[j, :],   b' = b + z·W          (folded by ``fold_scales.fold``)
+    X' = (X − z)/s,   W'[j, :] = s_j·W[j, :],   b' = b + z·W          (folded by ``qcompiler.folding.fold``)
 so channel j of X' spans ±min(r_j, t*) with r_j = (max_j − min_j)/2. t* comes from a 1-D grid
 search minimising the quantized consumers' output error on calibration samples:
     error(t) = Σ_consumers ‖(X − z)·W − Q_a((X − z)/s)·Q_w(s·W)‖²      (b and z·W cancel)
@@ -24,7 +24,7 @@ Two choices beyond the paper, both scored by the same error:
   (1.0e-5 vs 3e-6 scale-only, on two calibration batches), so by default such groups are scaled
   only (one Mul); the shift is kept wherever a producer (e.g. the V projection) absorbs it.
 
-Exact: the rewrite only re-associates X·W + b = ((X − z)/s)·(s·W) + (b + z·W); see fold_scales.
+Exact: the rewrite only re-associates X·W + b = ((X − z)/s)·(s·W) + (b + z·W); see qcompiler.folding.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Rewrite, per scale group (an activation X and the Linears reading it; Q, K, V share one s):
     s_j = max|X_j|^α / max_i |W_ji|^(1−α)       (max over every consumer's row j; s_j ≥ 1e-5)
-    X' = X/s,   W'[j, :] = s_j·W[j, :]                                    (folded by ``fold_scales.fold``)
+    X' = X/s,   W'[j, :] = s_j·W[j, :]                                    (folded by ``qcompiler.folding.fold``)
 max|X_j| is the calibration abs-max of channel j (the last axis of a MatMul input). With α = 0.5
 both sides end at max|X'_j| = max|W'_j| = sqrt(max|X_j|·max|W_j|): the per-tensor activation
 grid no longer has to span one outlier channel. Like the paper's code, max|W_j| is clamped to
@@ -12,7 +12,7 @@ rescales a row of zeros and a dead-channel s of 1e-5 would blow up unseen inputs
 Optional (``search_alpha``): per group, α from ``alpha_grid`` minimising the quantized
 consumers' output error on calibration samples (``shift_scale.OutputError``), instead of one α.
 
-Exact: X·W = (X/s)·(s·W), and the producer (or an explicit Mul) writes X/s; see fold_scales.
+Exact: X·W = (X/s)·(s·W), and the producer (or an explicit Mul) writes X/s; see qcompiler.folding.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""fold_scales: scale groups, what absorbs X' = (X − z)/s, and exactness of every fold target in ORT."""
+"""qcompiler.folding: scale groups, what absorbs X' = (X − z)/s, and exactness of every fold target in ORT."""
 
 from collections import Counter
 
