@@ -74,9 +74,11 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     """
     started = time.perf_counter()
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    float_model, source = _load(model)
-    if output is not None:
+    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
+        _load(model)  # the model path is wrong: load_model names the problem in one line
+    if output is not None:  # before loading: a multi-GB model should not load only to fail here
         _check_output_path(Path(output))
+    float_model, source = _load(model)
     settings = QuantSettings(wbits=options.wbits or recipe.wbits, abits=options.abits or recipe.abits,
                              block_size=options.block_size, device=options.device)
     batches = _calibration(calibration, float_model, options.calib_limit)

@@ -142,3 +142,17 @@ def test_model_with_external_data_compiles(workspace, capsys):
     assert main([str(external), "--calib", str(calib), "-o", str(out), "--quiet"]) == 0
     quantized = onnx.load(out)
     assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+
+
+def test_missing_output_folder_is_reported_before_the_model_is_loaded(tmp_path, monkeypatch):
+    """A bad -o is named without reading the (possibly multi-GB) model first."""
+    import qcompiler.api as api
+    from qcompiler.errors import QCompileError
+    from qcompiler.models import DIGITS_VIT
+
+    def refuse(*_):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(api, "_load", refuse)
+    with pytest.raises(QCompileError, match="output folder"):
+        api.quantize(DIGITS_VIT, "minmax", None, tmp_path / "missing" / "x.onnx")
