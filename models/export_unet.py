@@ -13,12 +13,11 @@ Writes, into the chosen folder (the package folder by default):
   training configs, the tokenizer vocabulary, ORT-vs-torch differences and SHA-256 of both files.
 
 Both are exported from the EMA weights with the legacy exporter (``dynamo=False``) at opset 18
-and a dynamic batch axis. docs/algorithms.md §9 prefers ``dynamo=True`` at opset 21 (real
-GroupNormalization, DequantizeLinear ``block_size``), but that exporter needs ``onnxscript``,
+and a dynamic batch axis. ``dynamo=True`` at opset 21 would give real GroupNormalization and
+DequantizeLinear ``block_size`` (docs/algorithms.md §9), but that exporter needs ``onnxscript``,
 which the project does not install; the legacy exporter works for UNet2DConditionModel and
 emits GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, which
-``qcompiler.patterns`` matches. Its highest opset is 20; 18 is what DESIGN.md lists as
-known-good.
+``qcompiler.patterns`` matches. Its highest opset is 20.
 """
 
 from __future__ import annotations
