@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffusion_tables import _cell
+
 HEADER = ("| setting | recipe | PSNR dB | Δ vs split dB | int / quantized GEMMs | simulated | latency ms "
           "| × minmax | × float | size MB | size × minmax | compile s | peak MiB |")
-
-
-def _fmt(row: dict, key: str, spec: str) -> str:
-    value = row.get(key)
-    return "–" if value is None else format(value, spec)
 
 
 def _label(row: dict) -> str:
@@ -20,11 +17,11 @@ def _label(row: dict) -> str:
 
 def table_row(row: dict) -> str:
     gemms = f"{row['integer_gemms']} / {row['quantized_gemms']}" if "integer_gemms" in row else "–"
-    return (f"| {row['setting']} | {_label(row)} | {_fmt(row, 'psnr_db', '.2f')} | {_fmt(row, 'psnr_vs_split_db', '+.2f')} "
-            f"| {gemms} | {_fmt(row, 'simulated', 'd')} | {_fmt(row, 'latency_ms', '.1f')} "
-            f"| {_fmt(row, 'latency_vs_minmax', '.2f')} | {_fmt(row, 'latency_vs_float', '.2f')} "
-            f"| {row['size_bytes'] / 1e6:.2f} | {_fmt(row, 'size_vs_minmax', '.3f')} | {_fmt(row, 'compile_s', '.0f')} "
-            f"| {_fmt(row, 'peak_rss_mib', '.0f')} |")
+    return (f"| {row['setting']} | {_label(row)} | {_cell(row, 'psnr_db', '.2f')} | {_cell(row, 'psnr_vs_split_db', '+.2f')} "
+            f"| {gemms} | {_cell(row, 'simulated', 'd')} | {_cell(row, 'latency_ms', '.1f')} "
+            f"| {_cell(row, 'latency_vs_minmax', '.2f')} | {_cell(row, 'latency_vs_float', '.2f')} "
+            f"| {row['size_bytes'] / 1e6:.2f} | {_cell(row, 'size_vs_minmax', '.3f')} | {_cell(row, 'compile_s', '.0f')} "
+            f"| {_cell(row, 'peak_rss_mib', '.0f')} |")
 
 
 def markdown(results: list[dict], meta: dict) -> str:

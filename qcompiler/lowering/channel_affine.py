@@ -15,9 +15,9 @@ The codes come from one of (cheapest first):
   QuantizeLinear(s, z): round(x'/s) + z = round(x/s_g) + z_g (free at run time);
 - Div(s_g) → Add(z_g) → QuantizeLinear(1, 0): two elementwise ops. A per-axis
   QuantizeLinear(s_g, z_g) would be one op, but ORT runs it element by element when the channel
-  axis is the innermost one (20 ms vs 0.8 ms on a (32, 256, 128) MatMul input), and its layout
-  optimizer makes a Conv input's channel axis innermost (NHWC) often enough that the per-axis form
-  cost 70 of 133 ms per UNet call; ``codes_per_axis`` is kept for token rows (axis 1 of (B, T, C)).
+  axis is the innermost one, and its layout optimizer makes a Conv input's channel axis innermost
+  (NHWC) often enough that the per-axis form cost 70 of 133 ms per UNet call at W8A8
+  (``benchmarks/profile_ops.py``); ``codes_per_axis`` is kept for token rows (axis 1 of (B, T, C)).
 Both are DGQ's codes except where x/s_g lies within float rounding of a .5 tie.
 Token (pixel) groups of a MatMul commute with it: rows scaled after one integer GEMM,
     Y[t, n] = r_t·(Σ_c s·(q − z)·Ŵ[c, n]) + δ_t·Σ_c Ŵ[c, n].
@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.graph import constant_value
 from qcompiler.grids import GroupPlan, WeightRule
 from qcompiler.lowering.channel_groups import Builder, dequantized_weight, weight_dq
-from qcompiler.lowering.matmul_nbits import pack_matmul_nbits, unpack_matmul_nbits
+from qcompiler.lowering.matmul_nbits import dequantize_matmul_nbits, pack_matmul_nbits, unpack_matmul_nbits
 from qcompiler.quant import QuantSpec
 from qcompiler.weight_quant import quantize_by_rule
 
@@ -124,9 +124,9 @@ def _float_weight(node: gs.Node) -> np.ndarray:
     """Ŵ as the GEMM computes with it (MatMulNBits unpacked to [K, N], Gemm's α folded in)."""
     if node.op == "MatMulNBits":
         k, block = int(node.attrs["K"]), int(node.attrs["block_size"])
-        q = unpack_matmul_nbits(constant_value(node.inputs[1]), k).astype(np.float32)
+        q = unpack_matmul_nbits(constant_value(node.inputs[1]), k)
         scales = constant_value(node.inputs[2]).reshape(q.shape[0], -1)
-        return (q * np.repeat(scales, block, axis=1)[:, :k]).T.astype(np.float64)
+        return dequantize_matmul_nbits(q, scales, block).astype(np.float64)
     alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
     return dequantized_weight(node).astype(np.float64) * alpha
 
