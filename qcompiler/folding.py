@@ -254,7 +254,7 @@ def _reshape_state(node: gs.Node, state: list, channels: int) -> list:
     return []
 
 
-def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+def along_axis(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     """Reshape a (C,) vector to broadcast along ``axis`` of an ``ndim``-D array."""
     shape = [1] * ndim
     shape[axis] = vector.size
@@ -316,7 +316,7 @@ def _fold_into_consumer(ctx: CompileContext, unit: Linear | Conv, scale, shift, 
         delta = np.tensordot(weight, shift, axes=([axis], [0]))  # (out, *kernel) for Conv
         delta = delta.reshape(delta.shape[0], -1).sum(axis=1) * float(unit.node.attrs.get("alpha", 1.0))
         _update_bias(ctx, unit, None, delta, pass_name)
-    _set_constant(ctx, unit.node, 1, weight * _along(scale, axis, weight.ndim), pass_name)
+    _set_constant(ctx, unit.node, 1, weight * along_axis(scale, axis, weight.ndim), pass_name)
 
 
 def _replace_in_norm(ctx: CompileContext, norm: Norm, tensor: gs.Tensor, value: np.ndarray, pass_name: str) -> None:
@@ -330,7 +330,7 @@ def _absorb(ctx: CompileContext, absorber: Absorber, scale, shift, pass_name: st
     if isinstance(unit, Norm):
         gamma = constant_value(unit.gamma).astype(np.float64)
         axis = _affine_axis(gamma.shape, scale.size) if gamma.ndim > 1 else -1
-        divide, add = _along(scale, axis, gamma.ndim), _along(minus, axis, gamma.ndim) if shift is not None else 0.0
+        divide, add = along_axis(scale, axis, gamma.ndim), along_axis(minus, axis, gamma.ndim) if shift is not None else 0.0
         _replace_in_norm(ctx, unit, unit.gamma, gamma / divide, pass_name)
         if unit.beta is not None:
             _replace_in_norm(ctx, unit, unit.beta, constant_value(unit.beta) / divide + add, pass_name)
@@ -339,7 +339,7 @@ def _absorb(ctx: CompileContext, absorber: Absorber, scale, shift, pass_name: st
                                                      add.astype(np.float32)))
         return
     weight = weight_array(unit).astype(np.float64)
-    _set_constant(ctx, unit.node, 1, weight / _along(scale, unit.weight_out_axis, weight.ndim), pass_name)
+    _set_constant(ctx, unit.node, 1, weight / along_axis(scale, unit.weight_out_axis, weight.ndim), pass_name)
     _update_bias(ctx, unit, scale, minus, pass_name)  # biases are (N,), (1, N) or Gemm's broadcast C
     ctx.rescaled_tensors.update({unit.node.outputs[0].name, unit.output.name})
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.folding import along_axis
 from qcompiler.graph import constant_value
 from qcompiler.grids import GroupPlan, WeightRule
 from qcompiler.lowering.channel_groups import Builder, dequantized_weight, weight_dq
@@ -66,12 +67,6 @@ def group_affine(plan: GroupPlan) -> GroupAffine:
                        index_zero_point.astype(np.uint8))
 
 
-def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
-    shape = [1] * rank
-    shape[axis] = vector.size
-    return vector.reshape(shape)
-
-
 def codes_per_axis(b: Builder, x: gs.Tensor, affine: GroupAffine, axis: int, spec: QuantSpec) -> gs.Tensor:
     """QuantizeLinear(x, s_g, z_g, axis): DGQ's codes, bit for bit."""
     q = b.op("QuantizeLinear", [x, affine.index_scale, affine.index_zero_point], np.uint8, attrs={"axis": axis})
@@ -80,8 +75,8 @@ def codes_per_axis(b: Builder, x: gs.Tensor, affine: GroupAffine, axis: int, spe
 
 def codes_scaled(b: Builder, x: gs.Tensor, affine: GroupAffine, axis: int, rank: int, spec: QuantSpec) -> gs.Tensor:
     """Div(x, s_g) → Add(z_g) → QuantizeLinear(1, 0): DGQ's codes up to float rounding at .5 ties."""
-    scaled = b.op("Div", [x, _along(affine.index_scale, axis, rank)], np.float32)
-    shifted = b.op("Add", [scaled, _along(affine.index_zero_point.astype(np.float32), axis, rank)], np.float32)
+    scaled = b.op("Div", [x, along_axis(affine.index_scale, axis, rank)], np.float32)
+    shifted = b.op("Add", [scaled, along_axis(affine.index_zero_point.astype(np.float32), axis, rank)], np.float32)
     q = b.op("QuantizeLinear", [shifted, np.array(1.0, np.float32), np.array(0, np.uint8)], np.uint8)
     return b.narrow(q, spec)
 
@@ -148,7 +143,7 @@ def rescale_weight(b: Builder, node: gs.Node, ratio: np.ndarray, rule: WeightRul
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
         weight = rule.source.astype(np.float64) * alpha
     rank, axis = weight.ndim, weight_in_axis(node)
-    scaled = (weight * _along(ratio, axis, rank)).astype(np.float32)
+    scaled = (weight * along_axis(ratio, axis, rank)).astype(np.float32)
     if node.op == "MatMulNBits":
         block = int(node.attrs["block_size"])
         spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=block)
