@@ -142,7 +142,7 @@ class DgqGroups(Pass):
             timestep_statistics,
         )
 
-        timesteps, per_t = timestep_statistics(ctx.model(), ctx.calibration,
+        timesteps, per_t = timestep_statistics(ctx.skeleton(), ctx.calibration,
                                                {name: axis for name, (_, axis) in targets.items()},
                                                self.config.timestep_input)
         for name, plan in plans.items():

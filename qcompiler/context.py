@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qcompiler.graph import NameScope, to_graph, to_model
+from qcompiler.graph import NameScope, to_graph, to_model, to_skeleton
 from qcompiler.grids import GroupPlan, OutputGrid, WeightRule
 
 
@@ -52,9 +52,11 @@ class CompileContext:
     """Everything a pass may read or change. Passes mutate ``graph`` and append ``records``."""
 
     def __init__(self, model: onnx.ModelProto, settings: QuantSettings, calibration=None,
-                 source: str = "model"):
+                 source: str = "model", graph: gs.Graph | None = None):
+        #: The input model's proto: inputs, opsets, metadata. From ``graph.load_graph`` it holds no
+        #: weight data; the weights live only in ``graph``'s constants.
         self.template = model
-        self.graph: gs.Graph = to_graph(model)
+        self.graph: gs.Graph = graph if graph is not None else to_graph(model)
         self.settings = settings
         self.calibration = calibration or []
         self.source = source
@@ -79,8 +81,12 @@ class CompileContext:
         return self._names
 
     def model(self) -> onnx.ModelProto:
-        """The current graph as an ONNX model (cleaned up and topologically sorted)."""
+        """The current graph as one self-contained ONNX model (a copy of every weight: small models)."""
         return to_model(self.graph, self.template)
+
+    def skeleton(self):
+        """The current graph as a ``Skeleton`` (weights by reference): for sessions and saving at any size."""
+        return to_skeleton(self.graph, self.template)
 
     def invalidate_statistics(self) -> None:
         """Called when a pass changes values (folds scales): cached statistics no longer hold."""
@@ -96,7 +102,7 @@ class CompileContext:
             if not self.calibration:
                 from qcompiler.errors import QCompileError
                 raise QCompileError(f"{self.source}: this recipe needs calibration data; pass --calib DIR")
-            fresh = collect_statistics(self.model(), self.calibration, wanted, StatsConfig(progress=progress))
+            fresh = collect_statistics(self.skeleton(), self.calibration, wanted, StatsConfig(progress=progress))
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}

@@ -131,8 +131,24 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(infer_shapes(model))
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """Export a graph back to ONNX, keeping the template's IR version and metadata."""
+def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, gs.Graph]:
+    """``(template, graph)`` of a model file, its external weights memory-mapped, not read.
+
+    The template is the model without external weight data (inputs, opsets, metadata); the
+    graph's constants hold the weights. Models of any size load in seconds and hold each
+    weight once (``qcompiler.skeleton``).
+    """
+    from qcompiler.skeleton import map_external_weights
+
+    path = Path(path)
+    template = load_model(path, load_external_data=False)
+    _check_external_files(template, path)
+    graph = to_graph(template)
+    map_external_weights(graph, path.parent)
+    return template, graph
+
+
+def _export(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
     graph.cleanup().toposort()
     # onnx-graphsurgeon does not export Node.doc_string; passes set it, so carry it across by name.
     doc_strings = {node.name: node.doc_string for node in graph.nodes if getattr(node, "doc_string", None)}
@@ -151,6 +167,21 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         del model.metadata_props[:]
         model.metadata_props.extend(template.metadata_props)
     return model
+
+
+def to_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None):
+    """The graph as a ``Skeleton``: structure in a small proto, weights by reference (any model size)."""
+    from qcompiler.skeleton import skeleton
+
+    return skeleton(graph, lambda g: _export(g, template))
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graph back to one self-contained ONNX model, keeping the template's IR version and metadata.
+
+    For models over 2 GiB use :func:`to_skeleton`: this copies every weight into the proto.
+    """
+    return to_skeleton(graph, template).materialize()
 
 
 def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:

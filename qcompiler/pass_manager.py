@@ -18,7 +18,7 @@ import onnx
 
 from qcompiler.context import CompileContext
 from qcompiler.errors import PassError, QCompileError
-from qcompiler.graph import save_model
+from qcompiler.skeleton import checkable, save_skeleton
 
 #: Relative error an exact (equivalence) pass may introduce, measured by ORT on seeded inputs.
 EXACT_RTOL = 1e-5
@@ -110,7 +110,7 @@ class PassManager:
                 record.verify = self._verify(ctx, pass_, reference)
             if pass_.name in self.options.dump_after:
                 path = Path(f"{self.options.dump_prefix}.after-{pass_.name}.onnx")
-                save_model(ctx.model(), path)
+                save_skeleton(ctx.skeleton(), path)
                 record.notes = record.notes + (f"dumped to {path}",)
             records.append(record)
         return records
@@ -118,19 +118,19 @@ class PassManager:
     def _reference_outputs(self, ctx: CompileContext) -> list[dict]:
         from qcompiler.runtimes.ort import make_session, run
 
-        session = make_session(ctx.model())
+        session = make_session(ctx.skeleton(), lean=True)
         return [run(session, batch.feeds) for batch in verification_batches(ctx)]
 
     def _verify(self, ctx: CompileContext, pass_: Pass, reference: list[dict]) -> dict:
         """onnx.checker plus an ORT run against the float model's outputs on the same inputs."""
         from qcompiler.runtimes.ort import make_session, run
 
-        model = ctx.model()
+        skeleton = ctx.skeleton()  # weights by reference: no copy, any model size
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(checkable(skeleton.proto))
         except onnx.checker.ValidationError as exc:
             raise PassError(f"pass '{pass_.name}' produced an invalid graph: {str(exc).splitlines()[0]}") from None
-        session = make_session(model)
+        session = make_session(skeleton, lean=True)
         worst_rel, outputs = 0.0, {}
         for batch, expected in zip(verification_batches(ctx), reference):
             got = run(session, batch.feeds)

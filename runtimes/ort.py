@@ -34,10 +34,18 @@ def providers(device: str = "cpu") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 optimize: bool = True, optimized_model_path: str | os.PathLike | None = None):
-    """An ORT InferenceSession from a path or a ModelProto (protos over 2 GiB must come as paths)."""
+def make_session(model, device: str = "cpu", threads: int | None = None, optimize: bool = True,
+                 optimized_model_path: str | os.PathLike | None = None, lean: bool = False):
+    """An ORT InferenceSession from a path, a ModelProto (under 2 GiB) or a ``Skeleton`` (any size).
+
+    A skeleton's arrays are handed to ORT with ``add_initializer``: ORT computes on them where
+    they are (no copy). ``lean`` (calibration and checks, not deployment) also turns off weight
+    prepacking and the memory arena, so ORT holds no second copy of the weights and frees each
+    activation when it is consumed.
+    """
     import onnxruntime as ort
+
+    from qcompiler.skeleton import Skeleton, write_placeholder_model
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -46,13 +54,35 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, device: str = "cpu"
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if lean:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    where = str(model) if isinstance(model, (str, os.PathLike)) else "model"
     try:
+        if isinstance(model, Skeleton):
+            # ORT's graph transformers (constant folding of DequantizeLinear, QDQ fusions, the NCHWc
+            # layout) read initializers from the model file, not from add_initializer, and would
+            # compute on the placeholder: a skeleton runs unoptimized, exactly as its graph says
+            # (checked against the self-contained model in tests/core/test_skeleton.py).
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            initializers = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+                            for name, array in model.arrays.items()}
+            for name, value in initializers.items():
+                options.add_initializer(name, value)
+            # ORT opens the skeleton from a file; it reads the weights from `initializers`, never the file.
+            with tempfile.TemporaryDirectory(prefix="qcompile-session-") as tmp:
+                path = write_placeholder_model(model, Path(tmp))
+                session = ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
+            session.qcompile_initializers = initializers  # ORT uses these buffers: keep them alive
+            return session
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         return ort.InferenceSession(source, sess_options=options, providers=providers(device))
+    except QCompileError:
+        raise
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        where = "model" if isinstance(model, onnx.ModelProto) else str(model)
         raise QCompileError(f"{where}: ONNX Runtime could not load it: {str(exc).splitlines()[0][:300]}") from None
 
 

@@ -15,23 +15,15 @@ added block by block in data order, so equal inputs give bitwise-equal statistic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import onnx
-from tqdm import tqdm
 
+from qcompiler.calibration.capture import stream_tensors
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.errors import QCompileError
-from qcompiler.graph import EXTERNAL_DATA_THRESHOLD, infer_shapes, load_model, model_weight_bytes, save_model
-from qcompiler.runtimes.ort import make_session
 
 #: |x| is histogrammed in blocks of this many values so the float64 temporary stays at 8 MiB.
 _BLOCK = 1 << 20
@@ -43,6 +35,8 @@ class StatsConfig:
 
     histogram_bins: int = 2048
     tensors_per_run: int = 32
+    #: Bytes of captured activations per ORT run and batch; None: sized from available memory.
+    chunk_bytes: int | None = None
     per_index: bool = True
     threads: int | None = None
     progress: bool = True
@@ -226,118 +220,7 @@ def _layout(shape: tuple[int, ...], axis: int | None, name: str) -> tuple[tuple[
     return (shape[0], positions, shape[channel_axis]), channel_axis
 
 
-class _OutputRunner:
-    """A private copy of the model whose graph outputs are set to one chunk of tensors at a time.
-
-    Above ``EXTERNAL_DATA_THRESHOLD`` bytes of weights the copy is written once to a temporary
-    folder with external data; each chunk then only rewrites the small .onnx beside it, and ORT
-    loads from the path (a proto over 2 GiB cannot be serialized).
-    """
-
-    def __init__(self, model: onnx.ModelProto | str | os.PathLike, threads: int | None):
-        self.threads, self._folder = threads, None
-        if isinstance(model, onnx.ModelProto):
-            proto = onnx.ModelProto()
-            proto.CopyFrom(model)  # outputs are rewritten and save_model empties the proto it writes
-        else:
-            proto = load_model(model)
-        graph = proto.graph
-        initializers = {tensor.name for tensor in graph.initializer}
-        self.graph_inputs = {value.name for value in graph.input if value.name not in initializers}
-        self.node_outputs = {name for node in graph.node for name in node.output if name}
-        self.initializers = initializers
-        if model_weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD:
-            self._folder = tempfile.TemporaryDirectory(prefix="qcompile-stats-")
-            base = Path(self._folder.name) / "model.onnx"
-            save_model(proto, base, external_data=True)
-            proto = onnx.load(str(base), load_external_data=False)
-        self.proto = proto
-
-    def __enter__(self) -> _OutputRunner:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._folder is not None:
-            self._folder.cleanup()
-
-    def check(self, names: Sequence[str]) -> None:
-        for name in names:
-            if name in self.initializers and name not in self.graph_inputs:
-                raise QCompileError(f"tensor '{name}' is a constant initializer, not an activation; "
-                                    "read weight statistics from the initializer itself")
-            if name not in self.graph_inputs and name not in self.node_outputs:
-                raise QCompileError(f"tensor '{name}' is not in the model (neither a graph input nor a node "
-                                    "output); check the name, e.g. in Netron")
-
-    def element_types(self, names: Sequence[str]) -> dict[str, int]:
-        """ONNX element type per tensor: declared, else from shape inference, else float32."""
-        graph = self.proto.graph
-        declared = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
-        if any(not declared.get(name) for name in names):
-            inferred = infer_shapes(self.proto).graph.value_info
-            declared.update({v.name: v.type.tensor_type.elem_type for v in inferred if v.name not in declared})
-        return {name: declared.get(name) or onnx.TensorProto.FLOAT for name in names}
-
-    def session(self, chunk: Sequence[str], types: Mapping[str, int]):
-        """An ORT session whose only outputs are ``chunk`` (ORT prunes nodes they do not need)."""
-        del self.proto.graph.output[:]
-        self.proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in chunk)
-        if self._folder is None:
-            return make_session(self.proto, threads=self.threads)
-        path = Path(self._folder.name) / "chunk.onnx"
-        onnx.save(self.proto, str(path))
-        return make_session(path, threads=self.threads)
-
-
-def _run(session, chunk: Sequence[str], batch: CalibrationBatch) -> list[np.ndarray]:
-    """One forward pass; feeds limited to the inputs that the pruned graph still has."""
-    names = [value.name for value in session.get_inputs()]
-    missing = [name for name in names if name not in batch.feeds]
-    if missing:
-        raise QCompileError(f"{batch.source}: calibration batch lacks model input(s) {', '.join(missing)}")
-    try:
-        return session.run(list(chunk), {name: batch.feeds[name] for name in names})
-    except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
-        raise QCompileError(f"{batch.source}: ONNX Runtime failed while collecting statistics: "
-                            f"{str(exc).splitlines()[0][:300]}") from None
-
-
-def stream_tensors(model: onnx.ModelProto | str | os.PathLike, batches: Sequence[CalibrationBatch],
-                   tensors: Sequence[str], config: StatsConfig = StatsConfig(),
-                   desc: str = "calibration statistics") -> Iterator[tuple[CalibrationBatch, dict[str, np.ndarray]]]:
-    """``(batch, {tensor: value})`` per chunk of ``config.tensors_per_run`` tensors and per batch.
-
-    Graph inputs come straight from the feeds; other tensors are computed by ORT with only the
-    chunk as graph outputs, one pass over the data per chunk. The caller must drop each dict
-    before asking for the next, so two batches' activations never coexist (the memory bound).
-    """
-    with _OutputRunner(model, config.threads) as runner:
-        runner.check(list(tensors))
-        from_feeds = [name for name in tensors if name in runner.graph_inputs]
-        computed = [name for name in tensors if name not in runner.graph_inputs]
-        chunks = [computed[i:i + config.tensors_per_run] for i in range(0, len(computed), config.tensors_per_run)]
-        types = runner.element_types(computed) if computed else {}
-        with tqdm(total=(len(chunks) + bool(from_feeds)) * len(batches), desc=desc, unit="batch", leave=False,
-                  disable=None if config.progress else True) as bar:
-            if from_feeds:
-                for batch in batches:
-                    missing = [name for name in from_feeds if name not in batch.feeds]
-                    if missing:
-                        raise QCompileError(f"{batch.source}: calibration batch lacks model input(s) "
-                                            f"{', '.join(missing)}")
-                    yield batch, {name: batch.feeds[name] for name in from_feeds}
-                    bar.update()
-            for chunk in chunks:
-                session = runner.session(chunk, types)
-                for batch in batches:
-                    outputs = dict(zip(chunk, _run(session, chunk, batch)))
-                    yield batch, outputs
-                    del outputs  # so two batches' outputs never coexist here
-                    bar.update()
-                del session
-
-
-def collect_statistics(model: onnx.ModelProto | str | os.PathLike, batches: Sequence[CalibrationBatch],
+def collect_statistics(model, batches: Sequence[CalibrationBatch],
                        tensors: Mapping[str, int | None],
                        config: StatsConfig = StatsConfig()) -> dict[str, TensorStats]:
     """Statistics of every tensor in ``tensors`` (name -> channel axis, None = last) over all batches.

@@ -25,7 +25,8 @@ from qcompiler.calibration.readers import CalibrationBatch, load_calibration
 # The engine's chunked runner: a private copy of the model whose outputs are set per chunk
 # (external data above 2 GiB handled). Reused rather than copied; collect_statistics reduces
 # inside the loop, and inspect needs the raw values twice.
-from qcompiler.calibration.statistics import StatsConfig, TensorStats, stream_tensors
+from qcompiler.calibration.capture import stream_tensors
+from qcompiler.calibration.statistics import StatsConfig, TensorStats
 from qcompiler.errors import QCompileError
 from qcompiler.graph import load_model, to_graph
 from qcompiler.inspect import activations, attention, recommend, weights

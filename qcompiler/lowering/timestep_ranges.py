@@ -23,7 +23,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.calibration.readers import CalibrationBatch
-from qcompiler.calibration.statistics import StatsConfig, TensorStats, stream_tensors
+from qcompiler.calibration.capture import stream_tensors
+from qcompiler.calibration.statistics import StatsConfig, TensorStats
 from qcompiler.errors import PassError
 from qcompiler.quant import QuantSpec, scale_zero_point
 
@@ -59,7 +60,7 @@ def split_by_timestep(batches: Sequence[CalibrationBatch], timestep_input: str) 
     return dict(sorted(by_t.items()))
 
 
-def timestep_statistics(model: onnx.ModelProto, batches: Sequence[CalibrationBatch], tensors: dict[str, int | None],
+def timestep_statistics(model, batches: Sequence[CalibrationBatch], tensors: dict[str, int | None],
                         timestep_input: str, progress: bool = True) -> tuple[np.ndarray, dict[str, list[TensorStats]]]:
     """(timesteps ascending, {tensor: [its statistics at each timestep]}) in one pass over the data."""
     by_t = split_by_timestep(batches, timestep_input)

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.calibration import CalibrationBatch, StatsConfig, TensorStats, collect_statistics
-from qcompiler.calibration import statistics as statistics_module
+from qcompiler.calibration import capture as capture_module
 from qcompiler.errors import QCompileError
 
 QUIET = StatsConfig(progress=False)
@@ -183,20 +183,20 @@ def test_peak_memory_does_not_grow_with_samples(monkeypatch):
     # memory (traced) before the reducer sees it. Keeping the activations of N = 64 instead of
     # N = 4 samples would add 60 x 64 KiB = 3.75 MiB; streaming adds nothing that scales with N.
     model, batches, per_sample = memory_case()
-    run, kept = statistics_module._run, []
-    monkeypatch.setattr(statistics_module, "_run", lambda *args: [np.array(out) for out in run(*args)])
+    run, kept = capture_module._run, []
+    monkeypatch.setattr(capture_module, "_run", lambda *args: [np.array(out) for out in run(*args)])
     traced_peak(model, batches[:1], {"h": None})  # warm-up: first-call caches are not the subject
     small, large = traced_peak(model, batches[:2], {"h": None}), traced_peak(model, batches, {"h": None})
     assert large - small < 0.1 * 60 * per_sample
     # The same measurement sees accumulation when it happens: keep every output alive.
-    monkeypatch.setattr(statistics_module, "_run", lambda *args: kept.append([np.array(o) for o in run(*args)])
+    monkeypatch.setattr(capture_module, "_run", lambda *args: kept.append([np.array(o) for o in run(*args)])
                         or kept[-1])
     assert traced_peak(model, batches, {"h": None}) - small > 0.9 * 60 * per_sample
 
 
 def test_each_activation_is_released_before_the_next_batch(monkeypatch):
     model, batches, _ = memory_case()
-    run, alive = statistics_module._run, []
+    run, alive = capture_module._run, []
 
     def tracked(*args):
         assert not [ref for ref in alive if ref() is not None], "an earlier batch's activation is still referenced"
@@ -204,7 +204,7 @@ def test_each_activation_is_released_before_the_next_batch(monkeypatch):
         alive.extend(weakref.ref(out) for out in outputs)
         return outputs
 
-    monkeypatch.setattr(statistics_module, "_run", tracked)
+    monkeypatch.setattr(capture_module, "_run", tracked)
     collect_statistics(model, batches[:4], {"h": None, "y": 1}, StatsConfig(progress=False, tensors_per_run=1))
     assert len(alive) == 8  # 2 chunks x 4 batches, each checked dead before the next run
 
@@ -231,15 +231,18 @@ def test_unknown_tensor_initializer_and_bad_axis():
         collect_statistics(model, batches, {"h": 0}, QUIET)
 
 
-def test_external_data_path_for_large_models(monkeypatch, tmp_path):
-    # Lower the 1.8 GiB threshold so a 2 KiB weight takes the external-data route.
+def test_external_data_model_is_read_through_memory_maps(tmp_path):
+    # A model saved with external data is captured from its path: weights memory-mapped, never copied
+    # into a proto; statistics equal those of the in-memory model bit for bit.
     rng = np.random.default_rng(6)
     weight = exact_values(rng, (3, 160), 0.5)
     model = matmul_model(weight)
     batches = make_batches(rng, [2, 1], (4, 3))
     expected = collect_statistics(model, batches, {"h": None}, QUIET)["h"]
-    monkeypatch.setattr(statistics_module, "EXTERNAL_DATA_THRESHOLD", 0)
-    onnx.save(model, str(tmp_path / "model.onnx"))
+    saved = onnx.ModelProto()
+    saved.CopyFrom(model)  # onnx.save moves the weights of the proto it writes out to the file
+    onnx.save(saved, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
     for source in (model, tmp_path / "model.onnx"):
         stats = collect_statistics(source, batches, {"h": None, "y": None}, StatsConfig(progress=False,
                                                                                        tensors_per_run=1))["h"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import weakref
 
-from qcompiler.calibration import statistics
+from qcompiler.calibration import capture
 from qcompiler.inspect import InspectConfig, inspect_model
 from tests.inspect import builders
 
 
 def test_each_activation_is_released_before_the_next_run(monkeypatch):
-    run, alive, chunks = statistics._run, [], []
+    run, alive, chunks = capture._run, [], []
 
     def tracked(session, chunk, batch):
         assert not [ref for ref in alive if ref() is not None], "an earlier batch's activation is still referenced"
@@ -19,7 +19,7 @@ def test_each_activation_is_released_before_the_next_run(monkeypatch):
         chunks.append((tuple(chunk), batch.source))
         return outputs
 
-    monkeypatch.setattr(statistics, "_run", tracked)  # inspect streams through the statistics engine
+    monkeypatch.setattr(capture, "_run", tracked)  # inspect streams through the capture engine
     feeds = builders.residual_feeds(files=3)
     report = inspect_model(builders.residual_model(), feeds, InspectConfig(progress=False, tensors_per_run=1)).report
     # x is a graph input (read from the feeds); s is computed: 1 chunk × 3 batches per pass, 2 passes.
