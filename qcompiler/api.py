@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
 
 import qcompiler
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import QCompileError
-from qcompiler.graph import load_model, save_model, set_metadata
+from qcompiler.graph import load_graph, load_model, set_metadata
+from qcompiler.skeleton import SINGLE_FILE_LIMIT, save_skeleton
 from qcompiler.pass_manager import ManagerOptions, PassManager
 from qcompiler.recipes import Recipe, get_recipe
 from qcompiler.targets import LowerStage
@@ -50,10 +52,12 @@ class CompileResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _load(model) -> tuple[onnx.ModelProto, str]:
+def _load(model) -> tuple[onnx.ModelProto, gs.Graph | None, str]:
+    """(template, graph, source name): a path's external weights are memory-mapped, not read."""
     if isinstance(model, onnx.ModelProto):
-        return model, "model"
-    return load_model(model), str(model)
+        return model, None, "model"
+    template, graph = load_graph(model)
+    return template, graph, str(model)
 
 
 def _calibration(source, model: onnx.ModelProto, limit: int | None):
@@ -75,21 +79,21 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     started = time.perf_counter()
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
-        _load(model)  # the model path is wrong: load_model names the problem in one line
+        load_model(model, load_external_data=False)  # the model path is wrong: named in one line
     if output is not None:  # before loading: a multi-GB model should not load only to fail here
         _check_output_path(Path(output))
-    float_model, source = _load(model)
+    float_model, graph, source = _load(model)
     settings = QuantSettings(wbits=options.wbits or recipe.wbits, abits=options.abits or recipe.abits,
                              block_size=options.block_size, device=options.device)
     batches = _calibration(calibration, float_model, options.calib_limit)
-    ctx = CompileContext(float_model, settings, batches, source=source)
+    ctx = CompileContext(float_model, settings, batches, source=source, graph=graph)
     dump_prefix = str(Path(output).with_suffix("")) if output else str(Path(source).with_suffix(""))
     target = _target(options)
     manager = PassManager(recipe.build_passes() + [LowerStage(target)],
                           ManagerOptions(options.verify, tuple(options.dump_after), dump_prefix, options.progress))
     pass_records = manager.run(ctx)
-    quantized = ctx.model()
-    set_metadata(quantized, {"qcompile.version": qcompiler.__version__, "qcompile.recipe": recipe.name,
+    quantized = ctx.skeleton()  # weights by reference: saved by streaming, never copied into a proto
+    set_metadata(quantized.proto, {"qcompile.version": qcompiler.__version__, "qcompile.recipe": recipe.name,
                              "qcompile.settings": json.dumps(asdict(settings)),
                              "qcompile.passes": ",".join(r.name for r in pass_records),
                              "qcompile.target": target.name,
@@ -100,15 +104,17 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
 
     with tempfile.TemporaryDirectory(prefix="qcompile-") as tmp:
         path = Path(output) if output is not None else Path(tmp) / "quantized.onnx"
-        save_model(quantized, path)
+        save_skeleton(quantized, path)
         report = build_report(recipe, settings, ctx, pass_records, float_model, path, source,
                               compile_seconds, target.name, target.count_kernels(path))
+    # Under 2 GiB the result carries the whole model; above, its structure (weights in the saved file).
+    model_out = quantized.materialize() if quantized.weight_bytes <= SINGLE_FILE_LIMIT else quantized.proto
     warnings = check_integer_kernels(recipe, report)
     for warning in warnings:
         print(f"qcompile: warning: {warning}", file=sys.stderr)
     if output is not None and options.write_report:
         write_report(report, Path(f"{output}.report.json"))
-    return CompileResult(quantized, report, Path(output) if output else None, warnings)
+    return CompileResult(model_out, report, Path(output) if output else None, warnings)
 
 
 def _target(options: CompileOptions):

@@ -78,7 +78,10 @@ def model_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes held in initializers and Constant nodes (what decides external data)."""
     total = 0
     for tensor in onnx.external_data_helper._get_all_tensors(model):
-        total += len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({entry.key: entry.value for entry in tensor.external_data}.get("length", 0))
+        else:
+            total += len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
     return total
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +38,18 @@ def build_report(recipe, settings, ctx, pass_records, float_model, output_path: 
         "integer_kernels": kernels.as_dict(),
         "fallbacks": list(ctx.fallbacks),
         "size_bytes": {"before": model_weight_bytes(float_model) + _graph_bytes(float_model), "after": size_after},
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far, from the OS (``getrusage``; None where unavailable)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
 
 
 def _simulated(records) -> list[dict]:
@@ -103,7 +115,8 @@ def format_summary(report: dict) -> str:
     console.print(f"lowering: {report['lowering_counts']}")
     size = report["size_bytes"]
     console.print(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB   calibration samples: "
-                  f"{report['calibration_samples']}   compile: {report['compile_seconds']:.1f} s")
+                  f"{report['calibration_samples']}   compile: {report['compile_seconds']:.1f} s"
+                  + (f"   peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB" if report.get("peak_rss_bytes") else ""))
     if report["fallbacks"]:
         console.print(f"explicit fallbacks ({len(report['fallbacks'])}, each an elementwise op at run time):")
         for fallback in report["fallbacks"]:

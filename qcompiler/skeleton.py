@@ -105,6 +105,7 @@ def map_external_weights(graph: gs.Graph, folder: Path) -> int:
         if not isinstance(proto, onnx.TensorProto) or proto.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in proto.external_data}
+        tensor.data_location = None  # else onnx-graphsurgeon exports the values marked as external
         dtype = _numpy_dtype(proto.data_type)
         shape = tuple(proto.dims)
         if dtype is None or np.dtype(dtype).kind not in "biuf":  # bfloat16/float8: onnx's own loader
