@@ -35,7 +35,6 @@ import numpy as np
 from tqdm import tqdm
 
 from qcompiler.context import CompileContext, QuantSettings
-from qcompiler.graph import add_outputs
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
 from qcompiler.patterns import Linear, match_linear, weight_array
@@ -67,32 +66,30 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
                   tensors_per_run: int = 16) -> dict[str, np.ndarray]:
     """Up to ``rows`` rows (channels last) of each group's X from the first ``batches`` calibration batches.
 
-    Rows are drawn uniformly without replacement per batch (seeded); memory holds one batch's
-    outputs for ``tensors_per_run`` tensors plus the kept rows.
+    Rows are drawn uniformly without replacement per batch, from a generator seeded by (seed,
+    tensor, batch), so the draw does not depend on how the capture engine chunks the tensors;
+    memory holds one batch's outputs for one chunk plus the kept rows.
     """
-    from qcompiler.runtimes.ort import make_session, run
+    from qcompiler.calibration.capture import stream_tensors
+    from qcompiler.calibration.statistics import StatsConfig
 
     chosen = ctx.calibration[:batches]
     per_batch = -(-rows // max(len(chosen), 1))
-    rng = np.random.default_rng(seed)
-    inputs = {value.name for value in ctx.graph.inputs}
     names = list(dict.fromkeys(group.name for group in groups))
     axes = {group.name: group.channel_axis for group in groups}
-    samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    computed = [name for name in names if name not in inputs]
-    model = ctx.model()
-    for start in range(0, max(len(computed), 1), tensors_per_run):
-        chunk = computed[start:start + tensors_per_run]
-        session = make_session(add_outputs(model, chunk)) if chunk else None
-        wanted = chunk + ([name for name in names if name in inputs] if start == 0 else [])
-        for batch in chosen:
-            values = run(session, batch.feeds, chunk) if chunk else {}
-            for name in wanted:
-                value = np.moveaxis(np.asarray(values.get(name, batch.feeds.get(name)), np.float32), axes[name], -1)
-                flat = value.reshape(-1, value.shape[-1])
-                keep = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
-                samples[name].append(flat[np.sort(keep)])
-    return {name: np.concatenate(parts)[:rows] for name, parts in samples.items()}
+    batch_index = {id(batch): index for index, batch in enumerate(chosen)}
+    samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
+    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False)
+    for batch, values in stream_tensors(ctx.skeleton(), chosen, names, config, desc="sampling rows"):
+        b = batch_index[id(batch)]
+        for name, value in values.items():
+            value = np.moveaxis(np.asarray(value, np.float32), axes[name], -1)
+            flat = value.reshape(-1, value.shape[-1])
+            rng = np.random.default_rng([seed, names.index(name), b])
+            keep = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
+            samples[name][b] = flat[np.sort(keep)]
+        del values
+    return {name: np.concatenate([parts[b] for b in sorted(parts)])[:rows] for name, parts in samples.items()}
 
 
 def matmul_weights(unit: Linear) -> np.ndarray:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from qcompiler.graph import add_outputs, load_model
+from qcompiler.graph import add_outputs, load_structure
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,21 @@ def quantized_layer_outputs(quant_model: onnx.ModelProto, float_model: onnx.Mode
     return [name for name in names if name in float_tensors and name not in rescaled]
 
 
+def _open(model) -> tuple[onnx.ModelProto, Path | None]:
+    """(proto, folder of its external data): a path is read without its weights, which ORT loads itself."""
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    return load_structure(model), Path(model).parent
+
+
 def _run_pairs(float_model, quant_model, batches, names: list[str], accumulators) -> None:
+    """Both models in ORT, fully optimized (the candidate runs its integer kernels, as deployed)."""
     from qcompiler.runtimes.ort import make_session, run
 
-    reference = make_session(add_outputs(float_model, names) if names else float_model)
-    candidate = make_session(add_outputs(quant_model, names) if names else quant_model)
+    (float_proto, float_folder), (quant_proto, quant_folder) = float_model, quant_model
+    reference = make_session(add_outputs(float_proto, names) if names else float_proto, external_folder=float_folder)
+    candidate = make_session(add_outputs(quant_proto, names) if names else quant_proto, external_folder=quant_folder)
+    float_model = float_proto
     wanted = names or [o.name for o in float_model.graph.output]
     for batch in batches:
         expected = run(reference, batch.feeds, wanted)
@@ -95,9 +106,8 @@ def evaluate(float_model, quant_model, data, options: EvalOptions = EvalOptions(
     """Compare two models on ``data`` (anything ``load_calibration`` accepts)."""
     from qcompiler.calibration.readers import load_calibration
 
-    float_model = float_model if isinstance(float_model, onnx.ModelProto) else load_model(float_model)
-    quant_model = quant_model if isinstance(quant_model, onnx.ModelProto) else load_model(quant_model)
-    batches = load_calibration(data, float_model, limit=options.limit)
+    float_model, quant_model = _open(float_model), _open(quant_model)
+    batches = load_calibration(data, float_model[0], limit=options.limit)
     outputs = defaultdict(_Accumulator)
     _run_pairs(float_model, quant_model, batches, [], outputs)
     per_output = {name: acc.result() for name, acc in outputs.items()}
@@ -109,7 +119,7 @@ def evaluate(float_model, quant_model, data, options: EvalOptions = EvalOptions(
     result = {"samples": sum(b.batch_size for b in batches), "outputs": per_output, "overall": overall.result()}
     if options.per_layer:
         layers = defaultdict(_Accumulator)
-        names = quantized_layer_outputs(quant_model, float_model)
+        names = quantized_layer_outputs(quant_model[0], float_model[0])
         for start in range(0, len(names), options.tensors_per_run):
             _run_pairs(float_model, quant_model, batches, names[start:start + options.tensors_per_run], layers)
         per_layer = [{"tensor": name, **layers[name].result()} for name in names]

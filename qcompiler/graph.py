@@ -54,6 +54,13 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
     return model
 
 
+def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model without its external weight data, after checking that every external file is complete."""
+    model = load_model(path, load_external_data=False)
+    _check_external_files(model, Path(path))
+    return model
+
+
 def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
     """Name the initializer and the file when a model's external weights are missing or short."""
     for tensor in onnx.external_data_helper._get_all_tensors(model):
@@ -144,8 +151,7 @@ def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, gs.Graph]:
     from qcompiler.skeleton import map_external_weights
 
     path = Path(path)
-    template = load_model(path, load_external_data=False)
-    _check_external_files(template, path)
+    template = load_structure(path)
     graph = to_graph(template)
     map_external_weights(graph, path.parent)
     return template, graph

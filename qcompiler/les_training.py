@@ -14,7 +14,6 @@ import numpy as np
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext
 from qcompiler.errors import QCompileError
-from qcompiler.graph import add_outputs
 from qcompiler.folding import ScaleGroup
 from qcompiler.passes.shift_scale import matmul_weights
 from qcompiler.patterns import Conv, match_conv, weight_array
@@ -92,34 +91,28 @@ def collect_inputs(ctx: CompileContext, batches: list[CalibrationBatch], names: 
     The sample index of a leading-axis row is ``offset + i // k`` when the tensor's leading axis
     is k × the batch's rows (k = 1: one row per sample); None when it is not a multiple.
     """
-    from qcompiler.runtimes.ort import make_session, run
+    from qcompiler.calibration.capture import stream_tensors
+    from qcompiler.calibration.statistics import StatsConfig
 
-    inputs = {value.name for value in ctx.graph.inputs}
-    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    computed = [name for name in names if name not in inputs]
-    model = ctx.model() if computed else None
-    chunks = [computed[i:i + tensors_per_run] for i in range(0, len(computed), tensors_per_run)]
-    for chunk in chunks + [[name for name in names if name in inputs]]:
-        if not chunk:
-            continue
-        session = make_session(add_outputs(model, chunk)) if any(n not in inputs for n in chunk) else None
-        parts: dict[str, list] = {name: [] for name in chunk}
-        index: dict[str, list | None] = {name: [] for name in chunk}
-        offset = 0
-        for batch in batches:
-            values = run(session, batch.feeds, chunk) if session is not None else {}
-            rows = batch.batch_size
-            for name in chunk:
-                value = np.asarray(values[name] if name in values else batch.feeds[name], np.float32)
-                parts[name].append(value)
-                lead = value.shape[0] if value.ndim else 0
-                if index[name] is not None and lead and lead % rows == 0:
-                    index[name].append(offset + np.arange(lead) // (lead // rows))
-                else:
-                    index[name] = None
-            offset += rows
-        for name in chunk:
-            out[name] = (np.concatenate(parts[name]), np.concatenate(index[name]) if index[name] else None)
+    offsets, offset = {}, 0
+    for batch in batches:
+        offsets[id(batch)] = offset
+        offset += batch.batch_size
+    parts: dict[str, dict[int, tuple[np.ndarray, np.ndarray | None]]] = {name: {} for name in names}
+    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False)
+    for batch, values in stream_tensors(ctx.skeleton(), batches, names, config, desc="LES inputs"):
+        start, rows = offsets[id(batch)], batch.batch_size
+        for name, value in values.items():
+            value = np.asarray(value, np.float32)
+            lead = value.shape[0] if value.ndim else 0
+            rows_of = start + np.arange(lead) // (lead // rows) if lead and lead % rows == 0 else None
+            parts[name][start] = (value, rows_of)
+        del values
+    out = {}
+    for name in names:
+        ordered = [parts[name][start] for start in sorted(parts[name])]
+        index = None if any(rows_of is None for _, rows_of in ordered) else np.concatenate([r for _, r in ordered])
+        out[name] = (np.concatenate([value for value, _ in ordered]), index)
     return out
 
 

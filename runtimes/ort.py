@@ -35,13 +35,15 @@ def providers(device: str = "cpu") -> list[str]:
 
 
 def make_session(model, device: str = "cpu", threads: int | None = None, optimize: bool = True,
-                 optimized_model_path: str | os.PathLike | None = None, lean: bool = False):
+                 optimized_model_path: str | os.PathLike | None = None, lean: bool = False,
+                 external_folder: str | os.PathLike | None = None):
     """An ORT InferenceSession from a path, a ModelProto (under 2 GiB) or a ``Skeleton`` (any size).
 
     A skeleton's arrays are handed to ORT with ``add_initializer``: ORT computes on them where
     they are (no copy). ``lean`` (calibration and checks, not deployment) also turns off weight
     prepacking and the memory arena, so ORT holds no second copy of the weights and frees each
-    activation when it is consumed.
+    activation when it is consumed. ``external_folder``: where a ModelProto's external data files
+    are (a model loaded without its weights, e.g. with extra outputs added); ORT reads them itself.
     """
     import onnxruntime as ort
 
@@ -58,8 +60,16 @@ def make_session(model, device: str = "cpu", threads: int | None = None, optimiz
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(external_folder))
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+        # Weights go beside the optimized graph, so a model over 2 GiB can be written (and read back).
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         Path(optimized_model_path).name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         "1024")
     where = str(model) if isinstance(model, (str, os.PathLike)) else "model"
     try:
         if isinstance(model, Skeleton):

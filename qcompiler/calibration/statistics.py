@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,6 +37,9 @@ class StatsConfig:
     tensors_per_run: int = 32
     #: Bytes of captured activations per ORT run and batch; None: sized from available memory.
     chunk_bytes: int | None = None
+    #: Ranges only, reduced inside ORT in one pass per batch (``reductions.py``): no histogram or
+    #: mean |x|. What the compile passes use; ``inspect`` needs the full statistics.
+    ranges_only: bool = False
     per_index: bool = True
     threads: int | None = None
     progress: bool = True
@@ -109,6 +112,31 @@ class TensorStats:
             index_max=np.full(shape3[1], -np.inf) if per_index else None,
             shape=tuple(np.shape(array)[1:]),
         )
+
+    @classmethod
+    def empty(cls, name: str, channel_axis: int, channels: int, positions: int | None) -> TensorStats:
+        """Range-only statistics (no histogram), filled by :meth:`update_ranges` (``reductions.py``)."""
+        return cls(name=name, channel_axis=channel_axis,
+                   channel_min=np.full(channels, np.inf), channel_max=np.full(channels, -np.inf),
+                   hist_counts=np.zeros(0, np.int64), hist_edges=np.zeros(1),
+                   index_min=None if positions is None else np.full(positions, np.inf),
+                   index_max=None if positions is None else np.full(positions, -np.inf))
+
+    def update_ranges(self, parts: Mapping[str, np.ndarray], samples: int, source: str) -> None:
+        """Fold one batch's ranges reduced in the graph: channel_min/max (C,), index_min/max (positions…)."""
+        channel_min, channel_max = (np.asarray(parts[k], np.float64).reshape(-1) for k in ("channel_min", "channel_max"))
+        shape3 = (samples, np.asarray(parts["index_min"]).size, channel_min.size)
+        self._check_sizes(shape3, source)
+        self.samples += samples
+        np.minimum(self.channel_min, channel_min, out=self.channel_min)
+        np.maximum(self.channel_max, channel_max, out=self.channel_max)
+        if self.index_min is not None:
+            np.minimum(self.index_min, np.asarray(parts["index_min"], np.float64).reshape(-1), out=self.index_min)
+            np.maximum(self.index_max, np.asarray(parts["index_max"], np.float64).reshape(-1), out=self.index_max)
+        self.min = min(self.min, float(channel_min.min()))
+        self.max = max(self.max, float(channel_max.max()))
+        self.absmax = max(self.absmax, self.max, -self.min, 0.0)
+        self.count += samples * shape3[1] * shape3[2]
 
     def update(self, array: np.ndarray, source: str) -> None:
         """Fold one batch (axis 0 = batch) into the statistics; ``source`` names it in errors."""
@@ -231,6 +259,10 @@ def collect_statistics(model, batches: Sequence[CalibrationBatch],
     batches = list(batches)
     if not batches:
         raise QCompileError("collect_statistics: no calibration batches; load some with load_calibration")
+    if config.ranges_only:
+        from qcompiler.calibration.reductions import collect_ranges
+
+        return collect_ranges(model, batches, tensors, replace(config, ranges_only=False))
     stats: dict[str, TensorStats] = {}
     for batch, values in stream_tensors(model, batches, list(tensors), config):
         for name, value in values.items():

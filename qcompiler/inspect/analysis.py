@@ -20,15 +20,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from qcompiler.calibration.readers import CalibrationBatch, load_calibration
-
 # The engine's chunked runner: a private copy of the model whose outputs are set per chunk
 # (external data above 2 GiB handled). Reused rather than copied; collect_statistics reduces
 # inside the loop, and inspect needs the raw values twice.
 from qcompiler.calibration.capture import stream_tensors
+from qcompiler.calibration.readers import CalibrationBatch, load_calibration
 from qcompiler.calibration.statistics import StatsConfig, TensorStats
 from qcompiler.errors import QCompileError
-from qcompiler.graph import load_model, to_graph
+from qcompiler.graph import load_graph, to_graph, to_skeleton
 from qcompiler.inspect import activations, attention, recommend, weights
 from qcompiler.inspect.targets import Targets, find_targets
 
@@ -147,17 +146,19 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike, calibration,
         clock.append(now)
 
     source = str(model) if not isinstance(model, onnx.ModelProto) else "model"
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    targets = find_targets(to_graph(proto))
+    # A path's weights are memory-mapped; both passes run ORT on the skeleton (no copy, any size).
+    proto, graph = (model, to_graph(model)) if isinstance(model, onnx.ModelProto) else load_graph(model)
+    targets = find_targets(graph)
+    skeleton = to_skeleton(graph, proto)
     if not targets.activations:
         raise QCompileError(f"{source}: found no Linear/Conv inputs, norm outputs or residual sums to inspect")
     batches = load_calibration(calibration, proto, limit=config.calib_limit)
     stats_config = StatsConfig(tensors_per_run=config.tensors_per_run, threads=config.threads,
                                progress=config.progress)
     lap("setup")
-    stats, masses = _first_pass(proto, batches, targets, config, stats_config)
+    stats, masses = _first_pass(skeleton, batches, targets, config, stats_config)
     lap("pass1")
-    counts = _second_pass(proto, batches, targets, stats, config, stats_config)
+    counts = _second_pass(skeleton, batches, targets, stats, config, stats_config)
     lap("pass2")
     report = _assemble(source, targets, stats, counts, masses, batches, config)
     lap("analysis")

@@ -1,0 +1,140 @@
+"""Range statistics reduced inside ORT: one forward pass per batch, outputs of a few numbers per tensor.
+
+The compile passes read ranges only: per-channel and per-position min/max (and the per-tensor
+min/max/absmax they imply), never histograms. So instead of returning each activation (an SD
+UNet's are ~1 GB per 512-px sample) and reducing it in numpy, the capture graph appends, for a
+tensor T of rank r with channel axis c,
+
+    channel_min/max = ReduceMin/ReduceMax(T, axes = all but c)          shape (C,)
+    index_min/max   = ReduceMin/ReduceMax(T, axes = {0, c})             shape (positions…)
+
+and asks ORT for those outputs only. ORT frees T after its last consumer, so memory is one
+forward pass, and every tensor is reduced in the same pass. Min and max are exact (no
+rounding), so the ranges equal the numpy reduction of ``TensorStats.update`` bit for bit;
+histograms and mean |x| are not computed (``TensorStats.histogram_bins == 0``). A tensor whose
+rank is unknown, below 2, or whose reductions come back non-finite (NaN/Inf in the activation)
+is captured in full instead, which counts its non-finite values as ``update`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qcompiler.calibration.capture import OutputRunner, _run, as_skeleton
+from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.errors import QCompileError
+from qcompiler.runtimes.ort import make_session
+from qcompiler.skeleton import Skeleton
+
+log = logging.getLogger(__name__)
+
+KINDS = ("channel_min", "channel_max", "index_min", "index_max")
+
+
+def _rank(runner: OutputRunner, name: str) -> int | None:
+    value = runner._value_info.get(name)
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return None
+    return len(value.type.tensor_type.shape.dim)
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), 17)
+
+
+def _reduce(op: str, source: str, axes: list[int], output: str, opset: int, nodes: list, inits: list) -> None:
+    if opset >= 18:  # axes became an input of ReduceMin/ReduceMax in opset 18
+        axes_name = f"{output}/axes"
+        inits.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+        nodes.append(helper.make_node(op, [source, axes_name], [output], keepdims=0))
+    else:
+        nodes.append(helper.make_node(op, [source], [output], axes=axes, keepdims=0))
+
+
+def reduction_model(skel: Skeleton, runner: OutputRunner, tensors: Mapping[str, int]) -> tuple[Skeleton, dict]:
+    """The skeleton plus reduction nodes; outputs ``{tensor: {kind: output name}}`` for ``tensors``.
+
+    ``tensors`` maps a name to (rank, channel axis ≥ 1). Float activations are reduced as they are;
+    other types are cast to float first (exact for the values calibration sees).
+    """
+    proto = onnx.ModelProto()
+    proto.CopyFrom(skel.proto)
+    opset = _opset(proto)
+    nodes, inits, outputs = [], [], {}
+    for index, (name, (rank, axis)) in enumerate(tensors.items()):
+        source = name
+        if runner.element_type(name) != onnx.TensorProto.FLOAT:
+            source = f"qcompile_stats/{index}/float"
+            nodes.append(helper.make_node("Cast", [name], [source], to=onnx.TensorProto.FLOAT))
+        other = [a for a in range(rank) if a != axis]
+        names = {kind: f"qcompile_stats/{index}/{kind}" for kind in KINDS}
+        _reduce("ReduceMin", source, other, names["channel_min"], opset, nodes, inits)
+        _reduce("ReduceMax", source, other, names["channel_max"], opset, nodes, inits)
+        _reduce("ReduceMin", source, [0, axis], names["index_min"], opset, nodes, inits)
+        _reduce("ReduceMax", source, [0, axis], names["index_max"], opset, nodes, inits)
+        outputs[name] = names
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(inits)
+    del proto.graph.output[:]
+    proto.graph.output.extend(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+                              for names in outputs.values() for out in names.values())
+    return Skeleton(proto, skel.arrays), outputs
+
+
+def collect_ranges(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int | None], config):
+    """``TensorStats`` (ranges only) of ``tensors`` (name -> channel axis) over ``batches``.
+
+    Tensors that cannot be reduced in the graph (see the module docstring) go through the full
+    capture engine; the result is in the order of ``tensors``.
+    """
+    from qcompiler.calibration.statistics import StatsConfig, TensorStats, collect_statistics
+
+    skel = as_skeleton(model)
+    runner = OutputRunner(skel, config.threads)
+    runner.check(list(tensors))
+    reducible: dict[str, tuple[int, int]] = {}
+    for name, axis in tensors.items():
+        rank = _rank(runner, name)
+        if name in runner.graph_inputs or rank is None or rank < 2:
+            continue
+        channel = rank - 1 if axis is None else axis + rank if axis < 0 else axis
+        if not 1 <= channel < rank:
+            raise QCompileError(f"tensor '{name}': channel axis {axis} is out of range for rank {rank} "
+                                "(axis 0 is the batch axis); use 1..rank-1 or None for the last axis")
+        reducible[name] = (rank, channel)
+    stats: dict[str, TensorStats] = {}
+    fallback = [name for name in tensors if name not in reducible]
+    if reducible:
+        reduced, outputs = reduction_model(skel, runner, reducible)
+        session = make_session(reduced, threads=config.threads, lean=True)
+        wanted = [out for names in outputs.values() for out in names.values()]
+        from tqdm import tqdm
+
+        for batch in tqdm(batches, desc="calibration ranges", unit="batch", leave=False,
+                          disable=None if config.progress else True):
+            values = dict(zip(wanted, _run(session, wanted, batch)))
+            for name, names in outputs.items():
+                parts = {kind: values[out] for kind, out in names.items()}
+                if not all(np.isfinite(part).all() for part in parts.values()):
+                    fallback.append(name)  # NaN/Inf in the activation: the full path counts them
+                    continue
+                if name not in stats:
+                    stats[name] = TensorStats.empty(name, reducible[name][1], parts["channel_min"].size,
+                                                    parts["index_min"].size if config.per_index else None)
+                stats[name].update_ranges(parts, batch.batch_size, source=batch.source)
+        del session
+    fallback = list(dict.fromkeys(name for name in fallback))
+    for name in fallback:
+        stats.pop(name, None)
+    if fallback:
+        log.info("calibration ranges: %d tensor(s) captured in full (rank unknown/<2 or non-finite)", len(fallback))
+        full = StatsConfig(histogram_bins=config.histogram_bins, tensors_per_run=config.tensors_per_run,
+                           per_index=config.per_index, threads=config.threads, progress=config.progress,
+                           chunk_bytes=config.chunk_bytes)
+        stats.update(collect_statistics(skel, batches, {name: tensors[name] for name in fallback}, full))
+    return {name: stats[name] for name in tensors}
