@@ -19,13 +19,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext, QuantRecord
-from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.lowering.matmul_nbits import pack_matmul_nbits, quantize_int4_blocks
-from qcompiler.patterns import Conv, Linear, find_convs, find_linears, weight_array
 from qcompiler.grids import WeightRule
+from qcompiler.lowering.matmul_nbits import pack_matmul_nbits, quantize_int4_blocks
+from qcompiler.pass_manager import Pass, PassResult
+from qcompiler.patterns import Conv, Linear, find_convs, find_linears, weight_array
 from qcompiler.quant import QuantSpec, quantize_weight
+from qcompiler.skeleton import fresh_map
 from qcompiler.weight_quant import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
-
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ class QuantizeWeights(Pass):
 
     def _rule(self, bits: int, block_size: int | None, source: np.ndarray) -> WeightRule:
         ratios = self.config.clip_ratios if uses_clip_search(self.config, bits) else ()
-        return WeightRule(bits, block_size, tuple(ratios), source)
+        # A memory-mapped weight was just read in full; a fresh map of it holds no resident pages,
+        # so keeping the source costs no memory until a lowering reads it again.
+        return WeightRule(bits, block_size, tuple(ratios), fresh_map(source))
 
     def _insert_weight_dq(self, ctx: CompileContext, unit: Linear | Conv) -> None:
         weight = weight_array(unit)

@@ -85,8 +85,9 @@ def model_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes held in initializers and Constant nodes (what decides external data)."""
     total = 0
     for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({entry.key: entry.value for entry in tensor.external_data}.get("length", 0))
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:  # "length" is optional: dims × item size
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
         else:
             total += len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
     return total

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -119,6 +120,17 @@ def map_external_weights(graph: gs.Graph, folder: Path) -> int:
                                   offset=int(info.get("offset", 0)), shape=shape)
         mapped += tensor.values.nbytes
     return mapped
+
+
+def fresh_map(array: np.ndarray) -> np.ndarray:
+    """A new copy-on-write map of a memory-mapped weight (no pages resident yet); other arrays as they are.
+
+    Once the old map loses its last reference it is unmapped and the pages it read leave this
+    process's resident set; the file's page cache stays with the OS.
+    """
+    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
+        return np.memmap(array.filename, dtype=array.dtype, mode="c", offset=array.offset, shape=array.shape)
+    return array
 
 
 @contextlib.contextmanager

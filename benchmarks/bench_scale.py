@@ -1,0 +1,153 @@
+"""Real-size compiles: SD-1.5's UNet and PixArt-α's transformer through qcompile and ORT's quantize_static.
+
+For each model (built by ``scale_models.py`` from its configuration with random weights, external
+data, 4 calibration files of 512-px latents) and each compiler (qcompile recipes, and ONNX
+Runtime's ``quantize_static`` as the baseline), one subprocess per compile under
+``/usr/bin/time -v``: wall time and peak RSS of the whole process, from the OS. Then each output
+is loaded in ORT from its path and timed at one thread beside the float model (median of
+``--repeats`` runs, same process, interleaved), and its integer kernels are counted in ORT's
+optimized graph. Random weights prove memory, time and structure, not quality.
+
+    python benchmarks/bench_scale.py --work /tmp/scale            # both models, minmax/osplus/dgq + ORT
+    python benchmarks/bench_scale.py --work /tmp/scale --model sd15-unet --recipe minmax
+
+Writes ``benchmarks/results/scale.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+ORT_STATIC = """
+import sys, numpy as np, glob
+from onnxruntime.quantization import quantize_static, QuantFormat, QuantType, CalibrationDataReader
+class Reader(CalibrationDataReader):
+    def __init__(self, files): self.files = iter(files)
+    def get_next(self):
+        f = next(self.files, None)
+        return None if f is None else {k: v for k, v in np.load(f).items() if not k.startswith('__')}
+quantize_static(sys.argv[1], sys.argv[3], Reader(sorted(glob.glob(sys.argv[2] + '/*.npz'))),
+                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                per_channel=True, use_external_data_format=True)
+"""
+
+
+def _timed(command: list[str], log: Path) -> dict:
+    """Run under /usr/bin/time -v; wall seconds, peak RSS bytes and exit code from the OS."""
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run(["/usr/bin/time", "-v", *command], stdout=handle, stderr=subprocess.STDOUT).returncode
+    text = log.read_text()
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"exit_code": code, "wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None, "log": str(log)}
+
+
+def _size(path: Path) -> int:
+    data = Path(f"{path}.data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0) if path.exists() else 0
+
+
+def compile_all(folder: Path, name: str, recipes: list[str], out: Path) -> list[dict]:
+    model, calib = folder / f"{name}.onnx", folder / "calib"
+    rows = []
+    for recipe in recipes:
+        output = out / f"{name}.{recipe}.onnx"
+        print(f"{name}: qcompile --recipe {recipe} ...", flush=True)
+        row = {"model": name, "compiler": f"qcompile {recipe}", "output": str(output),
+               **_timed([sys.executable, "-m", "qcompiler.cli.main", str(model), "--recipe", recipe,
+                         "--calib", str(calib), "-o", str(output), "--quiet"], out / f"{name}.{recipe}.log")}
+        report = Path(f"{output}.report.json")
+        if report.exists():
+            data = json.loads(report.read_text())
+            row.update(passes={p["name"]: round(p["seconds"], 1) for p in data["passes"]},
+                       quantized_gemms=data["quantized_gemms"], integer_gemms=data["integer_kernels"]["integer_gemms"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    output = out / f"{name}.ort_static.onnx"
+    print(f"{name}: onnxruntime quantize_static ...", flush=True)
+    row = {"model": name, "compiler": "ORT quantize_static", "output": str(output),
+           **_timed([sys.executable, "-c", ORT_STATIC, str(model), str(calib), str(output)],
+                    out / f"{name}.ort_static.log")}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return rows
+
+
+def latency(folder: Path, name: str, rows: list[dict], repeats: int) -> float:
+    """Median one-thread latency of the float model and of every output that exists, interleaved."""
+    from qcompiler.runtimes.ort import count_kernels, make_session
+
+    feeds = {k: v for k, v in np.load(folder / "calib" / "000.npz").items() if not k.startswith("__")}
+    sessions = {"float": make_session(folder / f"{name}.onnx", threads=1)}
+    for row in rows:
+        if row["exit_code"] == 0 and Path(row["output"]).exists():
+            sessions[row["compiler"]] = make_session(row["output"], threads=1)
+            row["output_bytes"] = _size(Path(row["output"]))
+            if "integer_gemms" not in row:
+                row["integer_gemms"] = count_kernels(row["output"]).integer_gemms
+    times: dict[str, list[float]] = {key: [] for key in sessions}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for key, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feeds)
+            times[key].append(time.perf_counter() - started)
+    float_s = float(np.median(times["float"][1:]))
+    for row in rows:
+        if row["compiler"] in times:
+            row["latency_s"] = round(float(np.median(times[row["compiler"]][1:])), 3)
+            row["speedup_vs_float"] = round(float_s / row["latency_s"], 2)
+    return float_s
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | compiler | exit | wall s | peak RSS GB | RSS / model size | output MB | speed-up vs float (1 thread) "
+             "| integer GEMMs / quantized |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in results:
+        for row in model["rows"]:
+            rss = row.get("peak_rss_bytes") or 0
+            lines.append(f"| {row['model']} | {row['compiler']} | {row['exit_code']} | {row['wall_s']} | "
+                         f"{rss / 1e9:.2f} | {rss / model['model_bytes']:.2f} | {row.get('output_bytes', 0) / 1e6:.0f} | "
+                         f"{row.get('speedup_vs_float', '–')} | {row.get('integer_gemms', '–')} / "
+                         f"{row.get('quantized_gemms', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the exported models and outputs")
+    parser.add_argument("--model", action="append", choices=["sd15-unet", "pixart-512"])
+    parser.add_argument("--recipe", action="append")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale_models import build
+
+    results = []
+    for name in args.model or ["sd15-unet", "pixart-512"]:
+        folder = args.work / name
+        if not (folder / f"{name}.onnx").exists():
+            build(name, args.work, latent=64, calib_files=4)
+        out = args.work / "out"
+        out.mkdir(exist_ok=True)
+        model_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and not f.suffix == ".json")
+        rows = compile_all(folder, name, args.recipe or ["minmax", "osplus", "dgq"], out)
+        float_s = latency(folder, name, rows, args.repeats)
+        results.append({"model": name, "model_bytes": model_bytes, "float_latency_s": round(float_s, 3), "rows": rows})
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "scale.json").write_text(json.dumps(results, indent=1))
+        (RESULTS / "scale.md").write_text(table(results))
+        print(table(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
