@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from tqdm import tqdm
 
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.grids import WeightRule
@@ -70,7 +71,8 @@ class QuantizeWeights(Pass):
         if self.config.include_conv:
             units += find_convs(ctx.graph)
         changed = 0
-        for unit in units:
+        # tqdm shows itself on a terminal only; an SD-1.5 UNet's 282 weights take ~12 s.
+        for unit in tqdm(units, desc="quantizing weights", unit="weight", leave=False, disable=None):
             if unit.node.name in self.config.exclude_nodes:
                 continue
             if ctx.settings.wbits == 4 and isinstance(unit, Linear) and unit.node.op == "MatMul":

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from tqdm import tqdm
 
 from qcompiler.errors import QCompileError
 
@@ -225,8 +226,11 @@ def save_skeleton(skel: Skeleton, path: Path, external_data: bool | None = None)
 
 def _stream_weights(model: onnx.ModelProto, arrays: dict[str, np.ndarray], data_path: Path, location: str) -> None:
     """Write each array at an aligned offset and point its tensor there; one array in memory at a time."""
-    with open(data_path, "wb") as handle:
-        for tensor in _placeholders(model):
+    tensors = list(_placeholders(model))
+    total = sum(arrays[tensor.name].nbytes for tensor in tensors)
+    with open(data_path, "wb") as handle, tqdm(total=total, desc=f"writing {location}", unit="B", unit_scale=True,
+                                              leave=False, disable=None) as bar:
+        for tensor in tensors:
             offset = -(-handle.tell() // ALIGNMENT) * ALIGNMENT
             handle.seek(offset)
             data = np.ascontiguousarray(arrays[tensor.name])
@@ -235,3 +239,4 @@ def _stream_weights(model: onnx.ModelProto, arrays: dict[str, np.ndarray], data_
             tensor.external_data.add(key="location", value=location)
             tensor.external_data.add(key="offset", value=str(offset))
             tensor.external_data.add(key="length", value=str(data.nbytes))
+            bar.update(data.nbytes)

@@ -72,6 +72,32 @@ def test_missing_external_data(workspace, capsys):
     _assert_clean_failure(code, err, tmp, "model.onnx.data", "W")
 
 
+def test_truncated_external_data(workspace, capsys):
+    tmp, model_path, calib = workspace
+    external = tmp / "ext" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(model_path), external, save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    data = external.parent / "model.onnx.data"
+    os.truncate(data, data.stat().st_size - 8)  # the last tensor (the bias b) loses two floats
+    code, err = _run(capsys, external, "--calib", calib, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "model.onnx.data", "'b'", "truncated")
+
+
+def test_unwritable_output_folder_is_named_before_loading(workspace, capsys, monkeypatch):
+    import qcompiler.api as api
+
+    tmp, model_path, calib = workspace
+    locked = tmp / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # The permission check itself (root may write anywhere, so chmod cannot show it here).
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    monkeypatch.setattr(api, "_load", lambda *_: pytest.fail("the model was loaded before the folder check"))
+    code, err = _run(capsys, model_path, "--calib", calib, "-o", locked / "out.onnx")
+    assert code == 2 and "locked" in err and "not writable" in err and len(err.splitlines()) == 1
+
+
 def test_calibration_name_mismatch(workspace, capsys):
     tmp, model_path, _ = workspace
     bad = tmp / "badnames"
