@@ -63,7 +63,7 @@ class ShiftScaleConfig:
 
 
 def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, rows: int, seed: int = 0,
-                  tensors_per_run: int = 16) -> dict[str, np.ndarray]:
+                  tensors_per_run: int = 256) -> dict[str, np.ndarray]:
     """Up to ``rows`` rows (channels last) of each group's X from the first ``batches`` calibration batches.
 
     Rows are drawn uniformly without replacement per batch, from a generator seeded by (seed,

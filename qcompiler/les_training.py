@@ -85,7 +85,7 @@ def sample_timesteps(batches: list[CalibrationBatch]) -> np.ndarray | None:
 
 
 def collect_inputs(ctx: CompileContext, batches: list[CalibrationBatch], names: list[str],
-                   tensors_per_run: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+                   tensors_per_run: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Each tensor's values over ``batches`` (concatenated on the leading axis) and the sample of each row.
 
     The sample index of a leading-axis row is ``offset + i // k`` when the tensor's leading axis

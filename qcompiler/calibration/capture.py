@@ -7,8 +7,8 @@ computes on the graph's own arrays, with prepacking and the memory arena off.
 
 Chunks are sized from the model: each tensor's bytes per batch are estimated from its inferred
 shape (open dims taken as the batch size), and tensors are packed into runs of at most
-``StatsConfig.chunk_bytes`` (by default an eighth of the memory available when capture starts,
-between 256 MiB and 2 GiB) and ``tensors_per_run`` tensors.
+``StatsConfig.chunk_bytes`` (by default an eighth of the memory available when capture starts and
+at most a quarter of the weights' size, between 256 MiB and 2 GiB) and ``tensors_per_run`` tensors.
 """
 
 from __future__ import annotations
@@ -47,8 +47,16 @@ def available_memory() -> int:
         return 8 * 2**30
 
 
-def default_chunk_bytes() -> int:
-    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, available_memory() // 8)))
+def default_chunk_bytes(weight_bytes: int = 0) -> int:
+    """An eighth of the available memory, at most a quarter of the weights' size, within [256 MiB, 2 GiB].
+
+    The weight bound keeps a compile's peak near the model's own size (an SD-1.5 UNet: ~860 MB of
+    activations per run beside its 3.4 GB of weights); small models get the 256 MiB floor.
+    """
+    budget = available_memory() // 8
+    if weight_bytes:
+        budget = min(budget, weight_bytes // 4)
+    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, budget)))
 
 
 def as_skeleton(model):
@@ -154,7 +162,7 @@ def stream_tensors(model, batches: Sequence[CalibrationBatch], tensors: Sequence
     from_feeds = [name for name in tensors if name in runner.graph_inputs]
     computed = [name for name in tensors if name not in runner.graph_inputs]
     batch_size = max((batch.batch_size for batch in batches), default=1)
-    budget = config.chunk_bytes or default_chunk_bytes()
+    budget = config.chunk_bytes or default_chunk_bytes(runner.skeleton.weight_bytes)
     chunks = runner.chunks(computed, batch_size, config.tensors_per_run, budget)
     log.info("%s: %d tensors in %d run(s) per batch (budget %.0f MiB)", desc, len(computed), len(chunks),
              budget / 2**20)
