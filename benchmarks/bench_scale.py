@@ -11,7 +11,7 @@ optimized graph. Random weights prove memory, time and structure, not quality.
     python benchmarks/bench_scale.py --work /tmp/scale            # both models, minmax/osplus/dgq + ORT
     python benchmarks/bench_scale.py --work /tmp/scale --model sd15-unet --recipe minmax
 
-Writes ``benchmarks/results/scale.{json,md}``.
+Writes ``benchmarks/results/scale.{json,md}`` (``--results NAME`` for another name).
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", choices=["sd15-unet", "pixart-512"])
     parser.add_argument("--recipe", action="append")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", default="scale", help="results/<name>.{json,md}")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from scale_models import build
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         float_s = latency(folder, name, rows, args.repeats)
         results.append({"model": name, "model_bytes": model_bytes, "float_latency_s": round(float_s, 3), "rows": rows})
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "scale.json").write_text(json.dumps(results, indent=1))
-        (RESULTS / "scale.md").write_text(table(results))
+        (RESULTS / f"{args.results}.json").write_text(json.dumps(results, indent=1))
+        (RESULTS / f"{args.results}.md").write_text(table(results))
         print(table(results), flush=True)
 
 

@@ -16,6 +16,7 @@ inside the calibrated range (fold: σ_g ≥ s_g); "affine" adds the re-quantizat
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -38,6 +39,7 @@ from qcompiler.lowering.channel_groups import (
     weight_dq,
 )
 from qcompiler.quant import QuantSpec
+from qcompiler.skeleton import fresh_map
 
 AFFINE = "per-tensor affine (DGQ codes, one integer GEMM)"
 ROWS = "row-scaled integer GEMM"
@@ -129,6 +131,7 @@ class GroupLowering:
             source = self._affine_codes(b, plan, x, node, affine, able, codes)
             correction = affine_ops.output_correction(node, affine.shift)
             affine_ops.rescale_weight(b, node, affine.ratio, self._rule(node))
+            self._release_source(node)
             affine_ops.add_output_bias(b, node, correction)
             if node.op == "Conv" and affine_ops.conv_padding(node):
                 node.attrs["pads"] = [0] * len(node.attrs["pads"])
@@ -168,6 +171,12 @@ class GroupLowering:
         if rule is None:  # a weight quantized outside quantize_weights: min/max at the compile's width
             rule = WeightRule(self.ctx.settings.wbits)
         return rule
+
+    def _release_source(self, node: gs.Node) -> None:
+        """The float weight was read once more; a fresh map drops its pages from the resident set."""
+        rule = self.ctx.weight_rules.get(node.name)
+        if rule is not None and rule.source is not None:
+            self.ctx.weight_rules[node.name] = replace(rule, source=fresh_map(rule.source))
 
     # -- token (pixel) groups ---------------------------------------------------------------------
     def _pixels(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
