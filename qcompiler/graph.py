@@ -8,8 +8,6 @@ every bad input is reported here, with the file named, before any pass runs.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import google.protobuf.message
@@ -99,16 +97,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     Models whose weights exceed ~1.8 GiB (or ``external_data=True``) are written with their
     weights in ``<name>.data`` beside the model. No partial file is ever left at ``path``.
     """
+    from qcompiler.skeleton import staged_output
+
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise QCompileError(f"{path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise QCompileError(f"{path}: output folder {folder} is not writable")
     if external_data is None:
         external_data = model_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
-    try:
+    with staged_output(path) as staging:
         staged = staging / path.name
         if external_data:
             # onnx moves weights out of the proto it saves: save a copy so the caller keeps its model.
@@ -116,14 +110,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             copy.CopyFrom(model)
             onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=path.name + ".data", size_threshold=0)
-            os.replace(staging / (path.name + ".data"), folder / (path.name + ".data"))
+            os.replace(staging / (path.name + ".data"), path.parent / (path.name + ".data"))
         else:
             onnx.save_model(model, str(staged))
         os.replace(staged, path)
-    except OSError as exc:
-        raise QCompileError(f"{path}: could not write output ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

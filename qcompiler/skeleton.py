@@ -195,17 +195,33 @@ def write_placeholder_model(skel: Skeleton, folder: Path, name: str = "model.onn
     return path
 
 
-def save_skeleton(skel: Skeleton, path: Path, external_data: bool | None = None) -> Path:
-    """Write the model atomically; weights stream into ``<name>.data`` above ``SINGLE_FILE_LIMIT``."""
+@contextlib.contextmanager
+def staged_output(path: Path):
+    """A temporary folder beside ``path`` to write into; the caller renames its files into place.
+
+    The output folder is checked first (exists, writable); an OSError becomes one QCompileError
+    naming ``path``; the folder and whatever was not renamed out of it are removed in any case.
+    """
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise QCompileError(f"{path}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise QCompileError(f"{path}: output folder {folder} is not writable")
-    if external_data is None:
-        external_data = skel.weight_bytes > SINGLE_FILE_LIMIT
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
+        yield staging
+    except OSError as exc:
+        raise QCompileError(f"{path}: could not write output ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_skeleton(skel: Skeleton, path: Path, external_data: bool | None = None) -> Path:
+    """Write the model atomically; weights stream into ``<name>.data`` above ``SINGLE_FILE_LIMIT``."""
+    path = Path(path)
+    if external_data is None:
+        external_data = skel.weight_bytes > SINGLE_FILE_LIMIT
+    with staged_output(path) as staging:
         staged = staging / path.name
         if not external_data:
             onnx.save(skel.materialize(), str(staged))
@@ -215,12 +231,8 @@ def save_skeleton(skel: Skeleton, path: Path, external_data: bool | None = None)
             model.CopyFrom(skel.proto)
             _stream_weights(model, skel.arrays, staging / data_name, data_name)
             onnx.save(model, str(staged))
-            os.replace(staging / data_name, folder / data_name)
+            os.replace(staging / data_name, path.parent / data_name)
         os.replace(staged, path)
-    except OSError as exc:
-        raise QCompileError(f"{path}: could not write output ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

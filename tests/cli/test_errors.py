@@ -61,12 +61,18 @@ def test_truncated_model(workspace, capsys):
     _assert_clean_failure(code, err, tmp, "truncated.onnx")
 
 
-def test_missing_external_data(workspace, capsys):
-    tmp, model_path, calib = workspace
+def _with_external_data(tmp, model_path):
+    """A copy of the model in tmp/ext/ with every weight in model.onnx.data."""
     external = tmp / "ext" / "model.onnx"
     external.parent.mkdir()
     onnx.save(onnx.load(model_path), external, save_as_external_data=True, location="model.onnx.data",
               size_threshold=0)
+    return external
+
+
+def test_missing_external_data(workspace, capsys):
+    tmp, model_path, calib = workspace
+    external = _with_external_data(tmp, model_path)
     os.remove(external.parent / "model.onnx.data")
     code, err = _run(capsys, external, "--calib", calib, "-o", tmp / "out.onnx")
     _assert_clean_failure(code, err, tmp, "model.onnx.data", "W")
@@ -74,10 +80,7 @@ def test_missing_external_data(workspace, capsys):
 
 def test_truncated_external_data(workspace, capsys):
     tmp, model_path, calib = workspace
-    external = tmp / "ext" / "model.onnx"
-    external.parent.mkdir()
-    onnx.save(onnx.load(model_path), external, save_as_external_data=True, location="model.onnx.data",
-              size_threshold=0)
+    external = _with_external_data(tmp, model_path)
     data = external.parent / "model.onnx.data"
     os.truncate(data, data.stat().st_size - 8)  # the last tensor (the bias b) loses two floats
     code, err = _run(capsys, external, "--calib", calib, "-o", tmp / "out.onnx")
