@@ -100,7 +100,9 @@ def map_external_weights(graph: gs.Graph, folder: Path) -> int:
     The file checks (present, long enough) are done by ``graph.load_model`` before this runs.
     """
     mapped = 0
-    for tensor in graph.tensors().values():
+    # Constant nodes keep their value in an attribute, which graph.tensors() does not list.
+    attributes = [value for node in graph.nodes for value in node.attrs.values() if isinstance(value, gs.Constant)]
+    for tensor in [*graph.tensors().values(), *attributes]:
         if not isinstance(tensor, gs.Constant) or not isinstance(tensor._values, LazyValues):
             continue
         proto = tensor._values.tensor

@@ -173,6 +173,26 @@ def test_model_with_external_data_compiles(workspace, capsys):
     assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
 
 
+def test_constant_node_values_in_external_data_compile(workspace, capsys):
+    # torch's exporter stores large Constant-node values (not only initializers) as external data.
+    tmp, _, calib = workspace
+    model = graphs.linear_model(k=16, n=8)
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    external = tmp / "const" / "model.onnx"
+    external.parent.mkdir()
+    (external.parent / "model.onnx.data").write_bytes(weight.raw_data)
+    value = onnx.TensorProto(name="W", dims=weight.dims, data_type=weight.data_type,
+                             data_location=onnx.TensorProto.EXTERNAL)
+    for key, text in (("location", "model.onnx.data"), ("offset", "0"), ("length", str(len(weight.raw_data)))):
+        value.external_data.add(key=key, value=text)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["W"], value=value, name="W_const"))
+    model.graph.initializer.remove(weight)
+    onnx.save(model, external)
+    out = tmp / "const" / "quantized.onnx"
+    assert main([str(external), "--calib", str(calib), "-o", str(out), "--quiet"]) == 0
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
+
+
 def test_missing_output_folder_is_reported_before_the_model_is_loaded(tmp_path, monkeypatch):
     """A bad -o is named without reading the (possibly multi-GB) model first."""
     import qcompiler.api as api
