@@ -102,7 +102,9 @@ class CompileContext:
             if not self.calibration:
                 from qcompiler.errors import QCompileError
                 raise QCompileError(f"{self.source}: this recipe needs calibration data; pass --calib DIR")
-            fresh = collect_statistics(self.skeleton(), self.calibration, wanted, StatsConfig(progress=progress, ranges_only=True))
+            # The passes read ranges only: reduced inside ORT, every tensor in one pass per batch.
+            config = StatsConfig(progress=progress, ranges_only=True)
+            fresh = collect_statistics(self.skeleton(), self.calibration, wanted, config)
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}

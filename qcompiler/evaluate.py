@@ -93,8 +93,7 @@ def _run_pairs(float_model, quant_model, batches, names: list[str], accumulators
     (float_proto, float_folder), (quant_proto, quant_folder) = float_model, quant_model
     reference = make_session(add_outputs(float_proto, names) if names else float_proto, external_folder=float_folder)
     candidate = make_session(add_outputs(quant_proto, names) if names else quant_proto, external_folder=quant_folder)
-    float_model = float_proto
-    wanted = names or [o.name for o in float_model.graph.output]
+    wanted = names or [o.name for o in float_proto.graph.output]
     for batch in batches:
         expected = run(reference, batch.feeds, wanted)
         got = run(candidate, batch.feeds, wanted)

@@ -102,6 +102,13 @@ class OutputRunner:
         value = self._value_info.get(name)
         return (value.type.tensor_type.elem_type if value is not None else 0) or onnx.TensorProto.FLOAT
 
+    def rank(self, name: str) -> int | None:
+        """The tensor's rank from shape inference, None when unknown."""
+        value = self._value_info.get(name)
+        if value is None or not value.type.tensor_type.HasField("shape"):
+            return None
+        return len(value.type.tensor_type.shape.dim)
+
     def estimated_bytes(self, name: str, batch_size: int) -> int:
         """Bytes of one batch's value of ``name`` from its inferred shape; open dims count as the batch."""
         value = self._value_info.get(name)
@@ -132,7 +139,7 @@ class OutputRunner:
         return make_session(self.skeleton, threads=self.threads, lean=True)
 
 
-def _run(session, chunk: Sequence[str], batch: CalibrationBatch) -> list[np.ndarray]:
+def run_batch(session, chunk: Sequence[str], batch: CalibrationBatch) -> list[np.ndarray]:
     """One forward pass; feeds limited to the inputs that the pruned graph still has."""
     names = [value.name for value in session.get_inputs()]
     missing = [name for name in names if name not in batch.feeds]
@@ -179,20 +186,11 @@ def stream_tensors(model, batches: Sequence[CalibrationBatch], tensors: Sequence
         for chunk in chunks:
             session = runner.session(chunk)
             for batch in batches:
-                outputs = dict(zip(chunk, _run(session, chunk, batch)))
+                outputs = dict(zip(chunk, run_batch(session, chunk, batch)))
                 yield batch, outputs
                 del outputs  # so two batches' outputs never coexist here
                 bar.update()
             del session
 
 
-def capture(model, batches: Sequence[CalibrationBatch], tensors: Sequence[str], reduce, config=None,
-            desc: str = "capturing activations") -> None:
-    """Call ``reduce(batch, name, value)`` for every tensor of every batch; nothing is kept here."""
-    for batch, values in stream_tensors(model, batches, tensors, config, desc):
-        for name, value in values.items():
-            reduce(batch, name, value)
-        del values
-
-
-__all__ = ["OutputRunner", "available_memory", "capture", "stream_tensors", "as_skeleton"]
+__all__ = ["OutputRunner", "as_skeleton", "available_memory", "run_batch", "stream_tensors"]

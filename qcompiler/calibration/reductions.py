@@ -11,7 +11,7 @@ tensor T of rank r with channel axis c,
 and asks ORT for those outputs only. ORT frees T after its last consumer, so memory is one
 forward pass, and every tensor is reduced in the same pass. Min and max are exact (no
 rounding), so the ranges equal the numpy reduction of ``TensorStats.update`` bit for bit;
-histograms and mean |x| are not computed (``TensorStats.histogram_bins == 0``). A tensor whose
+histograms and mean |x| are not computed (``hist_counts`` is empty). A tensor whose
 rank is unknown, below 2, or whose reductions come back non-finite (NaN/Inf in the activation)
 is captured in full instead, which counts its non-finite values as ``update`` does.
 """
@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import helper
+from tqdm import tqdm
 
-from qcompiler.calibration.capture import OutputRunner, _run, as_skeleton
+from qcompiler.calibration.capture import OutputRunner, as_skeleton, run_batch
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.errors import QCompileError
 from qcompiler.runtimes.ort import make_session
@@ -34,13 +35,6 @@ from qcompiler.skeleton import Skeleton
 log = logging.getLogger(__name__)
 
 KINDS = ("channel_min", "channel_max", "index_min", "index_max")
-
-
-def _rank(runner: OutputRunner, name: str) -> int | None:
-    value = runner._value_info.get(name)
-    if value is None or not value.type.tensor_type.HasField("shape"):
-        return None
-    return len(value.type.tensor_type.shape.dim)
 
 
 def _opset(proto: onnx.ModelProto) -> int:
@@ -92,14 +86,14 @@ def collect_ranges(model, batches: Sequence[CalibrationBatch], tensors: Mapping[
     Tensors that cannot be reduced in the graph (see the module docstring) go through the full
     capture engine; the result is in the order of ``tensors``.
     """
-    from qcompiler.calibration.statistics import StatsConfig, TensorStats, collect_statistics
+    from qcompiler.calibration.statistics import TensorStats, collect_statistics
 
     skel = as_skeleton(model)
     runner = OutputRunner(skel, config.threads)
     runner.check(list(tensors))
     reducible: dict[str, tuple[int, int]] = {}
     for name, axis in tensors.items():
-        rank = _rank(runner, name)
+        rank = runner.rank(name)
         if name in runner.graph_inputs or rank is None or rank < 2:
             continue
         channel = rank - 1 if axis is None else axis + rank if axis < 0 else axis
@@ -113,11 +107,9 @@ def collect_ranges(model, batches: Sequence[CalibrationBatch], tensors: Mapping[
         reduced, outputs = reduction_model(skel, runner, reducible)
         session = make_session(reduced, threads=config.threads, lean=True)
         wanted = [out for names in outputs.values() for out in names.values()]
-        from tqdm import tqdm
-
         for batch in tqdm(batches, desc="calibration ranges", unit="batch", leave=False,
                           disable=None if config.progress else True):
-            values = dict(zip(wanted, _run(session, wanted, batch)))
+            values = dict(zip(wanted, run_batch(session, wanted, batch)))
             for name, names in outputs.items():
                 parts = {kind: values[out] for kind, out in names.items()}
                 if not all(np.isfinite(part).all() for part in parts.values()):
@@ -128,13 +120,11 @@ def collect_ranges(model, batches: Sequence[CalibrationBatch], tensors: Mapping[
                                                     parts["index_min"].size if config.per_index else None)
                 stats[name].update_ranges(parts, batch.batch_size, source=batch.source)
         del session
-    fallback = list(dict.fromkeys(name for name in fallback))
+    fallback = list(dict.fromkeys(fallback))
     for name in fallback:
         stats.pop(name, None)
     if fallback:
         log.info("calibration ranges: %d tensor(s) captured in full (rank unknown/<2 or non-finite)", len(fallback))
-        full = StatsConfig(histogram_bins=config.histogram_bins, tensors_per_run=config.tensors_per_run,
-                           per_index=config.per_index, threads=config.threads, progress=config.progress,
-                           chunk_bytes=config.chunk_bytes)
-        stats.update(collect_statistics(skel, batches, {name: tensors[name] for name in fallback}, full))
+        # ``config`` has ranges_only off (collect_statistics cleared it), so this is the full path.
+        stats.update(collect_statistics(skel, batches, {name: tensors[name] for name in fallback}, config))
     return {name: stats[name] for name in tensors}

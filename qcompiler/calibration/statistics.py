@@ -1,8 +1,10 @@
 """Streaming activation statistics: run the model in ORT with chosen tensors as outputs, reduce on the fly.
 
-``collect_statistics`` adds the requested tensors as graph outputs of a private copy of the
-model, ``tensors_per_run`` at a time, runs ONNX Runtime over every calibration batch once per
-chunk, folds each output into a ``TensorStats`` and drops the activation before the next run.
+``collect_statistics`` reads the requested tensors through the capture engine
+(``capture.stream_tensors``: chunks of tensors as graph outputs, one ORT pass over the batches per
+chunk), folds each output into a ``TensorStats`` and drops the activation before the next run.
+With ``StatsConfig.ranges_only`` it hands over to ``reductions.collect_ranges`` (min/max reduced
+inside ORT, one pass per batch, no histogram).
 
 Memory bound: peak ≈ (one batch's outputs for one chunk, as ORT returns them)
 + (one channel-last copy of one of those tensors, when its channel axis is not last)
@@ -124,7 +126,8 @@ class TensorStats:
 
     def update_ranges(self, parts: Mapping[str, np.ndarray], samples: int, source: str) -> None:
         """Fold one batch's ranges reduced in the graph: channel_min/max (C,), index_min/max (positions…)."""
-        channel_min, channel_max = (np.asarray(parts[k], np.float64).reshape(-1) for k in ("channel_min", "channel_max"))
+        channel_min, channel_max = (np.asarray(parts[kind], np.float64).reshape(-1)
+                                    for kind in ("channel_min", "channel_max"))
         shape3 = (samples, np.asarray(parts["index_min"]).size, channel_min.size)
         self._check_sizes(shape3, source)
         self.samples += samples

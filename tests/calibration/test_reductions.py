@@ -46,8 +46,8 @@ def test_one_ort_run_per_batch(monkeypatch):
     model = conv_model(rng.standard_normal((3, 2, 3, 3)).astype(np.float32))
     batches = make_batches(rng, [1, 1, 1, 1], (2, 5, 5))
     runs = []
-    original = capture_module._run
-    monkeypatch.setattr("qcompiler.calibration.reductions._run", lambda *a: runs.append(1) or original(*a))
+    original = capture_module.run_batch
+    monkeypatch.setattr("qcompiler.calibration.reductions.run_batch", lambda *a: runs.append(1) or original(*a))
     collect_statistics(model, batches, {"c": 1, "y": 1}, RANGES)
     assert len(runs) == len(batches)
 

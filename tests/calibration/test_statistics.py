@@ -183,20 +183,20 @@ def test_peak_memory_does_not_grow_with_samples(monkeypatch):
     # memory (traced) before the reducer sees it. Keeping the activations of N = 64 instead of
     # N = 4 samples would add 60 x 64 KiB = 3.75 MiB; streaming adds nothing that scales with N.
     model, batches, per_sample = memory_case()
-    run, kept = capture_module._run, []
-    monkeypatch.setattr(capture_module, "_run", lambda *args: [np.array(out) for out in run(*args)])
+    run, kept = capture_module.run_batch, []
+    monkeypatch.setattr(capture_module, "run_batch", lambda *args: [np.array(out) for out in run(*args)])
     traced_peak(model, batches[:1], {"h": None})  # warm-up: first-call caches are not the subject
     small, large = traced_peak(model, batches[:2], {"h": None}), traced_peak(model, batches, {"h": None})
     assert large - small < 0.1 * 60 * per_sample
     # The same measurement sees accumulation when it happens: keep every output alive.
-    monkeypatch.setattr(capture_module, "_run", lambda *args: kept.append([np.array(o) for o in run(*args)])
+    monkeypatch.setattr(capture_module, "run_batch", lambda *args: kept.append([np.array(o) for o in run(*args)])
                         or kept[-1])
     assert traced_peak(model, batches, {"h": None}) - small > 0.9 * 60 * per_sample
 
 
 def test_each_activation_is_released_before_the_next_batch(monkeypatch):
     model, batches, _ = memory_case()
-    run, alive = capture_module._run, []
+    run, alive = capture_module.run_batch, []
 
     def tracked(*args):
         assert not [ref for ref in alive if ref() is not None], "an earlier batch's activation is still referenced"
@@ -204,7 +204,7 @@ def test_each_activation_is_released_before_the_next_batch(monkeypatch):
         alive.extend(weakref.ref(out) for out in outputs)
         return outputs
 
-    monkeypatch.setattr(capture_module, "_run", tracked)
+    monkeypatch.setattr(capture_module, "run_batch", tracked)
     collect_statistics(model, batches[:4], {"h": None, "y": 1}, StatsConfig(progress=False, tensors_per_run=1))
     assert len(alive) == 8  # 2 chunks x 4 batches, each checked dead before the next run
 

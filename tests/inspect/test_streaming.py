@@ -10,7 +10,7 @@ from tests.inspect import builders
 
 
 def test_each_activation_is_released_before_the_next_run(monkeypatch):
-    run, alive, chunks = capture._run, [], []
+    run, alive, chunks = capture.run_batch, [], []
 
     def tracked(session, chunk, batch):
         assert not [ref for ref in alive if ref() is not None], "an earlier batch's activation is still referenced"
@@ -19,7 +19,7 @@ def test_each_activation_is_released_before_the_next_run(monkeypatch):
         chunks.append((tuple(chunk), batch.source))
         return outputs
 
-    monkeypatch.setattr(capture, "_run", tracked)  # inspect streams through the capture engine
+    monkeypatch.setattr(capture, "run_batch", tracked)  # inspect streams through the capture engine
     feeds = builders.residual_feeds(files=3)
     report = inspect_model(builders.residual_model(), feeds, InspectConfig(progress=False, tensors_per_run=1)).report
     # x is a graph input (read from the feeds); s is computed: 1 chunk × 3 batches per pass, 2 passes.
