@@ -18,6 +18,7 @@ import onnx
 
 from qcompiler.context import CompileContext
 from qcompiler.errors import PassError, QCompileError
+from qcompiler.report import peak_rss_bytes
 from qcompiler.skeleton import checkable, save_skeleton
 
 #: Relative error an exact (equivalence) pass may introduce, measured by ORT on seeded inputs.
@@ -64,10 +65,12 @@ class PassRecord:
     modified: bool
     notes: tuple[str, ...] = ()
     verify: dict = field(default_factory=dict)
+    #: The process's peak RSS so far when the pass ended (from the OS): the pass where it jumps made the peak.
+    peak_rss_bytes: int | None = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "seconds": round(self.seconds, 4), "modified": self.modified,
-                "notes": list(self.notes), "verify": self.verify}
+                "notes": list(self.notes), "verify": self.verify, "peak_rss_bytes": self.peak_rss_bytes}
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ class PassManager:
                 done = [p.name for p in self.passes[:index]]
                 raise PassError(f"pass '{pass_.name}' failed ({type(exc).__name__}: {exc}); "
                                 f"passes run before it: {done or 'none'}") from exc
-            record = PassRecord(pass_.name, time.perf_counter() - start, result.modified, result.notes)
+            record = PassRecord(pass_.name, time.perf_counter() - start, result.modified, result.notes,
+                                peak_rss_bytes=peak_rss_bytes())
             if reference is not None:
                 record.verify = self._verify(ctx, pass_, reference)
             if pass_.name in self.options.dump_after:

@@ -101,10 +101,13 @@ def format_summary(report: dict) -> str:
                         f"A{report['settings']['abits']}: {report['source']}")
     table.add_column("pass")
     table.add_column("seconds", justify="right")
+    table.add_column("peak RSS GiB", justify="right")
     table.add_column("changed")
     table.add_column("notes")
     for record in report["passes"]:
-        table.add_row(record["name"], f"{record['seconds']:.2f}", str(record["modified"]), "; ".join(record["notes"]))
+        rss = record.get("peak_rss_bytes")
+        table.add_row(record["name"], f"{record['seconds']:.2f}", f"{rss / 2**30:.2f}" if rss else "–",
+                      str(record["modified"]), "; ".join(record["notes"]))
     console.print(table)
     kernels = report["integer_kernels"]
     console.print(f"target: {report['target']}   quantized GEMMs: {report['quantized_gemms']}   integer kernels in "

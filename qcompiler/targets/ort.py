@@ -5,6 +5,8 @@ What ORT fuses into integer kernels, and so what this target emits:
 - DQ → Conv → Q → QLinearConv: the Conv output is quantized with the grid the pass recorded
   (``ctx.output_grids``), because ORT fuses a Conv only with a quantized output;
 - DQ → Gemm → QGemm only with an int32 bias: C becomes DQ(round(C/(s_x·s_w)), s_x·s_w);
+- DQ → MatMul → Add(b): the bias gets the activation's rank (2-D: MatMul+Add → Gemm), so ORT's
+  MatMulAddFusion leaves the integer MatMul alone (``lowering.matmul_bias``);
 - int4 MatMul weights: MatMulNBits (chosen by ``quantize_weights``; see docs/architecture.md);
 - DGQ group plans (``ctx.group_plans``): ``channel_groups="affine"`` (default) gives one per-tensor
   DequantizeLinear over DGQ's own codes and folds the affine into the GEMM's weight and bias
@@ -23,6 +25,7 @@ from dataclasses import dataclass, replace
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.graph import constant_value
 from qcompiler.grids import quantized_gemms
+from qcompiler.lowering.matmul_bias import keep_matmul_bias_apart
 from qcompiler.lowering.qdq import insert_tensor_qdq, quantize_gemm_bias
 from qcompiler.pass_manager import PassResult
 from qcompiler.targets import Target
@@ -61,12 +64,16 @@ class OrtTarget(Target):
         if ctx.group_plans:
             notes.append(lower_group_plans(ctx, self.config.channel_groups, self.name))
         outputs = self._quantize_conv_outputs(ctx)
+        matmuls = [node for node in quantized_gemms(ctx.graph) if node.op == "MatMul"]
+        ranked, gemms = keep_matmul_bias_apart(ctx, matmuls, self.name)
         biases = sum(quantize_gemm_bias(ctx, node, self.name) for node in list(ctx.graph.nodes) if node.op == "Gemm")
         ctx.graph.cleanup().toposort()
         # The float weights the rules kept for the DGQ affine are not needed past lowering.
         ctx.weight_rules = {name: replace(rule, source=None) for name, rule in ctx.weight_rules.items()}
-        notes.append(f"{outputs} Conv outputs quantized for QLinearConv; {biases} Gemm biases in int32 for QGemm")
-        return PassResult(bool(ctx.group_plans) or outputs > 0 or biases > 0, tuple(notes))
+        notes.append(f"{outputs} Conv outputs quantized for QLinearConv; {biases} Gemm biases in int32 for QGemm; "
+                     f"{ranked} MatMul biases kept apart from MatMulAddFusion, {gemms} MatMul+Add as Gemm")
+        changed = bool(ctx.group_plans) or outputs > 0 or biases > 0 or ranked > 0 or gemms > 0
+        return PassResult(changed, tuple(notes))
 
     def _quantize_conv_outputs(self, ctx: CompileContext) -> int:
         tensors = ctx.graph.tensors()
