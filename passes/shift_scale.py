@@ -53,12 +53,14 @@ class ShiftScaleConfig:
     #: Calibration batches read for the search, and the most rows (tokens) of X kept per group.
     batches: int = 4
     rows: int = 1024
+    #: Output channels of each consumer scored by the search (a seeded uniform draw where N is larger).
+    columns: int = 512
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
-        if self.grid < 2 or self.batches < 1 or self.rows < 1 or not 0 < self.min_fraction < 1:
-            raise ValueError(f"ShiftScaleConfig: grid ≥ 2, batches ≥ 1, rows ≥ 1 and 0 < min_fraction < 1 "
+        if self.grid < 2 or self.batches < 1 or self.rows < 1 or self.columns < 1 or not 0 < self.min_fraction < 1:
+            raise ValueError(f"ShiftScaleConfig: grid ≥ 2, batches ≥ 1, rows ≥ 1, columns ≥ 1 and 0 < min_fraction < 1 "
                              f"are required, got {self}")
 
 
@@ -106,14 +108,26 @@ class OutputError:
     Q_a: per-tensor asymmetric ``abits`` over the calibrated range of X' (channel min/max mapped
     through (· − z)/s); Q_w: symmetric ``wbits`` per output channel, or blocks along K for a W4
     MatMul (its MatMulNBits lowering). The references (X − z)·W do not depend on s: computed once.
+
+    Both weight grids quantize each output column on its own, so the error is a sum over columns:
+    a consumer with N > ``columns`` is scored on a seeded uniform draw of ``columns`` of them,
+    weighted by N/columns (an unbiased estimate; the search cost no longer grows with N).
     """
 
     def __init__(self, samples: np.ndarray, group: ScaleGroup, stats, shift: np.ndarray | None,
-                 settings: QuantSettings):
+                 settings: QuantSettings, columns: int | None = None, seed: int = 0):
         self.shift = np.zeros(group.channels) if shift is None else shift
         self.centred = (samples - self.shift).astype(np.float32)
         self.low, self.high = stats.channel_min - self.shift, stats.channel_max - self.shift
-        self.weights = [matmul_weights(unit) for unit in group.consumers]
+        self.weights, self.column_weights = [], []
+        for index, unit in enumerate(group.consumers):
+            weight = matmul_weights(unit)
+            n = weight.shape[1]
+            if columns is not None and n > columns:
+                rng = np.random.default_rng([seed, index, n])
+                weight = weight[:, np.sort(rng.choice(n, size=columns, replace=False))]
+            self.column_weights.append(n / weight.shape[1])
+            self.weights.append(weight)
         self.references = [self.centred @ weight for weight in self.weights]
         self.a_spec = QuantSpec(bits=settings.abits, symmetric=False)
         self.w_specs = [QuantSpec(bits=4, symmetric=True, granularity="block", axis=0,
@@ -127,9 +141,9 @@ class OutputError:
                                            self.a_spec)
         x_hat = fake_quantize((self.centred / scale).astype(np.float32), self.a_spec, a_scale, a_zero)
         error = 0.0
-        for weight, reference, spec in zip(self.weights, self.references, self.w_specs):
+        for weight, reference, spec, share in zip(self.weights, self.references, self.w_specs, self.column_weights):
             w_hat = fake_quantize((weight * scale[:, None]).astype(np.float32), spec)
-            error += float(np.sum(np.square(reference - x_hat @ w_hat, dtype=np.float64)))
+            error += share * float(np.sum(np.square(reference - x_hat @ w_hat, dtype=np.float64)))
         return error
 
 
@@ -157,10 +171,10 @@ def os_plus_parameters(samples: np.ndarray, group: ScaleGroup, stats, settings: 
     centre = (stats.channel_max + stats.channel_min) / 2
     options = []
     if allow_shift:
-        probe = OutputError(samples, group, stats, centre, settings)
+        probe = OutputError(samples, group, stats, centre, settings, config.columns, config.seed)
         options.append((*search_threshold(stats, probe, centre, config), centre))
     if config.try_unshifted or not allow_shift:
-        probe = OutputError(samples, group, stats, None, settings)
+        probe = OutputError(samples, group, stats, None, settings, config.columns, config.seed)
         options.append((*search_threshold(stats, probe, np.zeros_like(centre), config), None))
     scale, threshold, _, shift = min(options, key=lambda option: option[2])
     return scale, shift, threshold

@@ -39,6 +39,8 @@ class SmoothScalesConfig:
     #: For the α search: calibration batches read, and the most rows (tokens) of X kept per group.
     batches: int = 4
     rows: int = 1024
+    #: Output channels of each consumer scored by the α search (see ``shift_scale.OutputError``).
+    columns: int = 512
     seed: int = 0
     progress: bool = True
 
@@ -106,7 +108,8 @@ class SmoothScales(Pass):
     def _alpha(self, ctx: CompileContext, group: ScaleGroup, stats, samples: dict) -> float:
         if not self.config.search_alpha:
             return self.config.alpha
-        probe = OutputError(samples[group.name], group, stats, None, ctx.settings)
+        probe = OutputError(samples[group.name], group, stats, None, ctx.settings, self.config.columns,
+                            self.config.seed)
         weight = weight_row_absmax(group)
         errors = [probe(smooth_scale(stats.channel_absmax, weight, a)) for a in self.config.alpha_grid]
         return float(self.config.alpha_grid[int(np.argmin(errors))])

@@ -127,3 +127,25 @@ def test_osplus_recipe_on_bundled_model(tmp_path):
     metrics = evaluate(BUNDLED_DEFAULT, out, BUNDLED_DEFAULT.with_suffix(".heldout"), EvalOptions(per_layer=False))
     # Same bound as minmax's end-to-end test: ~25 int8 quantizers in series stay above 30 dB.
     assert metrics["outputs"]["logits"]["sqnr_db"] > 30
+
+
+def test_column_draw_estimates_the_full_output_error():
+    """Scoring a seeded draw of 64 of 512 output channels, weighted by N/64, tracks the full error:
+    within 20 % at every grid point, and the search picks the same or an equally good t*."""
+    from qcompiler.passes.shift_scale import OutputError, search_threshold
+
+    ctx = context(fold_graphs.outlier_model(n=512), {"x": (4, 8, 16)})
+    (group,) = find_scale_groups(ctx.graph)
+    stats = ctx.statistics({"ln.out": -1}, progress=False)["ln.out"]
+    samples = sample_inputs(ctx, [group], PAPER.batches, PAPER.rows, PAPER.seed)["ln.out"]
+    full = OutputError(samples, group, stats, None, ctx.settings)
+    drawn = OutputError(samples, group, stats, None, ctx.settings, columns=64, seed=0)
+    assert drawn.weights[0].shape[1] == 64 and full.weights[0].shape[1] == 512
+    absmax = np.maximum(np.abs(stats.channel_max), np.abs(stats.channel_min))
+    for t in np.geomspace(absmax.max(), 1.0, 8):
+        scale = np.maximum(1.0, absmax / t)
+        assert drawn(scale) == pytest.approx(full(scale), rel=0.2)
+    zero = np.zeros(group.channels)
+    best_full = search_threshold(stats, full, zero, PAPER)
+    best_drawn = search_threshold(stats, drawn, zero, PAPER)
+    assert full(best_drawn[0]) <= 1.1 * best_full[2]
