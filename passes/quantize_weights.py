@@ -58,6 +58,14 @@ def quantize_weight_as(w: np.ndarray, spec: QuantSpec, config: QuantizeWeightsCo
     return quantize_weight(w, spec)
 
 
+def _release_pages(unit: Linear | Conv) -> None:
+    """The float weight was read in full and is no longer used by this GEMM: a fresh map of it
+    (for any other reader) lets the pages just read leave the resident set now, not at cleanup;
+    without this a 2.4 GB transformer holds every float page until the pass ends."""
+    if isinstance(unit.weight, gs.Constant):
+        unit.weight.values = fresh_map(unit.weight.values)
+
+
 class QuantizeWeights(Pass):
     """Integer weights per output channel (int8) or per block (int4); see the module docstring."""
 
@@ -79,6 +87,7 @@ class QuantizeWeights(Pass):
                 self._lower_matmul_nbits(ctx, unit)
             else:
                 self._insert_weight_dq(ctx, unit)
+            _release_pages(unit)
             changed += 1
         ctx.graph.cleanup().toposort()
         return PassResult(changed > 0, (f"quantized {changed} weights",))

@@ -172,8 +172,47 @@ def skeleton(graph: gs.Graph, export) -> Skeleton:
     arrays: dict[str, np.ndarray] = {}
     with _placeholder_constants(graph, arrays):
         proto = export(graph)
+    constants_late(proto.graph)
     used = {tensor.name for tensor in _placeholders(proto)}
     return Skeleton(proto, {name: arrays[name] for name in used})
+
+
+def constants_late(graph: onnx.GraphProto) -> None:
+    """Move each node that reads only initializers (a weight's DequantizeLinear) to just before its
+    first reader. Still a topological order; why: runtimes without a memory planner that looks
+    ahead (ORT with optimizations off, as calibration runs) execute nodes in file order, and with
+    every DQ first a model's dequantized float weights would all be alive at once (measured:
+    +3.4 GB on a 2.4 GB transformer). Done on the weightless proto: milliseconds at any size."""
+    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for attr in node.attribute):
+        return  # subgraphs read outer values implicitly: keep the exporter's order
+    initializers = {tensor.name for tensor in graph.initializer}
+    late = {index: node for index, node in enumerate(graph.node)
+            if node.input and all(not name or name in initializers for name in node.input)}
+    if not late:
+        return
+    produced_by = {out: index for index, node in late.items() for out in node.output}
+    ordered: list[onnx.NodeProto] = []
+    placed: set[int] = set()
+
+    def place(index: int) -> None:
+        if index not in placed:
+            placed.add(index)
+            ordered.append(late[index])
+
+    outputs = {value.name for value in graph.output}
+    for index, node in enumerate(graph.node):
+        if index in late:
+            if any(out in outputs for out in node.output):
+                place(index)  # a graph output: no reader to wait for
+            continue
+        for name in node.input:
+            if name in produced_by:
+                place(produced_by[name])
+        ordered.append(node)
+    ordered += [late[index] for index in late if index not in placed]  # read by nothing (or only subgraphs)
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def placeholder_file_size(model: onnx.ModelProto) -> int:

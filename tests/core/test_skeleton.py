@@ -1,0 +1,50 @@
+"""Skeleton export details: nodes that read only weights are placed just before their first reader."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from qcompiler.graph import to_graph, to_skeleton
+from qcompiler.runtimes.ort import make_session
+from qcompiler.skeleton import constants_late
+from tests import graphs
+
+
+def dq_chain(layers=3, width=8):
+    """x → (DQ(W_i) → MatMul)×layers, with every DequantizeLinear listed first (as a toposort by level gives)."""
+    rng = np.random.default_rng(0)
+    dqs, matmuls, inits, current = [], [], [], "x"
+    for i in range(layers):
+        inits += [graphs.init(f"q{i}", rng.integers(-127, 128, (width, width)).astype(np.int8)),
+                  graphs.init(f"s{i}", np.float32(0.01))]
+        dqs.append(helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [f"w{i}"], name=f"dq{i}"))
+        matmuls.append(helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        current = f"h{i}"
+    return graphs.make_model(dqs + matmuls, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, width])],
+                             [helper.make_tensor_value_info(current, TensorProto.FLOAT, [2, width])], inits)
+
+
+def test_each_dequantize_moves_next_to_its_reader_and_outputs_are_unchanged():
+    model = dq_chain()
+    reordered = onnx.ModelProto()
+    reordered.CopyFrom(model)
+    constants_late(reordered.graph)
+    assert [n.name for n in reordered.graph.node] == ["dq0", "mm0", "dq1", "mm1", "dq2", "mm2"]
+    onnx.checker.check_model(reordered)
+    x = {"x": np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)}
+    expected = make_session(model, optimize=False).run(None, x)[0]
+    np.testing.assert_array_equal(make_session(reordered, optimize=False).run(None, x)[0], expected)
+
+
+def test_skeleton_export_applies_it():
+    proto = to_skeleton(to_graph(dq_chain())).proto
+    names = [n.name for n in proto.graph.node]
+    assert names.index("dq2") == names.index("mm2") - 1
+
+
+def test_a_weight_only_node_that_is_a_graph_output_stays():
+    model = dq_chain(layers=1)
+    model.graph.output.append(helper.make_tensor_value_info("w0", TensorProto.FLOAT, [8, 8]))
+    constants_late(model.graph)
+    onnx.checker.check_model(model)
+    assert [n.name for n in model.graph.node] == ["dq0", "mm0"]
