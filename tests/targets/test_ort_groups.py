@@ -7,7 +7,6 @@ from onnx import TensorProto, helper
 
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
-from qcompiler.errors import PassError
 from qcompiler.passes import DgqGroups, InsertActivationQDQ, QuantizeWeights
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
 from qcompiler.lowering.channel_groups import fold_parameters
