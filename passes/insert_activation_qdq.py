@@ -46,6 +46,9 @@ class InsertActivationQDQ(Pass):
     name = "insert_activation_qdq"
     Config = InsertActivationQDQConfig
 
+    def requires(self, ctx: CompileContext) -> None:
+        self.require_calibration(ctx, "for activation ranges")
+
     def call(self, ctx: CompileContext) -> PassResult:
         gemms = quantized_gemms(ctx.graph)
         planned = set(ctx.group_plans or {})

@@ -92,11 +92,12 @@ class QuantizeWeights(Pass):
         ctx.graph.cleanup().toposort()
         return PassResult(changed > 0, (f"quantized {changed} weights",))
 
-    def _rule(self, bits: int, block_size: int | None, source: np.ndarray) -> WeightRule:
+    def _rule(self, ctx: CompileContext, bits: int, block_size: int | None, source: np.ndarray) -> WeightRule:
         ratios = self.config.clip_ratios if uses_clip_search(self.config, bits) else ()
-        # A memory-mapped weight was just read in full; a fresh map of it holds no resident pages,
-        # so keeping the source costs no memory until a lowering reads it again.
-        return WeightRule(bits, block_size, tuple(ratios), fresh_map(source))
+        # A lowering may re-quantize from the float weight (DGQ's affine). A memory-mapped one
+        # was just read in full: a fresh map holds no resident pages. A folded one (W' = s·W, in
+        # memory) is spilled to a scratch file: either way it costs no memory until read again.
+        return WeightRule(bits, block_size, tuple(ratios), ctx.spill(fresh_map(source)))
 
     def _insert_weight_dq(self, ctx: CompileContext, unit: Linear | Conv) -> None:
         weight = weight_array(unit)
@@ -118,7 +119,7 @@ class QuantizeWeights(Pass):
         unit.node.inputs[1] = dq_out
         lowering = "int8 container, int4 values (per-channel)" if ctx.settings.wbits == 4 else "DequantizeLinear"
         ctx.records.append(QuantRecord(unit.node.name, base, "weight", spec.describe(), lowering, self.name))
-        ctx.weight_rules[unit.node.name] = self._rule(spec.bits, None, weight)
+        ctx.weight_rules[unit.node.name] = self._rule(ctx, spec.bits, None, weight)
 
     def _lower_matmul_nbits(self, ctx: CompileContext, unit: Linear) -> None:
         weight = weight_array(unit)
@@ -145,6 +146,6 @@ class QuantizeWeights(Pass):
         ctx.graph.nodes.append(node)
         spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=0, block_size=block)
         ctx.records.append(QuantRecord(node.name, base, "weight", spec.describe(), "MatMulNBits", self.name))
-        ctx.weight_rules[node.name] = self._rule(4, block, weight)
+        ctx.weight_rules[node.name] = self._rule(ctx, 4, block, weight)
         if not any(domain.domain == "com.microsoft" for domain in ctx.template.opset_import):
             ctx.template.opset_import.add(domain="com.microsoft", version=1)

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 import qcompiler
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import QCompileError
-from qcompiler.graph import load_graph, load_model, set_metadata
+from qcompiler.graph import load_graph, load_structure, set_metadata
 from qcompiler.skeleton import SINGLE_FILE_LIMIT, save_skeleton
 from qcompiler.pass_manager import ManagerOptions, PassManager
 from qcompiler.recipes import Recipe, get_recipe
@@ -42,6 +42,8 @@ class CompileOptions:
     #: The lowering target (``qcompiler.targets``) and its DGQ channel-group form.
     target: str = "ort"
     channel_groups: str = "affine"
+    #: Allow the output path to be the input model's own path (the input is replaced atomically).
+    force: bool = False
 
 
 @dataclass
@@ -52,11 +54,11 @@ class CompileResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _load(model) -> tuple[onnx.ModelProto, gs.Graph | None, str]:
+def _load(model, structure: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, gs.Graph | None, str]:
     """(template, graph, source name): a path's external weights are memory-mapped, not read."""
     if isinstance(model, onnx.ModelProto):
         return model, None, "model"
-    template, graph = load_graph(model)
+    template, graph = load_graph(model, structure)
     return template, graph, str(model)
 
 
@@ -78,11 +80,12 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     """
     started = time.perf_counter()
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
-        load_model(model, load_external_data=False)  # the model path is wrong: named in one line
-    if output is not None:  # before loading: a multi-GB model should not load only to fail here
-        _check_output_path(Path(output))
-    float_model, graph, source = _load(model)
+    # Checked in the order a user fixes them, before any heavy work: the model file and its
+    # external data (structure only, no weight read), the output location, then calibration.
+    structure = None if isinstance(model, onnx.ModelProto) else load_structure(model)
+    if output is not None:
+        _check_output_path(Path(output), None if structure is None else Path(model), options.force)
+    float_model, graph, source = _load(model, structure)
     settings = QuantSettings(wbits=options.wbits or recipe.wbits, abits=options.abits or recipe.abits,
                              block_size=options.block_size, device=options.device)
     batches = _calibration(calibration, float_model, options.calib_limit)
@@ -91,7 +94,10 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     target = _target(options)
     manager = PassManager(recipe.build_passes() + [LowerStage(target)],
                           ManagerOptions(options.verify, tuple(options.dump_after), dump_prefix, options.progress))
-    pass_records = manager.run(ctx)
+    try:
+        pass_records = manager.run(ctx)
+    finally:
+        ctx.close()  # scratch files of spilled float weights (only the lowering reads them)
     quantized = ctx.skeleton()  # weights by reference: saved by streaming, never copied into a proto
     set_metadata(quantized.proto, {"qcompile.version": qcompiler.__version__, "qcompile.recipe": recipe.name,
                              "qcompile.settings": json.dumps(asdict(settings)),
@@ -129,8 +135,11 @@ def _target(options: CompileOptions):
     return get_target(options.target)
 
 
-def _check_output_path(path: Path) -> None:
+def _check_output_path(path: Path, source: Path | None = None, force: bool = False) -> None:
     folder = path.parent if str(path.parent) else Path(".")
+    if source is not None and not force and path.exists() and path.resolve() == source.resolve():
+        raise QCompileError(f"{path}: the output path is the input model; choose another -o path "
+                            "(or pass --force to replace the input)")
     if path.is_dir():
         raise QCompileError(f"{path}: output path is a directory; give a file name like model.int8.onnx")
     if not folder.is_dir():
@@ -139,3 +148,9 @@ def _check_output_path(path: Path) -> None:
 
     if not os.access(folder, os.W_OK):
         raise QCompileError(f"{path}: output folder {folder} is not writable; choose another -o path")
+    try:  # access() says yes for root on /proc and on read-only mounts: create a file to be sure
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise QCompileError(f"{path}: cannot write in output folder {folder} ({exc.strerror or exc}); "
+                            "choose another -o path") from None

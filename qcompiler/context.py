@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -11,6 +14,9 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.graph import NameScope, to_graph, to_model, to_skeleton
 from qcompiler.grids import GroupPlan, OutputGrid, WeightRule
+
+#: Arrays below this size stay in memory when a pass asks to ``spill`` them.
+SPILL_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class CompileContext:
         self.weight_rules: dict[str, WeightRule] = {}
         self._stats_cache: dict[tuple[str, int | None], Any] = {}
         self._names: NameScope | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
 
     @property
     def names(self) -> NameScope:
@@ -108,6 +115,27 @@ class CompileContext:
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
+
+    def spill(self, array: np.ndarray) -> np.ndarray:
+        """A large in-memory array written to a scratch file and memory-mapped back (read-only).
+
+        For float weights a pass keeps only for a later lowering (a folded W' that the DGQ affine
+        re-quantizes): the pages leave the resident set and come back only if read. Small arrays
+        and arrays already mapped from a file are returned as they are. ``close`` removes the files.
+        """
+        if isinstance(array, np.memmap) or array.nbytes < SPILL_BYTES:
+            return array
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="qcompile-scratch-")
+        path = Path(self._scratch.name) / f"{len(os.listdir(self._scratch.name))}.npy"
+        np.save(path, np.ascontiguousarray(array))
+        return np.load(path, mmap_mode="r")
+
+    def close(self) -> None:
+        """Remove scratch files (``spill``); the context's arrays mapped from them must not be read after."""
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     def constant(self, name: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(name, np.ascontiguousarray(value))

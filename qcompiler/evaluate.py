@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from qcompiler.graph import add_outputs, load_structure
 
@@ -26,6 +27,8 @@ class EvalOptions:
     limit: int | None = None
     per_layer: bool = True
     tensors_per_run: int = 64
+    #: A progress bar on stderr (on a terminal) over output and per-layer passes.
+    progress: bool = True
 
 
 class _Accumulator:
@@ -86,7 +89,7 @@ def _open(model) -> tuple[onnx.ModelProto, Path | None]:
     return load_structure(model), Path(model).parent
 
 
-def _run_pairs(float_model, quant_model, batches, names: list[str], accumulators) -> None:
+def _run_pairs(float_model, quant_model, batches, names: list[str], accumulators, bar=None) -> None:
     """Both models in ORT, fully optimized (the candidate runs its integer kernels, as deployed)."""
     from qcompiler.runtimes.ort import make_session, run
 
@@ -99,6 +102,8 @@ def _run_pairs(float_model, quant_model, batches, names: list[str], accumulators
         got = run(candidate, batch.feeds, wanted)
         for name in wanted:
             accumulators[name].add(expected[name], got[name])
+        if bar is not None:
+            bar.update(1)
 
 
 def evaluate(float_model, quant_model, data, options: EvalOptions = EvalOptions()) -> dict:
@@ -108,7 +113,11 @@ def evaluate(float_model, quant_model, data, options: EvalOptions = EvalOptions(
     float_model, quant_model = _open(float_model), _open(quant_model)
     batches = load_calibration(data, float_model[0], limit=options.limit)
     outputs = defaultdict(_Accumulator)
-    _run_pairs(float_model, quant_model, batches, [], outputs)
+    names = quantized_layer_outputs(quant_model[0], float_model[0]) if options.per_layer else []
+    chunks = [names[start:start + options.tensors_per_run] for start in range(0, len(names), options.tensors_per_run)]
+    bar = tqdm(total=len(batches) * (1 + len(chunks)), desc="evaluating", unit="run", leave=False,
+               disable=None if options.progress else True)
+    _run_pairs(float_model, quant_model, batches, [], outputs, bar)
     per_output = {name: acc.result() for name, acc in outputs.items()}
     overall = _Accumulator()
     overall.signal = sum(acc.signal for acc in outputs.values())
@@ -118,9 +127,9 @@ def evaluate(float_model, quant_model, data, options: EvalOptions = EvalOptions(
     result = {"samples": sum(b.batch_size for b in batches), "outputs": per_output, "overall": overall.result()}
     if options.per_layer:
         layers = defaultdict(_Accumulator)
-        names = quantized_layer_outputs(quant_model[0], float_model[0])
-        for start in range(0, len(names), options.tensors_per_run):
-            _run_pairs(float_model, quant_model, batches, names[start:start + options.tensors_per_run], layers)
+        for chunk in chunks:
+            _run_pairs(float_model, quant_model, batches, chunk, layers, bar)
         per_layer = [{"tensor": name, **layers[name].result()} for name in names]
         result["per_layer"] = sorted(per_layer, key=lambda row: row["sqnr_db"])
+    bar.close()
     return result

@@ -132,17 +132,18 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(infer_shapes(model))
 
 
-def load_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, gs.Graph]:
+def load_graph(path: str | os.PathLike, template: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, gs.Graph]:
     """``(template, graph)`` of a model file, its external weights memory-mapped, not read.
 
     The template is the model without external weight data (inputs, opsets, metadata); the
     graph's constants hold the weights. Models of any size load in seconds and hold each
-    weight once (``qcompiler.skeleton``).
+    weight once (``qcompiler.skeleton``). ``template``: the file's ``load_structure`` when the
+    caller already has it (not parsed twice).
     """
     from qcompiler.skeleton import map_external_weights
 
     path = Path(path)
-    template = load_structure(path)
+    template = template if template is not None else load_structure(path)
     graph = to_graph(template)
     map_external_weights(graph, path.parent)
     return template, graph

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from qcompiler.context import CompileContext
-from qcompiler.errors import PassError, QCompileError
+from qcompiler.errors import InternalError, PassError, QCompileError
 from qcompiler.report import peak_rss_bytes
 from qcompiler.skeleton import checkable, save_skeleton
 
@@ -47,7 +47,8 @@ class Pass:
         self.config = config if config is not None else self.Config()
 
     def requires(self, ctx: CompileContext) -> None:
-        """Raise PassError naming what is missing; the default needs nothing."""
+        """Raise PassError naming what is missing; the default needs nothing. Called for every pass
+        before the first one runs, so it may only read what the compile starts with."""
 
     def call(self, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -55,7 +56,8 @@ class Pass:
     def require_calibration(self, ctx: CompileContext, purpose: str) -> None:
         """PassError unless the compile has calibration data; ``purpose`` says what the pass reads."""
         if not ctx.calibration:
-            raise PassError(f"pass '{self.name}' needs calibration data {purpose}; pass --calib DIR")
+            raise PassError(f"{ctx.source}: pass '{self.name}' needs calibration data {purpose}; pass --calib DIR "
+                            "(a folder of .npz files whose keys are the model's input names)")
 
 
 @dataclass
@@ -94,6 +96,10 @@ class PassManager:
 
     def run(self, ctx: CompileContext) -> list[PassRecord]:
         records: list[PassRecord] = []
+        # Pre-flight: every precondition (calibration present, inputs named) is checked before the
+        # first pass runs, so a missing --calib is reported in a second, not after minutes of work.
+        for pass_ in self.passes:
+            pass_.requires(ctx)
         reference = self._reference_outputs(ctx) if self.options.verify else None
         for index, pass_ in enumerate(self.passes):
             if self.options.progress:
@@ -104,10 +110,11 @@ class PassManager:
                 result = pass_.call(ctx)
             except QCompileError:
                 raise
-            except Exception as exc:
-                done = [p.name for p in self.passes[:index]]
-                raise PassError(f"pass '{pass_.name}' failed ({type(exc).__name__}: {exc}); "
-                                f"passes run before it: {done or 'none'}") from exc
+            except Exception as exc:  # a bug, not bad input: exit 1, traceback with --debug
+                node = node_in_traceback(exc)
+                where = f" on node '{node}'" if node else ""
+                raise InternalError(f"internal error in pass '{pass_.name}'{where}: {type(exc).__name__}: {exc}",
+                                    pass_.name, node) from exc
             record = PassRecord(pass_.name, time.perf_counter() - start, result.modified, result.notes,
                                 peak_rss_bytes=peak_rss_bytes())
             if reference is not None:
@@ -133,7 +140,8 @@ class PassManager:
         try:
             onnx.checker.check_model(checkable(skeleton.proto))
         except onnx.checker.ValidationError as exc:
-            raise PassError(f"pass '{pass_.name}' produced an invalid graph: {str(exc).splitlines()[0]}") from None
+            raise InternalError(f"internal error: pass '{pass_.name}' produced an invalid graph: "
+                                f"{str(exc).splitlines()[0]}", pass_.name) from exc
         session = make_session(skeleton, lean=True)
         worst_rel, outputs = 0.0, {}
         for batch, expected in zip(verification_batches(ctx), reference):
@@ -145,9 +153,29 @@ class PassManager:
                 worst_rel = max(worst_rel, rel)
                 outputs[name] = max(outputs.get(name, 0.0), rel)
         if pass_.exact and worst_rel > EXACT_RTOL:
-            raise PassError(f"pass '{pass_.name}' is an equivalence rewrite but changed the outputs by "
-                            f"{worst_rel:.2e} relative (> {EXACT_RTOL:g}); per output: {outputs}")
+            raise InternalError(f"internal error: pass '{pass_.name}' is an equivalence rewrite but changed the "
+                                f"outputs by {worst_rel:.2e} relative (> {EXACT_RTOL:g}); per output: {outputs}",
+                                pass_.name)
         return {"max_relative_error": worst_rel, "per_output": outputs, "exact": pass_.exact}
+
+
+#: Local variable names under which passes hold the graph element they are working on.
+_FOCUS_NAMES = ("node", "unit", "group", "tensor", "consumer", "producer")
+
+
+def node_in_traceback(exc: BaseException) -> str | None:
+    """The name of the node (or tensor) a failing pass was working on: the innermost frame of the
+    traceback that has a local ``node``/``unit``/``group``/… with a ``name``; None if none does."""
+    import traceback
+
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    for frame in reversed(frames):
+        for key in _FOCUS_NAMES:
+            value = frame.f_locals.get(key)
+            name = getattr(getattr(value, "node", value), "name", None)
+            if isinstance(name, str) and name:
+                return name
+    return None
 
 
 def verification_batches(ctx: CompileContext, count: int = 2):

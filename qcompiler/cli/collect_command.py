@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for module in ("torch", "diffusers"):  # the DDIM sampler's scheduler and tensors
+        require(module, "qcompile collect")
     from qcompiler.diffusion.collect import collect
     from qcompiler.diffusion.sampler import config_for
 

@@ -33,12 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="PASS.FIELD=VALUE", dest="settings",
                         help="override a pass setting of the recipe, e.g. learned_scales.iterations=200 (repeatable)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--force", action="store_true", help="allow -o to be the input model's own path")
 
 
-def default_calibration(model: Path) -> Path:
+def default_calibration(model: Path, required: bool = True) -> Path | None:
+    """``<model stem>.calib/`` beside the model. Missing: an error if ``required``, else None (the
+    compile then checks the model first and the recipe's passes say they need calibration)."""
     folder = model.with_suffix(".calib")
     if not folder.is_dir():
+        if not required:
+            return None
         raise QCompileError(f"{model}: no calibration data; pass --calib DIR (a folder of .npz files whose "
                             f"keys are the model's input names), or put it in {folder}/")
     return folder
@@ -71,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
         recipe = recipe.with_settings(settings)
     if not model.exists():
         raise QCompileError(f"{model}: model file not found")
-    calib = Path(args.calib) if args.calib else default_calibration(model)
+    calib = Path(args.calib) if args.calib else default_calibration(model, required=False)
     wbits, abits = args.wbits or recipe.wbits, args.abits or recipe.abits
     output = Path(args.output) if args.output else Path(f"{model.stem}.{recipe.name}.w{wbits}a{abits}.onnx")
     options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
-                             device=args.device, target=args.target, channel_groups=args.channel_groups)
+                             device=args.device, target=args.target, channel_groups=args.channel_groups,
+                             force=args.force)
     result = quantize(model, recipe, calib, output, options)
     format_summary(result.report)
     print(f"wrote {output} and {output}.report.json")

@@ -1,4 +1,4 @@
-"""Error of a quantized model vs its float original: qcompile eval FLOAT QUANT --data DIR [--json OUT]."""
+"""Error of a quantized model vs its float original: qcompile eval FLOAT QUANT --calib DIR [--json OUT]."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("float_model", help="the float ONNX model")
     parser.add_argument("quant_model", help="the quantized ONNX model")
-    parser.add_argument("--data", required=True, help="held-out folder of .npz files (model input names as keys)")
+    parser.add_argument("--calib", "--data", dest="data", required=True, metavar="DIR",
+                        help="folder of .npz files (model input names as keys), ideally held out from the "
+                             "compile's calibration; --data is the old name")
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--limit", type=int, help="use at most this many samples")
     parser.add_argument("--worst", type=int, default=10, help="how many worst layers to print")
@@ -23,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
     from qcompiler.evaluate import EvalOptions, evaluate
 
-    result = evaluate(args.float_model, args.quant_model, args.data, EvalOptions(limit=args.limit))
+    result = evaluate(args.float_model, args.quant_model, args.data,
+                      EvalOptions(limit=args.limit, progress=not args.quiet))
     console = Console(width=110)
     table = Table(title=f"{args.quant_model} vs {args.float_model} ({result['samples']} samples)")
     for column in ("output", "SQNR dB", "cosine", "max abs err"):

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def _write_json(result: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for module in ("torch", "diffusers"):  # the DDIM sampler's scheduler and tensors
+        require(module, "qcompile eval-diffusion")
     from qcompiler.diffusion.evaluate import DiffusionEvalOptions, evaluate_diffusion
 
     for path in (args.float_model, args.quant_model):

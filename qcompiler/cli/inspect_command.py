@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-input", default="input_ids",
                         help="integer (batch, tokens) input whose ids outliers are counted by ('' for none)")
     parser.add_argument("--calib-limit", type=int, help="use at most this many calibration samples")
-    parser.add_argument("--quiet", action="store_true", help="no progress display and no tables")
 
 
 def run(args: argparse.Namespace) -> int:

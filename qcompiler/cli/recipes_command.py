@@ -7,8 +7,7 @@ from dataclasses import fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true",
-                        help="show each pass's docstring summary and its settings (for --set PASS.FIELD=VALUE)")
+    """-v/--verbose (common to every command) also shows each pass's summary and its settings."""
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,7 +70,8 @@ def sample_model(denoiser_path: str | os.PathLike, samples: int, config: Sampler
     denoiser = OnnxDenoiser(denoiser_path)
     condition = conditioner_for(text_source or denoiser_path, denoiser.condition_input)
     captions, labels = prompts_for(samples)
-    images = sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + samples)), config)
+    images = sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + samples)), config,
+                    desc=f"sampling {Path(denoiser_path).name}")
     return images, labels
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from qcompiler.errors import QCompileError
 
@@ -136,7 +137,8 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
 
 
 def sample_batch(denoiser: OnnxDenoiser, context: np.ndarray, empty_context: np.ndarray, seeds: Sequence[int],
-                 config: SamplerConfig, hook: StepHook | None = None, image_shape=(1, 32, 32)) -> np.ndarray:
+                 config: SamplerConfig, hook: StepHook | None = None, image_shape=(1, 32, 32),
+                 bar=None) -> np.ndarray:
     """Images (B, C, H, W) in [-1, 1] for B contexts, guided against ``empty_context`` (one row).
 
     Contexts are (B, L, D) with ``empty_context`` (L, D) for a text-conditioned denoiser, (B,)
@@ -155,18 +157,24 @@ def sample_batch(denoiser: OnnxDenoiser, context: np.ndarray, empty_context: np.
         eps_uncond, eps_cond = np.split(denoiser.run(feeds), 2)
         eps = eps_uncond + config.guidance_scale * (eps_cond - eps_uncond)
         latents = scheduler.step(torch.from_numpy(eps), int(t), torch.from_numpy(latents)).prev_sample.numpy()
+        if bar is not None:
+            bar.update(1)
     # Clipped to the data range as diffusers' pipelines clamp their output: metrics then compare
     # images, not out-of-range excursions of an early or badly quantized model.
     return np.clip(latents, -1.0, 1.0).astype(np.float32)
 
 
 def sample(denoiser: OnnxDenoiser, contexts: np.ndarray, empty_context: np.ndarray, seeds: Sequence[int],
-           config: SamplerConfig, hook: StepHook | None = None) -> np.ndarray:
+           config: SamplerConfig, hook: StepHook | None = None, desc: str = "sampling") -> np.ndarray:
     """All images, ``config.batch_size`` prompts per denoiser call (2x rows with the unconditional half)."""
     if len(contexts) != len(seeds):
         raise ValueError(f"{len(contexts)} contexts but {len(seeds)} seeds")
     out = []
-    for start in range(0, len(seeds), config.batch_size):
-        stop = start + config.batch_size
-        out.append(sample_batch(denoiser, contexts[start:stop], empty_context, seeds[start:stop], config, hook))
+    batches = -(-len(seeds) // config.batch_size)
+    # One tick per denoiser step; on stderr, shown on a terminal (a 64-image evaluation takes minutes).
+    with tqdm(total=batches * config.steps, desc=desc, unit="step", leave=False, disable=None) as bar:
+        for start in range(0, len(seeds), config.batch_size):
+            stop = start + config.batch_size
+            out.append(sample_batch(denoiser, contexts[start:stop], empty_context, seeds[start:stop], config, hook,
+                                    bar=bar))
     return np.concatenate(out)
