@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from qcompiler.errors import InternalError, PassError, QCompileError
+from qcompiler.errors import InternalError, QCompileError
 from qcompiler.pass_manager import ManagerOptions, Pass, PassManager, PassResult
 from qcompiler.passes import InsertActivationQDQ, QuantizeWeights
 from tests import graphs
