@@ -205,3 +205,98 @@ def test_missing_output_folder_is_reported_before_the_model_is_loaded(tmp_path, 
     monkeypatch.setattr(api, "_load", refuse)
     with pytest.raises(QCompileError, match="output folder"):
         api.quantize(DIGITS_VIT, "minmax", None, tmp_path / "missing" / "x.onnx")
+
+
+# Issue cases: each with its message and exit code.
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+def test_output_under_proc_is_bad_input_not_a_traceback(workspace, capsys):
+    tmp, model_path, calib = workspace
+    code, err = _run(capsys, model_path, "--calib", calib, "-o", "/proc/x.onnx")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("qcompile: error: /proc/x.onnx: cannot write in output folder /proc"), err
+
+
+def test_text_file_as_model_is_named_before_missing_calibration(tmp_path, capsys):
+    bogus = tmp_path / "notes.onnx"
+    bogus.write_text("just some text, not a model\n" * 5)
+    code, err = _run(capsys, bogus, "-o", tmp_path / "out.onnx")  # no --calib, no notes.calib/
+    _assert_clean_failure(code, err, tmp_path, "notes.onnx", "not a readable ONNX model")
+    assert "calibration" not in err
+
+
+def test_missing_calibration_is_reported_before_any_pass_runs(workspace, capsys, monkeypatch):
+    from qcompiler.passes import QuantizeWeights
+
+    tmp, model_path, _ = workspace
+    monkeypatch.setattr(QuantizeWeights, "call", lambda *_: pytest.fail("a pass ran before the pre-flight"))
+    code, err = _run(capsys, model_path, "-o", tmp / "out.onnx")
+    _assert_clean_failure(code, err, tmp, "model.onnx", "needs calibration data", "--calib DIR")
+
+
+def _broken_quantize_weights(monkeypatch):
+    from qcompiler.passes import QuantizeWeights
+
+    def call(self, ctx):
+        for node in ctx.graph.nodes:
+            raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(QuantizeWeights, "call", call)
+
+
+def test_a_bug_in_a_pass_is_an_internal_error_with_exit_1(workspace, capsys, monkeypatch):
+    tmp, model_path, calib = workspace
+    _broken_quantize_weights(monkeypatch)
+    code, err = _run(capsys, model_path, "--calib", calib, "-o", tmp / "out.onnx")
+    assert code == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("qcompile: internal error in pass 'quantize_weights' on node 'fc': "
+                               "ZeroDivisionError: simulated bug"), err
+    assert "--debug" in lines[0]
+    assert not list(tmp.rglob("out*"))
+
+
+def test_debug_shows_the_traceback(workspace, capsys, monkeypatch):
+    tmp, model_path, calib = workspace
+    _broken_quantize_weights(monkeypatch)
+    code, err = _run(capsys, model_path, "--calib", calib, "-o", tmp / "out.onnx", "--debug")
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "ZeroDivisionError: simulated bug" in err
+
+
+def test_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
+    code, err = _run(capsys, "collect", tmp_path / "denoiser.onnx", "-o", tmp_path / "calib")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "qcompile collect needs the optional dependency 'diffusers'" in err and '.[export]' in err
+
+
+def test_output_path_equal_to_input_is_refused_unless_forced(workspace, capsys):
+    tmp, model_path, calib = workspace
+    before = model_path.read_bytes()
+    code, err = _run(capsys, model_path, "--calib", calib, "-o", model_path)
+    assert code == 2 and "is the input model" in err and "--force" in err
+    assert model_path.read_bytes() == before
+    assert main([str(model_path), "--calib", str(calib), "-o", str(model_path), "--force", "--quiet"]) == 0
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(model_path).graph.node)
+
+
+def test_help_lists_every_subcommand_and_shared_flags(capsys):
+    from qcompiler.cli.main import SUBCOMMANDS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert all(flag in text for flag in ("--quiet", "--verbose", "--debug")), name
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--calib" in capsys.readouterr().out
