@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 import qcompiler
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import QCompileError
-from qcompiler.graph import load_graph, load_structure, set_metadata
+from qcompiler.graph import check_acyclic, load_graph, load_structure, set_metadata, to_graph
 from qcompiler.skeleton import SINGLE_FILE_LIMIT, save_skeleton
 from qcompiler.pass_manager import ManagerOptions, PassManager
 from qcompiler.recipes import Recipe, get_recipe
@@ -86,12 +86,15 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     if output is not None:
         _check_output_path(Path(output), None if structure is None else Path(model), options.force)
     float_model, graph, source = _load(model, structure)
+    target = _target(options)
+    graph = graph if graph is not None else to_graph(float_model)
+    check_acyclic(graph, source)
+    target.check_model(float_model, source)
     settings = QuantSettings(wbits=options.wbits or recipe.wbits, abits=options.abits or recipe.abits,
                              block_size=options.block_size, device=options.device)
     batches = _calibration(calibration, float_model, options.calib_limit)
     ctx = CompileContext(float_model, settings, batches, source=source, graph=graph)
     dump_prefix = str(Path(output).with_suffix("")) if output else str(Path(source).with_suffix(""))
-    target = _target(options)
     manager = PassManager(recipe.build_passes() + [LowerStage(target)],
                           ManagerOptions(options.verify, tuple(options.dump_after), dump_prefix, options.progress))
     try:

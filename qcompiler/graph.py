@@ -132,6 +132,30 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(infer_shapes(model))
 
 
+def check_acyclic(graph: gs.Graph, source: str) -> None:
+    """QCompileError naming a node on a cycle (Kahn's algorithm over producer → consumer edges)."""
+    from collections import deque
+
+    waiting = {id(node): {id(p) for t in node.inputs for p in t.inputs} for node in graph.nodes}
+    readers: dict[int, list] = {}
+    for node in graph.nodes:
+        for producer in waiting[id(node)]:
+            readers.setdefault(producer, []).append(node)
+    queue = deque(node for node in graph.nodes if not waiting[id(node)])
+    done = 0
+    while queue:
+        node = queue.popleft()
+        done += 1
+        for reader in readers.get(id(node), []):
+            waiting[id(reader)].discard(id(node))
+            if not waiting[id(reader)]:
+                queue.append(reader)
+    if done < len(graph.nodes):
+        node = next(n for n in graph.nodes if waiting[id(n)])
+        raise QCompileError(f"{source}: the graph has a cycle through node '{node.name}' ({node.op}); an ONNX "
+                            "graph must be acyclic")
+
+
 def load_graph(path: str | os.PathLike, template: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, gs.Graph]:
     """``(template, graph)`` of a model file, its external weights memory-mapped, not read.
 

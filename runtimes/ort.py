@@ -125,3 +125,18 @@ def count_kernels(model_path: str | os.PathLike, device: str = "cpu") -> KernelC
 def run(session, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     names = outputs or [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
+
+
+def unknown_ops(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(node name, domain, op type) of every node ORT has no kernel for (any execution provider),
+    not counting the model's own functions. A static check on the proto: no session is built."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    known = {(kernel.domain or "", kernel.op_name) for kernel in C.get_all_opkernel_def()}
+    local = {(function.domain, function.name) for function in model.functions}
+    missing = []
+    for node in model.graph.node:
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        if (domain, node.op_type) not in known and (node.domain, node.op_type) not in local:
+            missing.append((node.name, node.domain, node.op_type))
+    return missing

@@ -26,6 +26,10 @@ class Target:
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
 
+    def check_model(self, model, source: str) -> None:
+        """Raise QCompileError naming a node of the input model that this target cannot run at all
+        (checked before any work); the default accepts every model."""
+
     def lower(self, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 

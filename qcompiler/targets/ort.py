@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, replace
 
 from qcompiler.context import CompileContext, QuantRecord
+from qcompiler.errors import QCompileError
 from qcompiler.graph import constant_value
 from qcompiler.grids import quantized_gemms
 from qcompiler.lowering.matmul_bias import keep_matmul_bias_apart
@@ -114,6 +115,16 @@ class OrtTarget(Target):
                 if value is tensor:
                     reader.inputs[index] = dq.outputs[0]
         return 1
+
+    def check_model(self, model, source: str) -> None:
+        from qcompiler.runtimes.ort import unknown_ops
+
+        missing = unknown_ops(model)
+        if missing:
+            name, domain, op = missing[0]
+            more = f" (and {len(missing) - 1} more nodes)" if len(missing) > 1 else ""
+            raise QCompileError(f"{source}: node '{name}' is {domain + ':' if domain else ''}{op}, an op ONNX Runtime "
+                                f"has no kernel for{more}; export the model with standard ONNX ops")
 
     def count_kernels(self, model_path: str | os.PathLike):
         from qcompiler.runtimes.ort import count_kernels
