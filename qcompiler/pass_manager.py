@@ -18,6 +18,7 @@ import onnx
 
 from qcompiler.context import CompileContext
 from qcompiler.errors import InternalError, PassError, QCompileError
+from qcompiler.memory import trim_heap
 from qcompiler.report import peak_rss_bytes
 from qcompiler.skeleton import checkable, save_skeleton
 
@@ -115,6 +116,7 @@ class PassManager:
                 where = f" on node '{node}'" if node else ""
                 raise InternalError(f"internal error in pass '{pass_.name}'{where}: {type(exc).__name__}: {exc}",
                                     pass_.name, node) from exc
+            trim_heap()  # what the pass freed leaves the resident set before the next one allocates
             record = PassRecord(pass_.name, time.perf_counter() - start, result.modified, result.notes,
                                 peak_rss_bytes=peak_rss_bytes())
             if reference is not None:
