@@ -137,6 +137,19 @@ def unknown_ops(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
     missing = []
     for node in model.graph.node:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        if (domain, node.op_type) not in known and (node.domain, node.op_type) not in local:
-            missing.append((node.name, node.domain, node.op_type))
+        if (domain, node.op_type) in known or (node.domain, node.op_type) in local or _resolved_at_load(node, domain):
+            continue
+        missing.append((node.name, node.domain, node.op_type))
     return missing
+
+
+def _resolved_at_load(node: onnx.NodeProto, domain: str) -> bool:
+    """Ops ORT runs without a kernel of their own: Constant (turned into an initializer) and ONNX
+    ops defined as functions (expanded into their body)."""
+    if domain == "" and node.op_type == "Constant":
+        return True
+    try:
+        schema = onnx.defs.get_schema(node.op_type, domain)
+    except onnx.defs.SchemaError:
+        return False
+    return bool(schema.has_function or schema.has_context_dependent_function)
