@@ -144,7 +144,7 @@ class DgqGroups(Pass):
 
         timesteps, per_t = timestep_statistics(ctx.skeleton(), ctx.calibration,
                                                {name: axis for name, (_, axis) in targets.items()},
-                                               self.config.timestep_input)
+                                               self.config.timestep_input, threads=ctx.threads)
         for name, plan in plans.items():
             plan.timesteps, plan.timestep_input = timesteps, self.config.timestep_input
             plan.timestep_scales, plan.timestep_zero_points = timestep_parameters(per_t[name], plan.axis,

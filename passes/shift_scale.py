@@ -81,7 +81,7 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     axes = {group.name: group.channel_axis for group in groups}
     batch_index = {id(batch): index for index, batch in enumerate(chosen)}
     samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
-    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False)
+    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False, threads=ctx.threads)
     for batch, values in stream_tensors(ctx.skeleton(), chosen, names, config, desc="sampling rows"):
         b = batch_index[id(batch)]
         for name, value in values.items():

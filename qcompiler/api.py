@@ -44,6 +44,8 @@ class CompileOptions:
     channel_groups: str = "affine"
     #: Allow the output path to be the input model's own path (the input is replaced atomically).
     force: bool = False
+    #: ORT intra-op threads for calibration (None: ORT's default, one per core).
+    threads: int | None = None
 
 
 @dataclass
@@ -94,6 +96,7 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
                              block_size=options.block_size, device=options.device)
     batches = _calibration(calibration, float_model, options.calib_limit)
     ctx = CompileContext(float_model, settings, batches, source=source, graph=graph)
+    ctx.threads = options.threads
     dump_prefix = str(Path(output).with_suffix("")) if output else str(Path(source).with_suffix(""))
     manager = PassManager(recipe.build_passes() + [LowerStage(target)],
                           ManagerOptions(options.verify, tuple(options.dump_after), dump_prefix, options.progress))

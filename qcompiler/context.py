@@ -80,6 +80,9 @@ class CompileContext:
         self._stats_cache: dict[tuple[str, int | None], Any] = {}
         self._names: NameScope | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None
+        #: ORT intra-op threads of calibration sessions (None: ORT's default). Outputs do not depend
+        #: on it (min/max are exact; tests/test_determinism.py), so it is not written to the model.
+        self.threads: int | None = None
 
     @property
     def names(self) -> NameScope:
@@ -110,7 +113,7 @@ class CompileContext:
                 from qcompiler.errors import QCompileError
                 raise QCompileError(f"{self.source}: this recipe needs calibration data; pass --calib DIR")
             # The passes read ranges only: reduced inside ORT, every tensor in one pass per batch.
-            config = StatsConfig(progress=progress, ranges_only=True)
+            config = StatsConfig(progress=progress, ranges_only=True, threads=self.threads)
             fresh = collect_statistics(self.skeleton(), self.calibration, wanted, config)
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]

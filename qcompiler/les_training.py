@@ -99,7 +99,7 @@ def collect_inputs(ctx: CompileContext, batches: list[CalibrationBatch], names: 
         offsets[id(batch)] = offset
         offset += batch.batch_size
     parts: dict[str, dict[int, tuple[np.ndarray, np.ndarray | None]]] = {name: {} for name in names}
-    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False)
+    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False, threads=ctx.threads)
     for batch, values in stream_tensors(ctx.skeleton(), batches, names, config, desc="LES inputs"):
         start, rows = offsets[id(batch)], batch.batch_size
         for name, value in values.items():

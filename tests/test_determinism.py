@@ -1,4 +1,5 @@
-"""The same compile twice gives byte-identical models and the same report (timings and memory aside)."""
+"""The same compile twice (with 1 and with 2 ORT calibration threads) gives byte-identical models and
+the same report (timings and memory aside)."""
 
 import json
 
@@ -22,12 +23,13 @@ def _strip(value):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["osplus", "dgq"])
-def test_two_runs_are_byte_identical(tmp_path, recipe):
+def test_two_runs_are_byte_identical_also_with_1_vs_2_threads(tmp_path, recipe):
     outputs = []
-    for run in ("a", "b"):
+    for run, threads in (("a", "1"), ("b", "2")):
         out = tmp_path / run / "model.onnx"
         out.parent.mkdir()
-        assert main([str(DIGITS_VIT), "--recipe", recipe, "--calib", str(CALIB), "-o", str(out), "--quiet"]) == 0
+        assert main([str(DIGITS_VIT), "--recipe", recipe, "--calib", str(CALIB), "-o", str(out), "--quiet",
+                     "--threads", threads]) == 0
         outputs.append(out)
     first, second = outputs
     assert first.read_bytes() == second.read_bytes()

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a pass setting of the recipe, e.g. learned_scales.iterations=200 (repeatable)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--force", action="store_true", help="allow -o to be the input model's own path")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads for calibration (default: one per core)")
 
 
 def default_calibration(model: Path, required: bool = True) -> Path | None:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
                              device=args.device, target=args.target, channel_groups=args.channel_groups,
-                             force=args.force)
+                             force=args.force, threads=args.threads)
     result = quantize(model, recipe, calib, output, options)
     format_summary(result.report)
     print(f"wrote {output} and {output}.report.json")

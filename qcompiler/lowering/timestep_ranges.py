@@ -61,13 +61,13 @@ def split_by_timestep(batches: Sequence[CalibrationBatch], timestep_input: str) 
 
 
 def timestep_statistics(model, batches: Sequence[CalibrationBatch], tensors: dict[str, int | None],
-                        timestep_input: str, progress: bool = True) -> tuple[np.ndarray, dict[str, list[TensorStats]]]:
+                        timestep_input: str, progress: bool = True, threads: int | None = None) -> tuple[np.ndarray, dict[str, list[TensorStats]]]:
     """(timesteps ascending, {tensor: [its statistics at each timestep]}) in one pass over the data."""
     by_t = split_by_timestep(batches, timestep_input)
     timesteps = np.array(list(by_t), dtype=np.float64)
     index_of = {id(part): i for i, parts in enumerate(by_t.values()) for part in parts}
     ordered = [part for parts in by_t.values() for part in parts]
-    config = StatsConfig(progress=progress)
+    config = StatsConfig(progress=progress, threads=threads)
     stats: dict[str, list] = {name: [None] * len(timesteps) for name in tensors}
     for batch, values in stream_tensors(model, ordered, list(tensors), config, desc="per-timestep statistics"):
         i = index_of[id(batch)]
