@@ -88,6 +88,8 @@ class OutputRunner:
         self.initializers = {tensor.name for tensor in graph.initializer}
         self.graph_inputs = {value.name for value in graph.input if value.name not in self.initializers}
         self.node_outputs = {name for node in graph.node for name in node.output if name}
+        #: The model's own outputs (``session`` replaces the proto's outputs by each chunk).
+        self.model_outputs = [value.name for value in graph.output]
         self._value_info = {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
 
     def check(self, names: Sequence[str]) -> None:
