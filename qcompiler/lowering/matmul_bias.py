@@ -6,7 +6,8 @@ DQ through a Reshape becomes neither QGemm nor MatMulIntegerToFloat, so the GEMM
 dequantized weights (measured on PixArt-α's static-batch export: 5 of 287 GEMMs integer).
 
 Two exact rewrites keep the integer kernel:
-- N-D activation (rank r > 2): the 1-D bias ``b[N]`` becomes ``b.reshape(1, …, 1, N)`` of rank r.
+- N-D activation (rank r > 2) of fully static shape (the only case the fusion takes): the 1-D
+  bias ``b[N]`` becomes ``b.reshape(1, …, 1, N)`` of rank r.
   Broadcasting gives the same sum bit for bit, and ORT's fusion accepts only a 1-D bias for N-D
   inputs, so ``DQ → MatMul`` stays a MatMulIntegerToFloat and the Add stays a float Add.
 - 2-D activation: ``MatMul(x, W) + b`` → ``Gemm(x, W, b)``, so the target's int32 bias rule
@@ -42,9 +43,17 @@ def _bias_add(matmul: gs.Node) -> tuple[gs.Node, int, np.ndarray] | None:
     return add, index, bias
 
 
-def _activation_rank(matmul: gs.Node) -> int | None:
-    shape = matmul.inputs[0].shape
-    return len(shape) if shape is not None else None
+def _activation_shape(matmul: gs.Node, add: gs.Node) -> list | None:
+    """The MatMul output's shape (same rank and leading dims as its activation input), from
+    whichever of the tensors shape inference reached (a lowering's new tensors carry none)."""
+    for tensor in (matmul.outputs[0], add.outputs[0], matmul.inputs[0]):
+        if tensor.shape is not None:
+            return list(tensor.shape)
+    return None
+
+
+def _static(shape: list) -> bool:
+    return all(isinstance(dim, int) and dim >= 0 for dim in shape)
 
 
 def keep_matmul_bias_apart(ctx: CompileContext, matmuls: list[gs.Node], pass_name: str) -> tuple[int, int]:
@@ -54,11 +63,15 @@ def keep_matmul_bias_apart(ctx: CompileContext, matmuls: list[gs.Node], pass_nam
     reshaped = gemms = 0
     for matmul in matmuls:
         found = _bias_add(matmul)
-        rank = _activation_rank(matmul)
-        if found is None or rank is None:
+        if found is None:
             continue
         add, index, bias = found
-        if rank > 2:
+        shape = _activation_shape(matmul, add)
+        if shape is None:
+            continue
+        rank = len(shape)
+        # With a dynamic dimension ORT's fusion leaves N-D MatMuls alone: nothing to do.
+        if rank > 2 and _static(shape):
             shaped = bias.reshape((1,) * (rank - 1) + bias.shape)
             add.inputs[index] = ctx.constant(ctx.names.make(add.inputs[index].name, pass_name, "rank"), shaped)
             reshaped += 1
