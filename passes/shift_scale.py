@@ -75,14 +75,19 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     from qcompiler.calibration.capture import stream_tensors
     from qcompiler.calibration.statistics import StatsConfig
 
+    from qcompiler.calibration.row_samples import sample_rows
+
     chosen = ctx.calibration[:batches]
     per_batch = -(-rows // max(len(chosen), 1))
     names = list(dict.fromkeys(group.name for group in groups))
     axes = {group.name: group.channel_axis for group in groups}
+    # Rows drawn inside ORT where shapes allow (one forward per batch, only the rows come back).
+    samples, rest = sample_rows(ctx.skeleton(), chosen, {name: axes[name] for name in names}, per_batch, seed,
+                                names, ctx.threads)
     batch_index = {id(batch): index for index, batch in enumerate(chosen)}
-    samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
+    samples.update({name: {} for name in rest})
     config = StatsConfig(tensors_per_run=tensors_per_run, progress=False, threads=ctx.threads)
-    for batch, values in stream_tensors(ctx.skeleton(), chosen, names, config, desc="sampling rows"):
+    for batch, values in (stream_tensors(ctx.skeleton(), chosen, rest, config, desc="sampling rows") if rest else ()):
         b = batch_index[id(batch)]
         for name, value in values.items():
             value = np.moveaxis(np.asarray(value, np.float32), axes[name], -1)

@@ -105,6 +105,13 @@ class OutputRunner:
         value = self._value_info.get(name)
         return (value.type.tensor_type.elem_type if value is not None else 0) or onnx.TensorProto.FLOAT
 
+    def dims(self, name: str):
+        """The tensor's inferred dims (TensorShapeProto.Dimension list), None when unknown."""
+        value = self._value_info.get(name)
+        if value is None or not value.type.tensor_type.HasField("shape"):
+            return None
+        return list(value.type.tensor_type.shape.dim)
+
     def rank(self, name: str) -> int | None:
         """The tensor's rank from shape inference, None when unknown."""
         value = self._value_info.get(name)
