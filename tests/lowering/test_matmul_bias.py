@@ -85,14 +85,12 @@ def test_rewrite_is_exact_against_the_unlowered_qdq_graph(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_dynamic_batch_keeps_the_1d_bias(tmp_path):
-    """With a dynamic dimension ORT does not fuse N-D MatMul + Add: the bias stays as exported."""
+def test_dynamic_batch_stays_integer(tmp_path):
+    """A symbolic batch dim: the rank-r bias is still exact and the MatMul still integer."""
     model = linear((2, 8))
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "B"
     out = compile_minmax(model, tmp_path)
-    lowered = onnx.load(out)
-    assert [list(i.dims) for i in lowered.graph.initializer if i.name == "b"] == [[48]]
     assert count_kernels(out).integer_gemms == 1
 
 
