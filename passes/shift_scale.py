@@ -73,28 +73,26 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     memory holds one batch's outputs for one chunk plus the kept rows.
     """
     from qcompiler.calibration.capture import stream_tensors
+    from qcompiler.calibration.row_samples import draw_rows, sample_rows
     from qcompiler.calibration.statistics import StatsConfig
-
-    from qcompiler.calibration.row_samples import sample_rows
 
     chosen = ctx.calibration[:batches]
     per_batch = -(-rows // max(len(chosen), 1))
     names = list(dict.fromkeys(group.name for group in groups))
     axes = {group.name: group.channel_axis for group in groups}
     # Rows drawn inside ORT where shapes allow (one forward per batch, only the rows come back).
-    samples, rest = sample_rows(ctx.skeleton(), chosen, {name: axes[name] for name in names}, per_batch, seed,
+    skel = ctx.skeleton()
+    samples, rest = sample_rows(skel, chosen, {name: axes[name] for name in names}, per_batch, seed,
                                 names, ctx.threads)
     batch_index = {id(batch): index for index, batch in enumerate(chosen)}
     samples.update({name: {} for name in rest})
     config = StatsConfig(tensors_per_run=tensors_per_run, progress=False, threads=ctx.threads)
-    for batch, values in (stream_tensors(ctx.skeleton(), chosen, rest, config, desc="sampling rows") if rest else ()):
+    for batch, values in (stream_tensors(skel, chosen, rest, config, desc="sampling rows") if rest else ()):
         b = batch_index[id(batch)]
         for name, value in values.items():
             value = np.moveaxis(np.asarray(value, np.float32), axes[name], -1)
             flat = value.reshape(-1, value.shape[-1])
-            rng = np.random.default_rng([seed, names.index(name), b])
-            keep = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
-            samples[name][b] = flat[np.sort(keep)]
+            samples[name][b] = flat[draw_rows(flat.shape[0], per_batch, seed, names.index(name), b)]
         del values
     return {name: np.concatenate([parts[b] for b in sorted(parts)])[:rows] for name, parts in samples.items()}
 

@@ -107,8 +107,7 @@ class PassManager:
                 print(f"[{index + 1}/{len(self.passes)}] {pass_.name} ...", flush=True)
             start = time.perf_counter()
             try:
-                pass_.requires(ctx)
-                result = pass_.call(ctx)
+                result = pass_.call(ctx)  # requires() already ran in the pre-flight above
             except QCompileError:
                 raise
             except Exception as exc:  # a bug, not bad input: exit 1, traceback with --debug

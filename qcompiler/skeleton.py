@@ -181,8 +181,8 @@ def constants_late(graph: onnx.GraphProto) -> None:
     """Move each node that reads only initializers (a weight's DequantizeLinear) to just before its
     first reader. Still a topological order; why: runtimes without a memory planner that looks
     ahead (ORT with optimizations off, as calibration runs) execute nodes in file order, and with
-    every DQ first a model's dequantized float weights would all be alive at once (measured:
-    +3.4 GB on a 2.4 GB transformer). Done on the weightless proto: milliseconds at any size."""
+    every DQ first a model's dequantized float weights would all be alive at once (measured on
+    PixArt-α minmax: peak 4.19 → 2.78 GiB with this order). Done on the weightless proto: milliseconds at any size."""
     if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in graph.node for attr in node.attribute):
         return  # subgraphs read outer values implicitly: keep the exporter's order

@@ -114,10 +114,8 @@ class OutputRunner:
 
     def rank(self, name: str) -> int | None:
         """The tensor's rank from shape inference, None when unknown."""
-        value = self._value_info.get(name)
-        if value is None or not value.type.tensor_type.HasField("shape"):
-            return None
-        return len(value.type.tensor_type.shape.dim)
+        dims = self.dims(name)
+        return None if dims is None else len(dims)
 
     def estimated_bytes(self, name: str, batch_size: int) -> int:
         """Bytes of one batch's value of ``name`` from its inferred shape; open dims count as the batch."""

@@ -28,6 +28,13 @@ from qcompiler.runtimes.ort import make_session
 from qcompiler.skeleton import Skeleton
 
 
+def draw_rows(count: int, per_batch: int, seed: int, position: int, batch: int) -> np.ndarray:
+    """The sorted seeded draw of up to ``per_batch`` of ``count`` rows, keyed by (seed, the
+    tensor's position in the caller's order, batch index): the same wherever rows are taken."""
+    rng = np.random.default_rng([seed, position, batch])
+    return np.sort(rng.choice(count, size=min(per_batch, count), replace=False))
+
+
 def rows_per_batch(runner: OutputRunner, name: str, axis: int, batch_size: int) -> int | None:
     """Rows of ``name`` flattened channels-last for a batch of ``batch_size``; None if not static."""
     dims = runner.dims(name)
@@ -82,6 +89,7 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
     position seeds each tensor's draw, as the full capture does."""
     skel = as_skeleton(model)
     runner = OutputRunner(skel, threads)
+    position = {name: index for index, name in enumerate(order)}
     sizes = {b: {} for b in range(len(batches))}
     inside: dict[str, tuple[int, int, int]] = {}
     rest = []
@@ -106,9 +114,7 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
     for b, batch in enumerate(batches):
         feeds = dict(batch.feeds)
         for i, name in enumerate(inside):
-            rng = np.random.default_rng([seed, list(order).index(name), b])
-            count = sizes[b][name]
-            feeds[f"qcompile_rows/{i}/indices"] = np.sort(rng.choice(count, size=min(per_batch, count), replace=False))
+            feeds[f"qcompile_rows/{i}/indices"] = draw_rows(sizes[b][name], per_batch, seed, position[name], b)
         values = run_batch(session, outputs, CalibrationBatch(feeds, batch.metadata, batch.source))
         for name, value in zip(inside, values):
             samples[name][b] = np.asarray(value, np.float32)
