@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from qcompiler.quant import (QuantSpec, dequantize, fake_quantize, params_from_tensor, quantize,
+from qcompiler.quant import (QuantSpec, dequantize, element_params, fake_quantize, params_from_tensor, quantize,
                              scale_zero_point, sqnr_db)
 from qcompiler.runtimes.ort import make_session
 from tests.graphs import init, make_model
@@ -86,3 +88,20 @@ def test_invalid_specs_rejected():
         QuantSpec(bits=9)
     with pytest.raises(ValueError):
         QuantSpec(granularity="block", axis=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), symmetric=st.booleans(), magnitude=st.sampled_from([1e-4, 1.0, 300.0, 1e6]),
+       seed=st.integers(0, 2**16), granularity=st.sampled_from(["tensor", "axis", "block"]))
+def test_float32_fake_quantize_equals_float64_route(bits, symmetric, magnitude, seed, granularity):
+    """fake_quantize works in float32 in place; the result must equal s·(clip(rint(x/s) + z) − z)
+    computed in float64 and rounded once, bit for bit (outliers far outside the range included)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((8, 64)) * magnitude).astype(np.float32)
+    x[0, 0] = np.float32(magnitude * 1e4)  # clipped outlier
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, axis=1, block_size=16)
+    scale, zero_point = params_from_tensor(x, spec)
+    s, z = element_params(x, spec, np.asarray(scale), np.asarray(zero_point))
+    q = np.clip(np.rint(x / s.astype(np.float32)).astype(np.float64) + z.astype(np.float64), spec.qmin, spec.qmax)
+    expected = ((q - z.astype(np.float64)) * s.astype(np.float32).astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(fake_quantize(x, spec), expected)
