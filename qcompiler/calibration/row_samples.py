@@ -10,11 +10,14 @@ the capture graph appends, for a tensor of rank r with channel axis c,
 with the row indices a graph input, so one session serves every batch and ORT frees each X as
 soon as its rows are taken. The indices are the same seeded draw as the full capture's (a
 sorted choice without replacement among the B·Π(other dims) rows), so the samples are equal bit
-for bit. A tensor whose row count is not known from shape inference is left to the caller.
+for bit. A tensor whose row count shape inference leaves open comes back whole from the same
+forward pass and is drawn in numpy, and graph inputs are drawn from the feeds: one forward pass
+per batch in all (PixArt-α: 57 of 175 groups are attention outputs with a run-time token axis).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -24,8 +27,11 @@ from onnx import helper
 
 from qcompiler.calibration.capture import OutputRunner, as_skeleton, run_batch
 from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.errors import QCompileError
 from qcompiler.runtimes.ort import make_session
 from qcompiler.skeleton import Skeleton
+
+log = logging.getLogger(__name__)
 
 
 def draw_rows(count: int, per_batch: int, seed: int, position: int, batch: int) -> np.ndarray:
@@ -54,17 +60,28 @@ def rows_per_batch(runner: OutputRunner, name: str, axis: int, batch_size: int) 
     return math.prod(sizes)
 
 
-def _sampling_model(skel: Skeleton, runner: OutputRunner, tensors: Mapping[str, tuple[int, int, int]]) -> Skeleton:
+def _sampling_model(skel: Skeleton, runner: OutputRunner, gathered: Mapping[str, tuple[int, int, int]],
+                    whole: Sequence[str]) -> Skeleton:
+    """The skeleton with outputs: the Gather of each ``gathered`` tensor's rows, then each ``whole``
+    tensor as it is (as float32)."""
     proto = onnx.ModelProto()
     proto.CopyFrom(skel.proto)
     nodes, inits = [], []
     del proto.graph.output[:]
-    for index, (name, (rank, axis, channels)) in enumerate(tensors.items()):
+    for index, name in enumerate([*gathered, *whole]):
         prefix = f"qcompile_rows/{index}"
         source = name
         if runner.element_type(name) != onnx.TensorProto.FLOAT:
             nodes.append(helper.make_node("Cast", [source], [f"{prefix}/float"], to=onnx.TensorProto.FLOAT))
             source = f"{prefix}/float"
+        if name not in gathered:
+            if source == name:
+                nodes.append(helper.make_node("Identity", [source], [f"{prefix}/rows"]))
+            else:
+                nodes[-1].output[0] = f"{prefix}/rows"
+            proto.graph.output.append(helper.make_tensor_value_info(f"{prefix}/rows", onnx.TensorProto.FLOAT, None))
+            continue
+        rank, axis, channels = gathered[name]
         axis = axis % rank
         if axis != rank - 1:
             perm = [a for a in range(rank) if a != axis] + [axis]
@@ -80,42 +97,70 @@ def _sampling_model(skel: Skeleton, runner: OutputRunner, tensors: Mapping[str, 
     return Skeleton(proto, skel.arrays)
 
 
+def _draw_from(value: np.ndarray, axis: int, per_batch: int, seed: int, position: int, batch: int) -> np.ndarray:
+    """The seeded draw of rows (channels last) from a whole tensor, as the in-graph Gather takes them."""
+    value = np.moveaxis(np.asarray(value, np.float32), axis, -1)
+    flat = value.reshape(-1, value.shape[-1])
+    return flat[draw_rows(flat.shape[0], per_batch, seed, position, batch)]
+
+
+def _static_rows(runner: OutputRunner, name: str, axis: int, batches: Sequence[CalibrationBatch]
+                 ) -> tuple[tuple[int, int, int], list[int]] | None:
+    """((rank, axis, channels), rows per batch) when shape inference fixes both, else None."""
+    rank = runner.rank(name)
+    if not rank or rank < 2:
+        return None
+    counts = [rows_per_batch(runner, name, axis, batch.batch_size) for batch in batches]
+    channel = runner.dims(name)[axis % rank]
+    if any(count is None for count in counts) or not channel.HasField("dim_value") or channel.dim_value <= 0:
+        return None
+    return (rank, axis, channel.dim_value), counts
+
+
 def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int,
-                seed: int, order: Sequence[str], threads: int | None = None
-                ) -> tuple[dict[str, dict[int, np.ndarray]], list[str]]:
-    """({tensor: {batch index: rows (n, C)}}, tensors left for a full capture).
+                seed: int, order: Sequence[str], threads: int | None = None) -> dict[str, dict[int, np.ndarray]]:
+    """{tensor: {batch index: rows (n, C)}}: one forward pass per batch serves every tensor.
 
     ``tensors`` maps a name to its channel axis; ``order`` is the caller's tensor order, whose
-    position seeds each tensor's draw, as the full capture does."""
+    position seeds each tensor's draw. Rows of tensors with a static row count are gathered
+    inside ORT; graph inputs come from the feeds, and tensors whose row count shape inference
+    left open (e.g. a token axis computed at run time) come back whole from the same forward
+    pass and are drawn here: the same rows either way."""
     skel = as_skeleton(model)
     runner = OutputRunner(skel, threads)
+    runner.check(list(tensors))
     position = {name: index for index, name in enumerate(order)}
-    sizes = {b: {} for b in range(len(batches))}
-    inside: dict[str, tuple[int, int, int]] = {}
-    rest = []
+    gathered, counts, whole = {}, {}, []
     for name, axis in tensors.items():
-        rank = runner.rank(name)
-        counts = [rows_per_batch(runner, name, axis, batch.batch_size) if rank and rank >= 2 else None
-                  for batch in batches]
-        dims = runner.dims(name) or []
-        channel = dims[axis % len(dims)] if dims else None
-        if name in runner.graph_inputs or any(count is None for count in counts) or channel is None \
-                or not channel.HasField("dim_value") or channel.dim_value <= 0:
-            rest.append(name)
+        if name in runner.graph_inputs:
             continue
-        inside[name] = (rank, axis, channel.dim_value)
-        for b, count in enumerate(counts):
-            sizes[b][name] = count
-    samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in inside}
-    if not inside:
-        return samples, rest
-    session = make_session(_sampling_model(skel, runner, inside), threads=threads, lean=True)
-    outputs = [f"qcompile_rows/{i}/rows" for i in range(len(inside))]
+        static = _static_rows(runner, name, axis, batches)
+        if static is None:
+            whole.append(name)
+        else:
+            gathered[name], counts[name] = static
+    if whole:
+        log.info("%d of %d sampled tensors have no static row count: returned whole and drawn in numpy",
+                 len(whole), len(tensors))
+    samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in tensors}
+    computed = [*gathered, *whole]
+    session = (make_session(_sampling_model(skel, runner, gathered, whole), threads=threads, lean=True)
+               if computed else None)
+    outputs = [f"qcompile_rows/{i}/rows" for i in range(len(computed))]
     for b, batch in enumerate(batches):
+        for name in tensors:
+            if name in runner.graph_inputs:
+                if name not in batch.feeds:
+                    raise QCompileError(f"{batch.source}: calibration batch lacks model input {name}")
+                samples[name][b] = _draw_from(batch.feeds[name], tensors[name], per_batch, seed, position[name], b)
+        if session is None:
+            continue
         feeds = dict(batch.feeds)
-        for i, name in enumerate(inside):
-            feeds[f"qcompile_rows/{i}/indices"] = draw_rows(sizes[b][name], per_batch, seed, position[name], b)
+        for i, name in enumerate(gathered):
+            feeds[f"qcompile_rows/{i}/indices"] = draw_rows(counts[name][b], per_batch, seed, position[name], b)
         values = run_batch(session, outputs, CalibrationBatch(feeds, batch.metadata, batch.source))
-        for name, value in zip(inside, values):
-            samples[name][b] = np.asarray(value, np.float32)
-    return samples, rest
+        for name, value in zip(computed, values):
+            samples[name][b] = (np.asarray(value, np.float32) if name in gathered
+                                else _draw_from(value, tensors[name], per_batch, seed, position[name], b))
+        del values
+    return samples
