@@ -29,6 +29,7 @@ Exact: the rewrite only re-associates X·W + b = ((X − z)/s)·(s·W) + (b + z�
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,13 +65,32 @@ class ShiftScaleConfig:
                              f"are required, got {self}")
 
 
+class RowSamples(Mapping):
+    """{tensor: rows (n, C)} whose per-batch parts may live in scratch files: each group's rows are
+    joined when its search reads them and dropped after (PixArt-α's 175 groups hold ~1.2 GB)."""
+
+    def __init__(self, parts: dict[str, dict[int, np.ndarray]], rows: int):
+        self._parts, self._rows = parts, rows
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        parts = self._parts[name]
+        return np.concatenate([parts[b] for b in sorted(parts)])[:self._rows]
+
+    def __iter__(self):
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+
 def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, rows: int, seed: int = 0
-                  ) -> dict[str, np.ndarray]:
+                  ) -> RowSamples:
     """Up to ``rows`` rows (channels last) of each group's X from the first ``batches`` calibration batches.
 
     Rows are drawn uniformly without replacement per batch, from a generator seeded by (seed,
     tensor, batch), inside ORT where shapes allow (``calibration.row_samples``): one forward
-    pass per batch, and memory holds only the kept rows.
+    pass per batch. The rows go to scratch files (``ctx.spill``) and the weight pages the forward
+    passes read are released, so the searches that follow hold neither.
     """
     from qcompiler.calibration.row_samples import sample_rows
 
@@ -78,9 +98,10 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     per_batch = -(-rows // max(len(chosen), 1))
     names = list(dict.fromkeys(group.name for group in groups))
     axes = {group.name: group.channel_axis for group in groups}
-    samples = sample_rows(ctx.skeleton(), chosen, {name: axes[name] for name in names}, per_batch, seed,
-                          names, ctx.threads)
-    return {name: np.concatenate([parts[b] for b in sorted(parts)])[:rows] for name, parts in samples.items()}
+    parts = sample_rows(ctx.skeleton(), chosen, {name: axes[name] for name in names}, per_batch, seed,
+                        names, ctx.threads, keep=ctx.spill)
+    ctx.release_weight_pages()
+    return RowSamples(parts, rows)
 
 
 def matmul_weights(unit: Linear) -> np.ndarray:

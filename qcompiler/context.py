@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.graph import NameScope, to_graph, to_model, to_skeleton
 from qcompiler.grids import GroupPlan, OutputGrid, WeightRule
+from qcompiler.skeleton import fresh_map
 
 #: Arrays below this size stay in memory when a pass asks to ``spill`` them.
 SPILL_BYTES = 1 << 20
@@ -117,16 +118,31 @@ class CompileContext:
             fresh = collect_statistics(self.skeleton(), self.calibration, wanted, config)
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
+            self.release_weight_pages()
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
 
-    def spill(self, array: np.ndarray) -> np.ndarray:
+    def release_weight_pages(self) -> int:
+        """After ORT read every weight (a calibration forward pass): a fresh map of each memory-mapped
+        constant, so the pages read leave the resident set once the session is gone (they stay in
+        the OS page cache). Without it a 2.4 GB model's weights stay resident through the searches
+        that follow. Returns how many constants were re-mapped."""
+        count = 0
+        for tensor in self.graph.tensors().values():
+            # _values: reading .values would load a still-lazy embedded constant.
+            if isinstance(tensor, gs.Constant) and isinstance(getattr(tensor, "_values", None), np.memmap):
+                tensor.values = fresh_map(tensor._values)
+                count += 1
+        return count
+
+    def spill(self, array: np.ndarray, force: bool = False) -> np.ndarray:
         """A large in-memory array written to a scratch file and memory-mapped back (read-only).
 
         For float weights a pass keeps only for a later lowering (a folded W' that the DGQ affine
         re-quantizes): the pages leave the resident set and come back only if read. Small arrays
-        and arrays already mapped from a file are returned as they are. ``close`` removes the files.
+        and arrays already mapped from a file are returned as they are (``force``: any in-memory
+        array is spilled). ``close`` removes the files.
         """
-        if isinstance(array, np.memmap) or array.nbytes < SPILL_BYTES:
+        if isinstance(array, np.memmap) or (array.nbytes < SPILL_BYTES and not force):
             return array
         if self._scratch is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="qcompile-scratch-")

@@ -264,7 +264,9 @@ def along_axis(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 def _set_constant(ctx: CompileContext, node: gs.Node, index: int, value: np.ndarray, pass_name: str) -> None:
     """Give input ``index`` of ``node`` a new value; a constant that other nodes share is copied first."""
     tensor, original = node.inputs[index], constant_value(node.inputs[index])
-    value = value.astype(original.dtype if original is not None else np.float32)
+    # Spilled (large values only): a pass that folds every weight of a 2.4 GB model would
+    # otherwise hold a second copy of it in memory until the model is written.
+    value = ctx.spill(value.astype(original.dtype if original is not None else np.float32))
     if isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1:
         tensor.values = value
     else:

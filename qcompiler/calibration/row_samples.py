@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -118,14 +118,16 @@ def _static_rows(runner: OutputRunner, name: str, axis: int, batches: Sequence[C
 
 
 def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int,
-                seed: int, order: Sequence[str], threads: int | None = None) -> dict[str, dict[int, np.ndarray]]:
+                seed: int, order: Sequence[str], threads: int | None = None,
+                keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows) -> dict[str, dict[int, np.ndarray]]:
     """{tensor: {batch index: rows (n, C)}}: one forward pass per batch serves every tensor.
 
     ``tensors`` maps a name to its channel axis; ``order`` is the caller's tensor order, whose
     position seeds each tensor's draw. Rows of tensors with a static row count are gathered
     inside ORT; graph inputs come from the feeds, and tensors whose row count shape inference
     left open (e.g. a token axis computed at run time) come back whole from the same forward
-    pass and are drawn here: the same rows either way."""
+    pass and are drawn here: the same rows either way. ``keep`` stores each part (e.g. spilled
+    to a scratch file, so the samples of a large model do not stay resident)."""
     skel = as_skeleton(model)
     runner = OutputRunner(skel, threads)
     runner.check(list(tensors))
@@ -152,7 +154,8 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
             if name in runner.graph_inputs:
                 if name not in batch.feeds:
                     raise QCompileError(f"{batch.source}: calibration batch lacks model input {name}")
-                samples[name][b] = _draw_from(batch.feeds[name], tensors[name], per_batch, seed, position[name], b)
+                samples[name][b] = keep(_draw_from(batch.feeds[name], tensors[name], per_batch, seed,
+                                                   position[name], b))
         if session is None:
             continue
         feeds = dict(batch.feeds)
@@ -160,7 +163,7 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
             feeds[f"qcompile_rows/{i}/indices"] = draw_rows(counts[name][b], per_batch, seed, position[name], b)
         values = run_batch(session, outputs, CalibrationBatch(feeds, batch.metadata, batch.source))
         for name, value in zip(computed, values):
-            samples[name][b] = (np.asarray(value, np.float32) if name in gathered
-                                else _draw_from(value, tensors[name], per_batch, seed, position[name], b))
+            samples[name][b] = keep(np.asarray(value, np.float32) if name in gathered
+                                    else _draw_from(value, tensors[name], per_batch, seed, position[name], b))
         del values
     return samples
