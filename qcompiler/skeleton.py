@@ -22,6 +22,7 @@ import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +212,26 @@ def constants_late(graph: onnx.GraphProto) -> None:
                 place(produced_by[name])
         ordered.append(node)
     ordered += [late[index] for index in late if index not in placed]  # read by nothing (or only subgraphs)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def insert_after_producers(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> None:
+    """Add ``nodes`` (reading the graph's tensors or each other) each right after the last producer
+    of its inputs, not at the end. Why: ORT with optimizations off runs nodes in file order, so a
+    capture node appended at the end (a ReduceMin of one activation, a Gather of its rows) keeps
+    that activation alive through the whole forward pass, every captured one at once (PixArt-α's
+    statistics pass: +3.3 GiB). Placed this way, each is freed after its last reader as usual."""
+    position = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    after: dict[int, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        anchor = max((position.get(name, -1) for name in node.input if name), default=-1)
+        after.setdefault(anchor, []).append(node)
+        position.update({name: anchor for name in node.output})
+    ordered = list(after.get(-1, []))
+    for index, node in enumerate(graph.node):
+        ordered.append(node)
+        ordered += after.get(index, [])
     del graph.node[:]
     graph.node.extend(ordered)
 

@@ -30,7 +30,7 @@ from qcompiler.calibration.capture import OutputRunner, as_skeleton, run_batch
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.errors import QCompileError
 from qcompiler.runtimes.ort import make_session
-from qcompiler.skeleton import Skeleton
+from qcompiler.skeleton import Skeleton, insert_after_producers
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def reduction_model(skel: Skeleton, runner: OutputRunner, tensors: Mapping[str, 
         _reduce("ReduceMin", source, [0, axis], names["index_min"], opset, nodes, inits)
         _reduce("ReduceMax", source, [0, axis], names["index_max"], opset, nodes, inits)
         outputs[name] = names
-    proto.graph.node.extend(nodes)
+    insert_after_producers(proto.graph, nodes)  # each capture node frees its tensor early
     proto.graph.initializer.extend(inits)
     del proto.graph.output[:]
     proto.graph.output.extend(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)

@@ -29,7 +29,7 @@ from qcompiler.calibration.capture import OutputRunner, as_skeleton, run_batch
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.errors import QCompileError
 from qcompiler.runtimes.ort import make_session
-from qcompiler.skeleton import Skeleton
+from qcompiler.skeleton import Skeleton, insert_after_producers
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _sampling_model(skel: Skeleton, runner: OutputRunner, gathered: Mapping[str,
         proto.graph.input.append(helper.make_tensor_value_info(f"{prefix}/indices", onnx.TensorProto.INT64, [None]))
         nodes.append(helper.make_node("Gather", [f"{prefix}/flat", f"{prefix}/indices"], [f"{prefix}/rows"], axis=0))
         proto.graph.output.append(helper.make_tensor_value_info(f"{prefix}/rows", onnx.TensorProto.FLOAT, None))
-    proto.graph.node.extend(nodes)
+    insert_after_producers(proto.graph, nodes)  # each capture node frees its tensor early
     proto.graph.initializer.extend(inits)
     return Skeleton(proto, skel.arrays)
 

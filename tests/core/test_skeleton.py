@@ -48,3 +48,29 @@ def test_a_weight_only_node_that_is_a_graph_output_stays():
     constants_late(model.graph)
     onnx.checker.check_model(model)
     assert [n.name for n in model.graph.node] == ["dq0", "mm0"]
+
+
+def test_capture_nodes_go_right_after_their_producers():
+    """insert_after_producers: each added node follows the last producer of its inputs (chains
+    of added nodes too), the order stays topological, and the model still runs the same."""
+    from onnx import helper
+
+    from qcompiler.skeleton import insert_after_producers
+
+    model = graphs.conv_model()
+    graph = model.graph
+    before = [node.name for node in graph.node]
+    added = [helper.make_node("Cast", ["c1"], ["c1_f"], name="cast_c1", to=onnx.TensorProto.FLOAT),
+             helper.make_node("ReduceMax", ["c1_f"], ["c1_max"], name="max_c1", keepdims=0),
+             helper.make_node("ReduceMin", ["r1"], ["r1_min"], name="min_r1", keepdims=0),
+             helper.make_node("ReduceMin", ["x"], ["x_min"], name="min_x", keepdims=0)]
+    insert_after_producers(graph, added)
+    order = [node.name for node in graph.node]
+    assert order == ["min_x", before[0], "cast_c1", "max_c1", before[1], "min_r1", *before[2:]]
+    graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [])
+                        for n in ("c1_max", "r1_min", "x_min"))
+    onnx.checker.check_model(model)  # topologically sorted
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    outputs = dict(zip([o.name for o in graph.output],
+                       make_session(model, optimize=False).run(None, {"x": x})))
+    np.testing.assert_array_equal(outputs["x_min"], x.min())
