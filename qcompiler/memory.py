@@ -28,6 +28,26 @@ def _malloc_trim():
         return None
 
 
+#: mallopt parameter number of M_MMAP_THRESHOLD (glibc's malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def serve_large_blocks_by_mmap(threshold: int = 1 << 20) -> bool:
+    """Allocations of ``threshold`` bytes or more get their own mmap, returned to the OS on free.
+
+    glibc's default threshold starts at 128 KiB and rises to 32 MiB as large blocks are freed, so a
+    forward pass's activations (1–40 MB each) end up in heap arenas, where fragmentation keeps
+    freed ones resident until ``trim_heap``. Measured on PixArt-α's calibration forward pass (one
+    batch of 2): peak 5.7 → 3.6 GiB with the weights resident. Process-wide, so only the CLI (which
+    owns its process) sets it. True where the C library supports it (glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+
+
 def trim_heap() -> bool:
     """Return free heap pages to the OS; True where the C library supports it (glibc)."""
     trim = _malloc_trim()

@@ -12,6 +12,7 @@ import logging
 import sys
 import traceback
 
+from qcompiler.memory import serve_large_blocks_by_mmap
 from qcompiler.errors import InternalError, QCompileError
 
 #: Subcommand name -> module under qcompiler.cli with ``add_arguments(parser)`` and ``run(args)``.
@@ -63,6 +64,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process is ours (console script / python -m), not a caller's
+        serve_large_blocks_by_mmap()
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)

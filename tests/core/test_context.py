@@ -20,3 +20,13 @@ def test_spill_maps_large_arrays_back_and_close_removes_the_files():
     del spilled
     ctx.close()
     assert not folder.exists()
+
+
+def test_large_blocks_by_mmap_is_accepted_by_glibc():
+    """The CLI's allocator setting: glibc accepts M_MMAP_THRESHOLD (elsewhere it reports False)."""
+    import ctypes.util
+
+    from qcompiler.memory import serve_large_blocks_by_mmap
+
+    libc = ctypes.util.find_library("c") or ""
+    assert serve_large_blocks_by_mmap(1 << 20) is ("libc.so" in libc)
