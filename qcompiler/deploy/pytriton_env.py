@@ -108,7 +108,7 @@ class PyTritonServer:
         ports = [str(self.http_port), str(free_port()), str(free_port())]
         self._log = open(self.log_path, "w")
         self._process = subprocess.Popen(
-            [str(python), str(SERVER_SCRIPT), str(self.model_dir), "--http-port", ports[0],
+            [str(python), "-P", str(SERVER_SCRIPT), str(self.model_dir), "--http-port", ports[0],
              "--grpc-port", ports[1], "--metrics-port", ports[2]],
             stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True)
         self._wait_ready()
@@ -151,7 +151,7 @@ class PyTritonServer:
 
 
 def main() -> int:
-    """``python -m qcompiler.deploy.pytriton``: build (or find) the environment and print its python."""
+    """``python -m qcompiler.deploy.pytriton_env``: build (or find) the environment and print its python."""
     print(ensure_env())
     return 0
 
