@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -76,7 +77,8 @@ def bench(name: str, model: Path, data: Path, args) -> dict:
            "instances": args.instances, "threads_per_instance": args.threads,
            "request": {key: list(value.shape) for key, value in feeds.items()},
            "server_startup_s": round(startup, 1), "max_relative_difference_vs_ort": max_rel,
-           "direct_ort_p50_ms": direct_latency_ms(model, feeds, args.threads), **report.as_dict()}
+           "direct_ort_p50_ms": direct_latency_ms(model, feeds, args.threads), **report.as_dict(),
+           "load_average_1min": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
     print(json.dumps(row), flush=True)
     return row
 
@@ -85,14 +87,16 @@ def markdown(rows: list[dict], args) -> str:
     lines = [f"# Triton serving (`{' '.join(sys.argv)}`)", "",
              f"Triton 2.51 (PyTriton {pytriton_env.PYTRITON}, Python backend running an ORT session of the "
              f"repository's model), {platform.machine()}, {args.clients} clients × {args.requests} requests, "
-             "batch-1 requests over HTTP on 127.0.0.1.", "",
+             "batch-1 requests over HTTP on 127.0.0.1. Latencies depend on what else the machine runs: "
+             "the 1-minute load average at the end of each row is given.", "",
              "| model | request | max rel. diff vs ORT | failed / sent | p50 ms | p99 ms | throughput req/s "
-             "| direct ORT p50 ms |", "|---|---|---|---|---|---|---|---|"]
+             "| direct ORT p50 ms | load avg / CPUs |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         request = ", ".join(f"{key} {'×'.join(map(str, shape))}" for key, shape in row["request"].items())
         lines.append(f"| {row['name']} | {request} | {row['max_relative_difference_vs_ort']:.1e} | "
                      f"{row['failed']} / {row['clients'] * row['requests_per_client']} | {row['p50_ms']:.1f} | "
-                     f"{row['p99_ms']:.1f} | {row['throughput_rps']:.1f} | {row['direct_ort_p50_ms']:.1f} |")
+                     f"{row['p99_ms']:.1f} | {row['throughput_rps']:.1f} | {row['direct_ort_p50_ms']:.1f} | "
+                     f"{row['load_average_1min']} / {row['cpus']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -228,6 +228,9 @@ def write_repository(model_path: str | os.PathLike, repo_dir: str | os.PathLike,
     try:
         repo_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{options.name}.", dir=repo_dir))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from a server run as another user
     except OSError as exc:
         raise QCompileError(f"{repo_dir}: cannot write the repository ({exc.strerror or exc})") from None
     try:

@@ -65,6 +65,7 @@ def test_unet_repository_from_its_graph(tmp_path, capsys):
     folder = tmp_path / "repo" / "unet"
     assert _files(folder) == ["1", "1/model.onnx", "config.pbtxt"]
     assert (folder / "1" / "model.onnx").read_bytes() == BUNDLED_DEFAULT.read_bytes()
+    assert folder.stat().st_mode & 0o005 == (tmp_path / "repo").stat().st_mode & 0o005  # as readable as mkdir makes
     config = read_config(folder / "config.pbtxt")
     assert (config.name, config.platform, config.max_batch_size) == ("unet", "onnxruntime_onnx", 8)
     inputs = {entry.name: entry for entry in config.input}
