@@ -86,7 +86,8 @@ def bench(name: str, model: Path, data: Path, args) -> dict:
 def markdown(rows: list[dict], args) -> str:
     lines = [f"# Triton serving (`{' '.join(sys.argv)}`)", "",
              f"Triton 2.51 (PyTriton {pytriton_env.PYTRITON}, Python backend running an ORT session of the "
-             f"repository's model), {platform.machine()}, {args.clients} clients × {args.requests} requests, "
+             f"repository's model), {platform.machine()}, {args.instances} instance(s) × {args.threads} ORT thread(s), "
+             f"dynamic batching, {args.clients} clients × {args.requests} requests, "
              "batch-1 requests over HTTP on 127.0.0.1. Latencies depend on what else the machine runs: "
              "the 1-minute load average at the end of each row is given.", "",
              "| model | request | max rel. diff vs ORT | failed / sent | p50 ms | p99 ms | throughput req/s "
@@ -105,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=MODEL:DATA")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=50)
-    parser.add_argument("--instances", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads per instance")
+    parser.add_argument("--instances", type=int, default=2, help="Triton model instances (one ORT session each)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ORT intra-op threads per instance (1: spinning thread pools collapse on a busy machine)")
     parser.add_argument("--work", type=Path, default=Path("build/triton"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

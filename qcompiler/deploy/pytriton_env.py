@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -38,6 +39,10 @@ PYTRITON = "nvidia-pytriton==0.7.0"  # ships tritonserver 2.51
 NUMPY = "numpy==1.26.4"  # PyTriton 0.7 needs numpy < 2
 SERVER_SCRIPT = Path(__file__).with_name("pytriton_server.py")
 READY_MARK = ".qcompile-ready"
+#: PyTriton waits 1 s for its backend's handshake (pytriton/proxy/communication.py), which an
+#: overloaded machine can miss; the server is started again that many times in all.
+STARTS = 3
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
 
 
 def requirements() -> list[str]:
@@ -104,21 +109,27 @@ class PyTritonServer:
 
     def __enter__(self) -> "PyTritonServer":
         python = ensure_env()
-        self.http_port = free_port()
-        ports = [str(self.http_port), str(free_port()), str(free_port())]
-        self._log = open(self.log_path, "w")
-        self._process = subprocess.Popen(
-            [str(python), "-P", str(SERVER_SCRIPT), str(self.model_dir), "--http-port", ports[0],
-             "--grpc-port", ports[1], "--metrics-port", ports[2]],
-            stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True)
-        self._wait_ready()
-        return self
+        for attempt in range(1, STARTS + 1):
+            self.http_port = free_port()
+            ports = [str(self.http_port), str(free_port()), str(free_port())]
+            self._log = open(self.log_path, "w")
+            self._process = subprocess.Popen(
+                [str(python), "-P", str(SERVER_SCRIPT), str(self.model_dir), "--http-port", ports[0],
+                 "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True)
+            failure = self._wait_ready()
+            if failure is None:
+                return self
+            self.__exit__(None, None, None)
+            logger.warning("Triton start %d of %d failed: %s", attempt, STARTS, failure)
+        raise QCompileError(f"Triton did not become ready serving {self.model_dir} (see {self.log_path}): {failure}")
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self) -> str | None:
+        """None once the server prints READY; else the log's last error line."""
         ready = threading.Event()
 
         def watch():
@@ -130,10 +141,10 @@ class PyTritonServer:
         deadline = time.monotonic() + self.timeout
         while not ready.wait(0.5):
             if self._process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                lines = [line for line in Path(self.log_path).read_text().splitlines() if line.strip()]
-                raise QCompileError(f"Triton did not become ready serving {self.model_dir} "
-                                    f"(see {self.log_path}): {lines[-1] if lines else 'no output'}")
+                lines = Path(self.log_path).read_text().splitlines()
+                errors = [line.strip() for line in lines if EXCEPTION_LINE.match(line.strip())]
+                return (errors or [line for line in lines if line.strip()] or ["no output"])[-1]
+        return None
 
     def alive(self) -> bool:
         return self._process.poll() is None
