@@ -28,13 +28,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qcompiler.deploy import pytriton_env  # noqa: E402
-from qcompiler.deploy.client import infer, load_test  # noqa: E402
-from qcompiler.deploy.triton import TritonOptions, read_config, write_repository  # noqa: E402
+from qcompiler.deploy import pytriton_env
+from qcompiler.deploy.client import infer, load_test
+from qcompiler.deploy.triton import TritonOptions, read_config, write_repository
 
 
 def first_request(data: Path) -> dict[str, np.ndarray]:
-    with np.load(sorted(data.glob("*.npz"))[0]) as npz:
+    with np.load(min(data.glob("*.npz"))) as npz:
         return {key: npz[key][:1] for key in npz.files if not key.startswith("__")}
 
 
@@ -84,14 +84,14 @@ def bench(name: str, model: Path, data: Path, args) -> dict:
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = [f"# Triton serving (`{' '.join(sys.argv)}`)", "",
-             f"Triton 2.51 (PyTriton {pytriton_env.PYTRITON}, Python backend running an ORT session of the "
-             f"repository's model), {platform.machine()}, {args.instances} instance(s) × {args.threads} ORT thread(s), "
-             f"dynamic batching, {args.clients} clients × {args.requests} requests, "
-             "batch-1 requests over HTTP on 127.0.0.1. Latencies depend on what else the machine runs: "
-             "the 1-minute load average at the end of each row is given.", "",
-             "| model | request | max rel. diff vs ORT | failed / sent | p50 ms | p99 ms | throughput req/s "
-             "| direct ORT p50 ms | load avg / CPUs |", "|---|---|---|---|---|---|---|---|---|"]
+    setting = (f"Triton 2.51 (PyTriton {pytriton_env.PYTRITON}, Python backend running an ORT session of the "
+               f"repository's model), {platform.machine()}, {args.instances} instance(s) × {args.threads} ORT "
+               f"thread(s), dynamic batching, {args.clients} clients × {args.requests} requests, "
+               "batch-1 requests over HTTP on 127.0.0.1. Latencies depend on what else the machine runs: "
+               "the 1-minute load average at the end of each row is given.")
+    header = ("| model | request | max rel. diff vs ORT | failed / sent | p50 ms | p99 ms | throughput req/s "
+              "| direct ORT p50 ms | load avg / CPUs |")
+    lines = [f"# Triton serving (`{' '.join(sys.argv)}`)", "", setting, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         request = ", ".join(f"{key} {'×'.join(map(str, shape))}" for key, shape in row["request"].items())
         lines.append(f"| {row['name']} | {request} | {row['max_relative_difference_vs_ort']:.1e} | "

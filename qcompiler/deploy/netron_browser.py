@@ -52,7 +52,8 @@ class RenderedGraph:
     def error(self) -> str | None:
         """Why this is not a rendered graph, or None."""
         if self.body_class.split()[:1] != ["default"]:
-            return f"Netron did not reach its graph screen (body class '{self.body_class}'): {self.message or 'no message'}"
+            return (f"Netron did not reach its graph screen (body class '{self.body_class}'): "
+                    f"{self.message or 'no message'}")
         if self.message:
             return f"Netron shows a message: {self.message}"
         if self.page_errors:
@@ -117,7 +118,8 @@ def _screenshot(page, png: Path, focus: str | None, viewport: tuple[int, int]) -
 def main(argv: list[str] | None = None) -> int:
     from qcompiler.deploy import netron_view
 
-    parser = argparse.ArgumentParser(prog="python -m qcompiler.deploy.netron_browser", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qcompiler.deploy.netron_browser",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("model", help="ONNX model to open in Netron")
     parser.add_argument("--png", required=True, help="screenshot to write")
     parser.add_argument("--focus", help="node name to center the screenshot on")

@@ -79,7 +79,7 @@ def ensure_env() -> Path:
                     [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements()],
                     [str(python), "-c", "import pytriton.triton, onnxruntime, tritonclient.grpc.model_config_pb2"]]
         for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 shutil.rmtree(venv, ignore_errors=True)
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -107,7 +107,7 @@ class PyTritonServer:
     log_path: Path
     timeout: float = 180.0
 
-    def __enter__(self) -> "PyTritonServer":
+    def __enter__(self) -> PyTritonServer:
         python = ensure_env()
         for attempt in range(1, STARTS + 1):
             self.http_port = free_port()

@@ -54,7 +54,7 @@ def client(server):
 
 
 def test_outputs_equal_direct_onnxruntime(server, client):
-    running, config, model = server
+    _, config, model = server
     assert client.is_server_ready() and client.is_model_ready(config.name)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
