@@ -2,7 +2,7 @@
 
 Netron shows the rewritten graph with qcompile's node names (<tensor>/<pass>/<Op>) and the
 doc_string of each inserted node (which pass made it and why); View > Show Names puts the names
-on the nodes. The server runs until Ctrl-C.
+on the nodes. The server runs until Ctrl-C (or SIGTERM).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ def run(args: argparse.Namespace) -> int:
 
     url = netron_view.serve(args.model, args.port, browse=not args.no_browser)
     print(f"Netron is serving {args.model} at {url} (Ctrl-C stops it)", flush=True)
-    try:
-        netron_view.wait()
-    except KeyboardInterrupt:  # netron.wait handles it; this covers an interrupt between the calls
-        netron_view.stop(url)
+    netron_view.wait(url)
     print("stopped", file=sys.stderr)
     return 0

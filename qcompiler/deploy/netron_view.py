@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
+import time
 from pathlib import Path
 
 from qcompiler.errors import QCompileError, require
@@ -45,14 +47,34 @@ def serve(model: str | Path, port: int | None = None, browse: bool = False) -> s
     return f"http://{host}:{bound}/"
 
 
+def _address(url: str) -> tuple[str, int]:
+    return HOST, int(url.rstrip("/").rsplit(":", 1)[1])
+
+
 def stop(url: str) -> None:
     import netron
 
-    netron.stop((HOST, int(url.rstrip("/").rsplit(":", 1)[1])))
+    netron.stop(_address(url))
 
 
-def wait() -> None:
-    """Block until Ctrl-C, then stop every Netron server of this process."""
+def wait(url: str) -> None:
+    """Serve until Ctrl-C or SIGTERM (from the main thread), then stop the server.
+
+    The handlers are set here because a process started in the background by a non-interactive
+    shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    """
     import netron
 
-    netron.wait()
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while netron.status(_address(url)):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(url)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

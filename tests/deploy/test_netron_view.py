@@ -80,7 +80,11 @@ def test_view_command_serves_until_interrupted(tmp_path):
             assert response.status == 200 and b"Netron" in response.read()
     finally:
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
+        try:
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
     assert process.returncode == 0, err
 
 
