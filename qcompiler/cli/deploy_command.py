@@ -18,12 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton", required=True, metavar="REPO_DIR",
                         help="Triton model repository folder to write the model into (created if missing)")
     parser.add_argument("--name", help="model name in the repository (default: the model file's stem)")
-    parser.add_argument("--max-batch", type=int,
+    parser.add_argument("--max-batch", type=int, metavar="N",
                         help="max_batch_size (default: 8 when every input and output has a dynamic leading "
                              "axis, else 0; 0 turns batching off)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances (ORT sessions) Triton runs")
+    parser.add_argument("--instances", type=int, default=1, metavar="N", help="model instances (ORT sessions) Triton runs")
     parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="instance group kind")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="ORT intra-op threads per instance (0: ONNX Runtime picks, one per core)")
     parser.add_argument("--force", action="store_true", help="replace a model of the same name in the repository")
 

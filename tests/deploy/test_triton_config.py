@@ -187,3 +187,14 @@ def test_default_name_that_triton_rejects_asks_for_name(tmp_path, capsys):
     path = _save(tmp_path, STATIC, "my model.onnx")
     code, _, err = _deploy(capsys, path, "--triton", tmp_path / "repo")
     _assert_one_line(code, err, "'my model'", "--name")
+
+
+def test_bad_options_and_a_file_as_repository(tmp_path, capsys):
+    path = _save(tmp_path, STATIC, "m.onnx")
+    code, _, err = _deploy(capsys, path, "--triton", tmp_path / "repo", "--instances", "0")
+    _assert_one_line(code, err, "--instances")
+    occupied = tmp_path / "occupied"
+    occupied.write_text("a file, not a folder")
+    code, _, err = _deploy(capsys, path, "--triton", occupied)
+    _assert_one_line(code, err, "occupied", "not a folder")
+    assert not (tmp_path / "repo").exists() and occupied.read_text() == "a file, not a folder"
