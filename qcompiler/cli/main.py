@@ -18,7 +18,7 @@ from qcompiler.errors import InternalError, QCompileError
 #: Subcommand name -> module under qcompiler.cli with ``add_arguments(parser)`` and ``run(args)``.
 SUBCOMMANDS = {"compile": "compile_command", "eval": "eval_command", "inspect": "inspect_command",
                "recipes": "recipes_command", "collect": "collect_command",
-               "eval-diffusion": "eval_diffusion_command"}
+               "eval-diffusion": "eval_diffusion_command", "deploy": "deploy_command", "view": "view_command"}
 
 
 def _module(name: str):
