@@ -137,7 +137,9 @@ class GenerationSettings:
         """Every None replaced by the value the pipeline would use."""
         defaults = inspect.signature(type(pipe).__call__).parameters
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        size = int(denoiser.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+        # SD/SDXL: the denoiser's sample_size; SD3, Flux, Sana keep it as default_sample_size.
+        latent = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+        size = int(latent) * int(getattr(pipe, "vae_scale_factor", 8))
         return GenerationSettings(
             steps=self.steps or int(defaults["num_inference_steps"].default),
             guidance_scale=self.guidance_scale if self.guidance_scale is not None
