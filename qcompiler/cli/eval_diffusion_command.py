@@ -110,6 +110,11 @@ def _run_zoo(args: argparse.Namespace) -> dict:
     for path in (args.float_model, args.quant_model):
         if not Path(path).is_file():
             raise QCompileError(f"{path}: no such model file")
+    if args.prompts is not None:  # the zoo's prompts are its MNIST captions: only a count applies
+        if not str(args.prompts).isdigit():
+            raise QCompileError(f"{args.prompts}: a zoo denoiser takes --prompts N (or --samples N); prompt files "
+                                "need a pipeline folder")
+        args.samples = int(args.prompts)
     if args.samples < 2:
         raise QCompileError("--samples must be at least 2 (the Fréchet distance needs a covariance)")
     options = DiffusionEvalOptions(samples=args.samples, steps=args.steps or ZOO_STEPS,

@@ -54,11 +54,6 @@ class PipelineFolder:
         return self.root / "vae_encoder" / MODEL_FILE
 
 
-def is_pipeline_folder(path: str | os.PathLike) -> bool:
-    """A folder (the CLI then treats it as a pipeline and checks it with ``open_pipeline``)."""
-    return Path(path).is_dir()
-
-
 def open_pipeline(path: str | os.PathLike) -> PipelineFolder:
     """Check the layout (no model is loaded); QCompileError naming the folder or file otherwise."""
     root = Path(path)

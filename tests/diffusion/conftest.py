@@ -116,3 +116,35 @@ def sd_pipeline(tmp_path_factory):
     pipe.save_pretrained(work / "torch")
     main_export(str(work / "torch"), str(work / "onnx"), task="text-to-image", device="cpu")
     return work / "onnx"
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline(tmp_path_factory):
+    """optimum's export of a tiny random StableDiffusion3Pipeline: a transformer denoiser
+    (``transformer/model.onnx``, an MMDiT), two CLIP text encoders and a T5 encoder sharing the
+    tiny tokenizer, a flow-matching scheduler."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from optimum.exporters.onnx import main_export
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    work = tmp_path_factory.mktemp("sd3_pipeline")
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer(work)
+    vocab = len(tokenizer.get_vocab())
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=vocab, projection_dim=32, **SD_TEXT))
+
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16)
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    vae = AutoencoderKL(**SD_VAE, shift_factor=0.0609, scaling_factor=1.5035)  # SD3 decodes with both
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, text_encoder=clip(),
+                                    tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=tokenizer,
+                                    text_encoder_3=t5, tokenizer_3=tokenizer,
+                                    scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.save_pretrained(work / "torch")
+    main_export(str(work / "torch"), str(work / "onnx"), task="text-to-image", device="cpu")
+    return work / "onnx"

@@ -153,3 +153,21 @@ def test_external_data_denoiser_is_not_copied(sd_pipeline, workspace, tmp_path):
                  "--quiet"]) == 0
     assert not (out / "unet" / "model.onnx_data").exists()
     assert ORTDiffusionPipeline.from_pretrained(out).unet is not None
+
+
+def test_transformer_pipeline_end_to_end(sd3_pipeline, tmp_path):
+    """The same three commands on a pipeline whose denoiser is a transformer (SD3's MMDiT)."""
+    from optimum.onnxruntime import ORTDiffusionPipeline
+
+    calib, out, result = tmp_path / "calib", tmp_path / "sd3.minmax", tmp_path / "eval.json"
+    assert main(["collect", str(sd3_pipeline), "--prompts", "2", "--steps", "2", "-o", str(calib)]) == 0
+    data = np.load(calib / "b000_s000.npz")
+    inputs = {i.name for i in onnx.load(sd3_pipeline / "transformer" / "model.onnx").graph.input}
+    assert {k for k in data.files if not k.startswith("__")} == inputs and "hidden_states" in inputs
+    np.testing.assert_array_equal(data["__prompt__"], [-1, -1, 0, 1])
+    assert main([str(sd3_pipeline), "--recipe", "minmax", "--calib", str(calib), "-o", str(out), "--quiet"]) == 0
+    assert type(ORTDiffusionPipeline.from_pretrained(out)).__name__ == "ORTStableDiffusion3Pipeline"
+    assert main(["eval-diffusion", str(sd3_pipeline), str(out), "--prompts", "2", "--steps", "2",
+                 "--json", str(result)]) == 0
+    numbers = json.loads(result.read_text())
+    assert numbers["denoiser"] == "transformer" and np.isfinite(numbers["psnr_db"]) and numbers["ssim"] < 1.0
