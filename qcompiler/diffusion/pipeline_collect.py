@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qcompiler.diffusion.pipeline import GenerationSettings, PipelineFolder, generate, load_pipeline
+from qcompiler.errors import QCompileError
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,15 @@ def collect_pipeline(folder: PipelineFolder, out_dir: str | os.PathLike, prompts
                      threads: int | None = None) -> PipelineCollectResult:
     """Sample ``prompts`` through the pipeline and write the kept steps' denoiser feeds to ``out_dir``."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise QCompileError(f"{out}: exists and is not a folder")
+    recorder = _Recorder(Path(), set(), None)
+    # Loaded before anything is written: a denoiser ORT cannot load fails with nothing on disk.
+    pipe = load_pipeline(folder, hook=lambda feeds: recorder(feeds), threads=threads)
+    settings = settings.resolved(pipe)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = recorder.folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        recorder = _Recorder(staging, set(), None)
-        pipe = load_pipeline(folder, hook=lambda feeds: recorder(feeds), threads=threads)
-        settings = settings.resolved(pipe)
         batches = -(-len(prompts) // settings.batch_size)
         recorder.keep = kept_files(batches, settings.steps, max_files)
         needed = sorted({b for b, _ in recorder.keep})

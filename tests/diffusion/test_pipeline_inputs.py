@@ -93,3 +93,11 @@ def test_max_files_is_uniform_over_steps(batches, steps, max_files):
 def test_max_files_above_total_keeps_everything():
     assert kept_files(2, 3, 100) == {(b, s) for b in range(2) for s in range(3)}
     assert kept_files(2, 3, None) == {(b, s) for b in range(2) for s in range(3)}
+
+
+@pytest.mark.parametrize("command", ["collect", "compile"])
+def test_denoiser_that_is_not_onnx(command, fake_pipeline, tmp_path, capsys):
+    (fake_pipeline / "unet" / "model.onnx").write_text("not a protobuf " * 8)
+    argv = {"collect": ["collect", fake_pipeline, "--prompts", "2", "-o", tmp_path / "out"],
+            "compile": [fake_pipeline, "--calib", tmp_path, "-o", tmp_path / "out"]}[command]
+    _fails_cleanly(capsys, tmp_path, argv, fake_pipeline / "unet" / "model.onnx")
