@@ -82,5 +82,5 @@ def evaluate_pipeline(folder: PipelineFolder, quant_path: str | os.PathLike, pro
     if grid is not None:
         n = grid_columns
         result["grid"] = str(save_grid([float_images[:n], quant_images[:n]], grid, ["float", "quantized"],
-                                       title=f"{Path(quant_path).name} in {folder.root.name}"))
+                                       title=f"{Path(quant_path).parent.name}/{Path(quant_path).name} vs float {folder.root.name}"))
     return result
