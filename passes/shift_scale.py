@@ -72,28 +72,19 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     tensor, batch), so the draw does not depend on how the capture engine chunks the tensors;
     memory holds one batch's outputs for one chunk plus the kept rows.
     """
-    from qcompiler.calibration.capture import stream_tensors
-    from qcompiler.calibration.row_samples import draw_rows, sample_rows
-    from qcompiler.calibration.statistics import StatsConfig
+    from qcompiler.calibration.row_samples import draw_samples
 
     chosen = ctx.calibration[:batches]
     per_batch = -(-rows // max(len(chosen), 1))
     names = list(dict.fromkeys(group.name for group in groups))
     axes = {group.name: group.channel_axis for group in groups}
-    # Rows drawn inside ORT where shapes allow (one forward per batch, only the rows come back).
-    skel = ctx.skeleton()
-    samples, rest = sample_rows(skel, chosen, {name: axes[name] for name in names}, per_batch, seed,
-                                names, ctx.threads)
-    batch_index = {id(batch): index for index, batch in enumerate(chosen)}
-    samples.update({name: {} for name in rest})
-    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False, threads=ctx.threads)
-    for batch, values in (stream_tensors(skel, chosen, rest, config, desc="sampling rows") if rest else ()):
-        b = batch_index[id(batch)]
-        for name, value in values.items():
-            value = np.moveaxis(np.asarray(value, np.float32), axes[name], -1)
-            flat = value.reshape(-1, value.shape[-1])
-            samples[name][b] = flat[draw_rows(flat.shape[0], per_batch, seed, names.index(name), b)]
-        del values
+    # Rows drawn inside ORT where shapes allow (one forward per batch, only the rows come back); on a
+    # calibration cluster, shard by shard with the same draw (keyed by batch index).
+    if ctx.cluster is not None:
+        samples = ctx.cluster.sample_rows(ctx.skeleton(), chosen, axes, per_batch, seed, names)
+    else:
+        samples = draw_samples(ctx.skeleton(), chosen, axes, per_batch, seed, names, ctx.threads,
+                               tensors_per_run=tensors_per_run)
     return {name: np.concatenate([parts[b] for b in sorted(parts)])[:rows] for name, parts in samples.items()}
 
 

@@ -81,16 +81,17 @@ def _sampling_model(skel: Skeleton, runner: OutputRunner, tensors: Mapping[str, 
 
 
 def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int,
-                seed: int, order: Sequence[str], threads: int | None = None
+                seed: int, order: Sequence[str], threads: int | None = None, first: int = 0
                 ) -> tuple[dict[str, dict[int, np.ndarray]], list[str]]:
     """({tensor: {batch index: rows (n, C)}}, tensors left for a full capture).
 
     ``tensors`` maps a name to its channel axis; ``order`` is the caller's tensor order, whose
-    position seeds each tensor's draw, as the full capture does."""
+    position seeds each tensor's draw, as the full capture does. ``first``: the index of
+    ``batches[0]`` in the whole data set (a shard's offset), which keys the draws and the result."""
     skel = as_skeleton(model)
     runner = OutputRunner(skel, threads)
     position = {name: index for index, name in enumerate(order)}
-    sizes = {b: {} for b in range(len(batches))}
+    sizes = {b: {} for b in range(first, first + len(batches))}
     inside: dict[str, tuple[int, int, int]] = {}
     rest = []
     for name, axis in tensors.items():
@@ -104,14 +105,14 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
             rest.append(name)
             continue
         inside[name] = (rank, axis, channel.dim_value)
-        for b, count in enumerate(counts):
+        for b, count in enumerate(counts, start=first):
             sizes[b][name] = count
     samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in inside}
     if not inside:
         return samples, rest
     session = make_session(_sampling_model(skel, runner, inside), threads=threads, lean=True)
     outputs = [f"qcompile_rows/{i}/rows" for i in range(len(inside))]
-    for b, batch in enumerate(batches):
+    for b, batch in enumerate(batches, start=first):
         feeds = dict(batch.feeds)
         for i, name in enumerate(inside):
             feeds[f"qcompile_rows/{i}/indices"] = draw_rows(sizes[b][name], per_batch, seed, position[name], b)
@@ -119,3 +120,27 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
         for name, value in zip(inside, values):
             samples[name][b] = np.asarray(value, np.float32)
     return samples, rest
+
+
+def draw_samples(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int, seed: int,
+                 order: Sequence[str], threads: int | None = None, first: int = 0,
+                 tensors_per_run: int = 256) -> dict[str, dict[int, np.ndarray]]:
+    """``{tensor: {batch index: rows (n, C)}}``: :func:`sample_rows` inside ORT where shapes allow,
+    the same draw from a full capture (``capture.stream_tensors``) for the rest. ``first`` as there."""
+    from qcompiler.calibration.capture import stream_tensors
+    from qcompiler.calibration.statistics import StatsConfig
+
+    skel = as_skeleton(model)
+    samples, rest = sample_rows(skel, batches, tensors, per_batch, seed, order, threads, first)
+    position = {name: index for index, name in enumerate(order)}
+    batch_index = {id(batch): index for index, batch in enumerate(batches, start=first)}
+    samples.update({name: {} for name in rest})
+    config = StatsConfig(tensors_per_run=tensors_per_run, progress=False, threads=threads)
+    for batch, values in (stream_tensors(skel, batches, rest, config, desc="sampling rows") if rest else ()):
+        b = batch_index[id(batch)]
+        for name, value in values.items():
+            value = np.moveaxis(np.asarray(value, np.float32), tensors[name], -1)
+            flat = value.reshape(-1, value.shape[-1])
+            samples[name][b] = flat[draw_rows(flat.shape[0], per_batch, seed, position[name], b)]
+        del values
+    return samples
