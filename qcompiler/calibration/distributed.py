@@ -50,8 +50,9 @@ class ClusterConfig:
     shared_dir: str | None = None
     #: Reruns of a shard whose task raised (a dead worker's shard is rescheduled by the scheduler).
     retries: int = 2
-    #: Shards per worker: more balances uneven workers, fewer opens fewer sessions.
-    shards_per_worker: int = 1
+    #: Shards the batches are cut into (None: one per worker). More balance uneven workers and make a
+    #: retry cheaper; fewer open fewer sessions. The result does not depend on it.
+    shards: int | None = None
     connect_timeout: float = 20.0
 
     def __post_init__(self):
@@ -60,8 +61,8 @@ class ClusterConfig:
                                 "local workers (--workers), not both")
         if self.workers is not None and self.workers < 1:
             raise QCompileError(f"--workers must be at least 1, got {self.workers}")
-        if self.retries < 0 or self.shards_per_worker < 1:
-            raise QCompileError(f"calibration cluster: retries ≥ 0 and shards_per_worker ≥ 1 are required, got {self}")
+        if self.retries < 0 or (self.shards is not None and self.shards < 1):
+            raise QCompileError(f"calibration cluster: retries ≥ 0 and shards ≥ 1 are required, got {self}")
 
 
 def shard_ranges(count: int, shards: int) -> list[range]:
@@ -116,7 +117,7 @@ class CalibrationCluster:
                 self.threads = threads or max(1, (os.cpu_count() or 1) // config.workers)
                 self._local = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
                                            dashboard_address=None, scheduler_kwargs={"dashboard": False},
-                                           silence_logs=logging.ERROR)
+                                           silence_logs=logging.CRITICAL)  # a failed shard is reported in one line, below
                 self.client = Client(self._local)
                 self.address = self._local.scheduler_address
             else:
@@ -144,11 +145,13 @@ class CalibrationCluster:
             self.folder = Path(self._scratch.name)
         #: One record per capture: what ran, in how many shards, and how many samples were merged.
         self.runs: list[dict] = []
+        #: Each worker process's peak RSS (since it started), asked for when the cluster closes.
+        self.worker_peaks: dict[str, int] = {}
         log.info("calibration cluster %s: %d worker(s), shared folder %s", self.address, self.workers, self.folder)
 
     def summary(self) -> dict:
         return {"scheduler": self.address, "local": self.config.workers is not None, "workers": self.workers,
-                "captures": self.runs}
+                "worker_peak_rss_bytes": self.worker_peaks, "captures": self.runs}
 
     def _write(self, skeleton) -> Path:
         """The current graph in the shared folder (external data beside it), a new name per capture."""
@@ -167,7 +170,7 @@ class CalibrationCluster:
         """Submit ``task(*arguments(shard))`` per shard: (results, shards) in shard order, or one clear error."""
         from distributed import as_completed
 
-        shards = shard_ranges(len(batches), self.workers * self.config.shards_per_worker)
+        shards = shard_ranges(len(batches), self.config.shards or self.workers)
         keys = {}
         futures = []
         for index, shard in enumerate(shards):
@@ -249,6 +252,12 @@ class CalibrationCluster:
         return samples
 
     def close(self) -> None:
+        if getattr(self, "client", None) is not None and getattr(self, "runs", None):
+            try:
+                peaks = self.client.run(_peak_rss_bytes, on_error="return")
+                self.worker_peaks = {worker: peaks[worker] for worker in sorted(peaks) if isinstance(peaks[worker], int)}
+            except Exception as exc:  # a measurement: never worth failing the compile for
+                log.warning("calibration cluster: could not read the workers' peak RSS: %s", exc)
         for resource in ("client", "_local"):
             handle = getattr(self, resource, None)
             if handle is not None:
@@ -260,6 +269,13 @@ class CalibrationCluster:
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+
+def _peak_rss_bytes() -> int | None:
+    """Run on each worker by ``close``: its process's peak RSS (``report.peak_rss_bytes``)."""
+    from qcompiler.report import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def _reason(future) -> str:
