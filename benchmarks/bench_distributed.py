@@ -69,8 +69,8 @@ def gib(value: int | None) -> str:
 
 def table(rows: list[dict], model: Path, recipe: str) -> str:
     lines = [f"Calibration on a local dask cluster: `{model.name}`, recipe `{recipe}`",
-             "", "| workers | wall s | passes s | driver peak RSS GiB | worker peak RSS GiB | samples merged per capture "
-             "| output = in-process |", "|---|---|---|---|---|---|---|"]
+             "", "| workers | wall s | passes s | driver peak RSS GiB | worker peak RSS GiB "
+             "| samples merged per capture | output = in-process |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         workers = "in-process" if not row["workers"] else str(row["workers"])
         per_worker = ", ".join(gib(v) for v in row["worker_peak_rss_bytes"]) or "–"

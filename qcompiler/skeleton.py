@@ -218,7 +218,8 @@ def constants_late(graph: onnx.GraphProto) -> None:
 def open_skeleton(path: str | os.PathLike) -> Skeleton:
     """A model saved by :func:`save_skeleton` as a ``Skeleton`` again: the proto exactly as written
     (its value infos included, no graph round trip or new shape inference, so a process that opens
-    it sees the graph its writer had) and each external weight memory-mapped (copy-on-write: the file is never written)."""
+    it sees the graph its writer had) and each external weight memory-mapped (copy-on-write: the file
+    is never written)."""
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
     arrays: dict[str, np.ndarray] = {}

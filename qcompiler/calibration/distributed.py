@@ -117,7 +117,7 @@ class CalibrationCluster:
                 self.threads = threads or max(1, (os.cpu_count() or 1) // config.workers)
                 self._local = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
                                            dashboard_address=None, scheduler_kwargs={"dashboard": False},
-                                           silence_logs=logging.CRITICAL)  # a failed shard is reported in one line, below
+                                           silence_logs=logging.CRITICAL)  # a failed shard: one line, below
                 self.client = Client(self._local)
                 self.address = self._local.scheduler_address
             else:
@@ -255,7 +255,7 @@ class CalibrationCluster:
         if getattr(self, "client", None) is not None and getattr(self, "runs", None):
             try:
                 peaks = self.client.run(_peak_rss_bytes, on_error="return")
-                self.worker_peaks = {worker: peaks[worker] for worker in sorted(peaks) if isinstance(peaks[worker], int)}
+                self.worker_peaks = {worker: peak for worker, peak in sorted(peaks.items()) if isinstance(peak, int)}
             except Exception as exc:  # a measurement: never worth failing the compile for
                 log.warning("calibration cluster: could not read the workers' peak RSS: %s", exc)
         for resource in ("client", "_local"):
