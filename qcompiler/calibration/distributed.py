@@ -111,6 +111,14 @@ class CalibrationCluster:
         self.config = config
         self._local = None
         self._scratch = None
+        if config.shared_dir is not None:  # checked before connecting: the cheap mistake first
+            self.folder = Path(config.shared_dir)
+            if not self.folder.is_dir() or not os.access(self.folder, os.W_OK):
+                raise QCompileError(f"{self.folder}: --shared-dir must be an existing writable folder "
+                                    "that every worker can read")
+        else:
+            self._scratch = tempfile.TemporaryDirectory(prefix="qcompile-cluster-")
+            self.folder = Path(self._scratch.name)
         try:
             if config.workers is not None:
                 # One ORT thread pool per worker, sized so the workers share the cores, not oversubscribe them.
@@ -134,15 +142,6 @@ class CalibrationCluster:
             self.close()
             raise QCompileError(f"calibration cluster {config.address}: the scheduler has no workers; "
                                 f"start some with `dask worker {config.address}`")
-        if config.shared_dir is not None:
-            self.folder = Path(config.shared_dir)
-            if not self.folder.is_dir() or not os.access(self.folder, os.W_OK):
-                self.close()
-                raise QCompileError(f"{self.folder}: --shared-dir must be an existing writable folder "
-                                    "that every worker can read")
-        else:
-            self._scratch = tempfile.TemporaryDirectory(prefix="qcompile-cluster-")
-            self.folder = Path(self._scratch.name)
         #: One record per capture: what ran, in how many shards, and how many samples were merged.
         self.runs: list[dict] = []
         #: Each worker process's peak RSS (since it started), asked for when the cluster closes.

@@ -213,6 +213,8 @@ def test_a_shard_that_always_fails_stops_with_one_line_naming_it(scheduler, tmp_
 def test_no_scheduler_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(QCompileError, match="could not connect"):
         CalibrationCluster(ClusterConfig(address="tcp://127.0.0.1:9", connect_timeout=2))
+    with pytest.raises(QCompileError, match="--shared-dir must be an existing writable folder"):  # before connecting
+        CalibrationCluster(ClusterConfig(address="tcp://127.0.0.1:9", shared_dir=str(tmp_path / "missing")))
     with pytest.raises(SystemExit, match="2"):  # argparse: --workers and --cluster exclude each other
         main([str(DIGITS_VIT), "-o", str(tmp_path / "out.onnx"), "--workers", "2", "--cluster", "tcp://127.0.0.1:9"])
     assert main([str(DIGITS_VIT), "-o", str(tmp_path / "out.onnx"), "--quiet", "--shared-dir", str(tmp_path)]) == 2
