@@ -67,8 +67,8 @@ def gib(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**30:.2f}"
 
 
-def table(rows: list[dict], model: Path, recipe: str) -> str:
-    lines = [f"Calibration on a local dask cluster: `{model.name}`, recipe `{recipe}`",
+def table(rows: list[dict], model: Path, recipe: str, command: str) -> str:
+    lines = [f"Calibration on a local dask cluster: `{model.name}`, recipe `{recipe}` (`{command}`)",
              "", "| workers | wall s | passes s | driver peak RSS GiB | worker peak RSS GiB "
              "| samples merged per capture | output = in-process |", "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = digest(Path(rows[0]["output"]))
         for row in rows:
             row["same_output"] = digest(Path(row.pop("output"))) == reference
-    text = table(rows, args.model, args.recipe)
+    command = " ".join(["python", "benchmarks/bench_distributed.py", *(argv if argv is not None else sys.argv[1:])])
+    text = table(rows, args.model, args.recipe, command)
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.results}.json").write_text(json.dumps(
