@@ -98,8 +98,11 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     per_batch = -(-rows // max(len(chosen), 1))
     names = list(dict.fromkeys(group.name for group in groups))
     axes = {group.name: group.channel_axis for group in groups}
-    parts = sample_rows(ctx.skeleton(), chosen, {name: axes[name] for name in names}, per_batch, seed,
-                        names, ctx.threads, keep=ctx.spill)
+    if ctx.cluster is not None:  # shard by shard on the workers, the same draw (keyed by batch index)
+        parts = ctx.cluster.sample_rows(ctx.skeleton(), chosen, axes, per_batch, seed, names)
+    else:
+        parts = sample_rows(ctx.skeleton(), chosen, {name: axes[name] for name in names}, per_batch, seed,
+                            names, ctx.threads, keep=ctx.spill)
     ctx.release_weight_pages()
     return RowSamples(parts, rows)
 

@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import qcompiler
+from qcompiler.calibration.distributed import ClusterConfig
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import QCompileError
 from qcompiler.graph import check_acyclic, load_graph, load_structure, set_metadata, to_graph
@@ -46,6 +47,8 @@ class CompileOptions:
     force: bool = False
     #: ORT intra-op threads for calibration (None: ORT's default, one per core).
     threads: int | None = None
+    #: Run calibration on a dask.distributed cluster (``calibration.distributed``); None: in this process.
+    cluster: ClusterConfig | None = None
 
 
 @dataclass
@@ -101,9 +104,13 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     manager = PassManager(recipe.build_passes() + [LowerStage(target)],
                           ManagerOptions(options.verify, tuple(options.dump_after), dump_prefix, options.progress))
     try:
+        if options.cluster is not None and batches:
+            from qcompiler.calibration.distributed import CalibrationCluster
+
+            ctx.cluster = CalibrationCluster(options.cluster, options.threads)  # connects: fails before any pass
         pass_records = manager.run(ctx)
     finally:
-        ctx.close()  # scratch files of spilled float weights (only the lowering reads them)
+        ctx.close()  # scratch files of spilled float weights (only the lowering reads them), the cluster
     quantized = ctx.skeleton()  # weights by reference: saved by streaming, never copied into a proto
     set_metadata(quantized.proto, {"qcompile.version": qcompiler.__version__, "qcompile.recipe": recipe.name,
                              "qcompile.settings": json.dumps(asdict(settings)),

@@ -84,6 +84,10 @@ class CompileContext:
         #: ORT intra-op threads of calibration sessions (None: ORT's default). Outputs do not depend
         #: on it (min/max are exact; tests/test_determinism.py), so it is not written to the model.
         self.threads: int | None = None
+        #: A ``calibration.distributed.CalibrationCluster`` when calibration runs on a dask cluster
+        #: (``--cluster``/``--workers``): statistics and row samples are then computed shard by shard
+        #: on its workers and merged exactly (bitwise equal to this process computing them).
+        self.cluster = None
 
     @property
     def names(self) -> NameScope:
@@ -115,7 +119,10 @@ class CompileContext:
                 raise QCompileError(f"{self.source}: this recipe needs calibration data; pass --calib DIR")
             # The passes read ranges only: reduced inside ORT, every tensor in one pass per batch.
             config = StatsConfig(progress=progress, ranges_only=True, threads=self.threads)
-            fresh = collect_statistics(self.skeleton(), self.calibration, wanted, config)
+            if self.cluster is not None:
+                fresh = self.cluster.statistics(self.skeleton(), self.calibration, wanted, config)
+            else:
+                fresh = collect_statistics(self.skeleton(), self.calibration, wanted, config)
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
             self.release_weight_pages()
@@ -151,7 +158,10 @@ class CompileContext:
         return np.load(path, mmap_mode="r")
 
     def close(self) -> None:
-        """Remove scratch files (``spill``); the context's arrays mapped from them must not be read after."""
+        """Remove scratch files (``spill``; the context's arrays mapped from them must not be read after)
+        and end the calibration cluster's client."""
+        if self.cluster is not None:
+            self.cluster.close()
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None

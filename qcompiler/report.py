@@ -28,6 +28,8 @@ def build_report(recipe, settings, ctx, pass_records, float_model, output_path: 
         "recipe": {"name": recipe.name, "description": recipe.description, "steps": recipe.describe()},
         "settings": {"wbits": settings.wbits, "abits": settings.abits, "block_size": settings.block_size},
         "calibration_samples": sum(batch.batch_size for batch in ctx.calibration),
+        # On a dask cluster: the scheduler, workers, and per capture the shards and samples merged.
+        "calibration_cluster": ctx.cluster.summary() if ctx.cluster is not None else None,
         "passes": [record.as_dict() for record in pass_records],
         "compile_seconds": round(compile_seconds, 3),
         "quantized": [record.as_dict() for record in ctx.records],

@@ -236,6 +236,34 @@ def insert_after_producers(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProt
     graph.node.extend(ordered)
 
 
+def open_skeleton(path: str | os.PathLike) -> Skeleton:
+    """A model saved by :func:`save_skeleton` as a ``Skeleton`` again: the proto exactly as written
+    (its value infos included, no graph round trip or new shape inference, so a process that opens
+    it sees the graph its writer had) and each external weight memory-mapped (copy-on-write: the file
+    is never written)."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for tensor in _placeholders(proto):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype, shape = _numpy_dtype(tensor.data_type), tuple(tensor.dims)
+        if dtype is None:
+            raise QCompileError(f"{path}: external tensor '{tensor.name}' has a type numpy cannot map")
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            arrays[tensor.name] = np.zeros(shape, dtype)
+        else:
+            arrays[tensor.name] = np.memmap(path.parent / info["location"], dtype=dtype, mode="c",
+                                            offset=int(info.get("offset", 0)), shape=shape)
+        # Point it at the session's placeholder file, as ``skeleton`` does (the data comes from ``arrays``).
+        del tensor.external_data[:]
+        tensor.external_data.add(key="location", value=PLACEHOLDER)
+        tensor.external_data.add(key="offset", value=str(offset))
+        tensor.external_data.add(key="length", value=str(arrays[tensor.name].nbytes))
+        offset += -(-arrays[tensor.name].nbytes // ALIGNMENT) * ALIGNMENT
+    return Skeleton(proto, arrays)
+
+
 def placeholder_file_size(model: onnx.ModelProto) -> int:
     end = 0
     for tensor in _placeholders(model):

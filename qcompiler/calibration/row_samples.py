@@ -119,7 +119,8 @@ def _static_rows(runner: OutputRunner, name: str, axis: int, batches: Sequence[C
 
 def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int,
                 seed: int, order: Sequence[str], threads: int | None = None,
-                keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows) -> dict[str, dict[int, np.ndarray]]:
+                keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows, first: int = 0
+                ) -> dict[str, dict[int, np.ndarray]]:
     """{tensor: {batch index: rows (n, C)}}: one forward pass per batch serves every tensor.
 
     ``tensors`` maps a name to its channel axis; ``order`` is the caller's tensor order, whose
@@ -127,7 +128,9 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
     inside ORT; graph inputs come from the feeds, and tensors whose row count shape inference
     left open (e.g. a token axis computed at run time) come back whole from the same forward
     pass and are drawn here: the same rows either way. ``keep`` stores each part (e.g. spilled
-    to a scratch file, so the samples of a large model do not stay resident)."""
+    to a scratch file, so the samples of a large model do not stay resident). ``first``: the index
+    of ``batches[0]`` in the whole data set (a calibration shard's offset), which keys the draws
+    and the result."""
     skel = as_skeleton(model)
     runner = OutputRunner(skel, threads)
     runner.check(list(tensors))
@@ -149,7 +152,8 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
     session = (make_session(_sampling_model(skel, runner, gathered, whole), threads=threads, lean=True)
                if computed else None)
     outputs = [f"qcompile_rows/{i}/rows" for i in range(len(computed))]
-    for b, batch in enumerate(batches):
+    for local, batch in enumerate(batches):
+        b = first + local
         for name in tensors:
             if name in runner.graph_inputs:
                 if name not in batch.feeds:
@@ -160,10 +164,17 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
             continue
         feeds = dict(batch.feeds)
         for i, name in enumerate(gathered):
-            feeds[f"qcompile_rows/{i}/indices"] = draw_rows(counts[name][b], per_batch, seed, position[name], b)
+            feeds[f"qcompile_rows/{i}/indices"] = draw_rows(counts[name][local], per_batch, seed, position[name], b)
         values = run_batch(session, outputs, CalibrationBatch(feeds, batch.metadata, batch.source))
         for name, value in zip(computed, values):
             samples[name][b] = keep(np.asarray(value, np.float32) if name in gathered
                                     else _draw_from(value, tensors[name], per_batch, seed, position[name], b))
         del values
     return samples
+
+
+def draw_samples(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int, seed: int,
+                 order: Sequence[str], threads: int | None = None, first: int = 0
+                 ) -> dict[str, dict[int, np.ndarray]]:
+    """:func:`sample_rows` with the rows kept in memory: what a calibration worker returns."""
+    return sample_rows(model, batches, tensors, per_batch, seed, order, threads, first=first)

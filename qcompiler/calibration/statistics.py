@@ -11,8 +11,12 @@ Memory bound: peak ≈ (one batch's outputs for one chunk, as ORT returns them)
 + (one float64 block of ``2**20`` values for |x|) + per tensor ``3·C + 2·P + 2·bins + 1`` numbers,
 plus ORT's own working memory for one forward pass. Nothing grows with the number of samples N.
 
-Determinism: min/max and integer histogram counts are order-free; sums of |x| are float64,
-added block by block in data order, so equal inputs give bitwise-equal statistics.
+Determinism and merging: min/max and integer histogram counts are order-free; the histogram's
+range is a power of two (the smallest that covers every |x|), so it does not depend on which batch
+came first; the sum of |x| is kept exactly (float64 block sums added without rounding, Shewchuk's
+partials, read out correctly rounded by ``math.fsum``). So statistics of shards of the data merged
+with :meth:`TensorStats.merge` equal those of one pass over all of it bit for bit, in any grouping
+(``distributed.py`` runs shards on a dask cluster).
 """
 
 from __future__ import annotations
@@ -66,12 +70,14 @@ class TensorStats:
     left out of every statistic.
 
     The histogram counts |x| in ``len(hist_counts)`` equal bins over ``[0, hist_edges[-1]]``
-    (bins half-open, the last closed, as ``np.histogram``). The range starts at the first
-    non-zero batch's abs-max; when a batch exceeds it, the range is multiplied by the smallest
-    power of two k that covers it and every k neighbouring bins are merged. A power of two
-    makes the new edges bitwise equal to every k-th old edge (k·(R/bins) is exact), so the
-    counts equal ``np.histogram(|all samples|, bins, range=(0, hist_edges[-1]))`` exactly,
-    and no data is read twice.
+    (bins half-open, the last closed, as ``np.histogram``). The range R starts at the smallest
+    power of two ≥ the first non-zero batch's abs-max; when a batch exceeds it, R is multiplied
+    by the smallest power of two k that covers it and every k neighbouring bins are merged. A
+    power of two makes the new edges bitwise equal to every k-th old edge (k·(R/bins) is exact),
+    so the counts equal ``np.histogram(|all samples|, bins, range=(0, hist_edges[-1]))`` exactly,
+    no data is read twice, and R = 2^⌈log2 absmax⌉ whatever the order of the batches.
+    ``sum_abs`` is the correctly rounded sum of the per-block float64 sums (``_partials`` holds
+    it exactly), so it too is independent of order and grouping.
     """
 
     name: str
@@ -92,6 +98,8 @@ class TensorStats:
     count: int = 0
     #: How many values equal hist_edges[-1] (held in the closed last bin); they move on growth.
     _top: int = field(default=0, repr=False)
+    #: Non-overlapping float64 partials whose exact sum is Σ|x| (a handful, whatever N).
+    _partials: list = field(default_factory=list, repr=False)
 
     @property
     def channel_absmax(self) -> np.ndarray:
@@ -178,9 +186,44 @@ class TensorStats:
             block = np.abs(flat[begin:begin + _BLOCK], dtype=np.float64)
             if not finite:
                 block = block[np.isfinite(block)]
-            self.sum_abs += float(block.sum())
+            _add_exact(self._partials, float(block.sum()))
             self.count += block.size
             self._add_to_histogram(block)
+        self.sum_abs = math.fsum(self._partials)
+
+    def merge(self, other: TensorStats, source: str = "shard") -> None:
+        """Fold in the statistics of other samples of the same tensor (a shard that comes later in
+        the data): exact, so merging shards equals one pass over them bit for bit.
+
+        Ranges, counts and histogram counts are order-free; ``shape`` is the later shard's, as one
+        pass would leave it. Both must be full statistics or both ranges only."""
+        if other.channel_axis != self.channel_axis or (other.hist_counts.size == 0) != (self.hist_counts.size == 0):
+            raise QCompileError(f"{source}: statistics of tensor '{self.name}' do not match "
+                                "(channel axis or histogram); they cannot be merged")
+        self._check_sizes((0, other.index_min.size if other.index_min is not None else 0,
+                           other.channel_min.size), source)
+        if other.samples:
+            self.shape = other.shape
+        self.samples += other.samples
+        np.minimum(self.channel_min, other.channel_min, out=self.channel_min)
+        np.maximum(self.channel_max, other.channel_max, out=self.channel_max)
+        if self.index_min is not None:
+            np.minimum(self.index_min, other.index_min, out=self.index_min)
+            np.maximum(self.index_max, other.index_max, out=self.index_max)
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.absmax = max(self.absmax, other.absmax)
+        self.nonfinite += other.nonfinite
+        self.count += other.count
+        for partial in other._partials:
+            _add_exact(self._partials, partial)
+        self.sum_abs = math.fsum(self._partials)
+        if self.hist_counts.size:
+            other = replace(other)  # growing replaces its arrays: the caller's object stays as it was
+            top = max(float(self.hist_edges[-1]), float(other.hist_edges[-1]))
+            self._grow_histogram(top)
+            other._grow_histogram(top)
+            self.hist_counts = self.hist_counts + other.hist_counts
+            self._top += other._top
 
     def _check_sizes(self, shape3: tuple[int, int, int], source: str) -> None:
         if shape3[2] != self.channel_min.size:
@@ -201,7 +244,7 @@ class TensorStats:
         if batch_absmax <= current:
             return
         if current == 0.0:  # only zeros so far: they stay in bin 0 of any range
-            self.hist_edges = np.linspace(0.0, batch_absmax, bins + 1)
+            self.hist_edges = np.linspace(0.0, _power_of_two_above(batch_absmax), bins + 1)
             return
         factor = 1 << max(0, math.ceil(math.log2(batch_absmax / current)))
         while current * factor < batch_absmax:  # log2 may round down by one ulp
@@ -230,6 +273,31 @@ class TensorStats:
         index += (values >= edges[index + 1]) & (index < bins - 1)
         self.hist_counts += np.bincount(index, minlength=bins)
         self._top += int(np.count_nonzero(values == top))
+
+
+def _power_of_two_above(value: float) -> float:
+    """The smallest power of two ≥ ``value`` (> 0); ``value`` itself beyond float64's largest one."""
+    mantissa, exponent = math.frexp(value)  # value = mantissa · 2^exponent, 0.5 ≤ mantissa < 1
+    try:
+        return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+    except OverflowError:
+        return value
+
+
+def _add_exact(partials: list, value: float) -> None:
+    """Add ``value`` to the exact sum held as non-overlapping partials (Shewchuk; ``math.fsum``'s
+    own algorithm): every addition is error-free, so the sum is independent of order."""
+    kept = 0
+    for partial in partials:
+        if abs(value) < abs(partial):
+            value, partial = partial, value
+        high = value + partial
+        low = partial - (high - value)
+        if low:
+            partials[kept] = low
+            kept += 1
+        value = high
+    partials[kept:] = [value]
 
 
 def _as_float(array) -> np.ndarray:

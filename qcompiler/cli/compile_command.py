@@ -42,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--force", action="store_true", help="allow -o to be the input model's own path")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads for calibration (default: one per core)")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--cluster", metavar="ADDRESS",
+                         help="calibrate on an existing dask.distributed scheduler (e.g. tcp://host:8786): shards "
+                              "of the calibration files run on its workers, merged to the single-process result")
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="calibrate on a local dask cluster of N worker processes (same result as without)")
+    parser.add_argument("--shared-dir", metavar="DIR",
+                        help="with --cluster: a folder every worker can read, where the current graph is written "
+                             "for them (default: a temporary folder, visible to workers on this machine only)")
 
 
 def default_calibration(model: Path, required: bool = True) -> Path | None:
@@ -71,6 +80,17 @@ def recipe_settings(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     return settings
 
 
+def cluster_config(args: argparse.Namespace):
+    """The ``ClusterConfig`` of ``--cluster``/``--workers``/``--shared-dir``; None to calibrate in this process."""
+    from qcompiler.calibration.distributed import ClusterConfig
+
+    if args.cluster is None and args.workers is None:
+        if args.shared_dir is not None:
+            raise QCompileError("--shared-dir is for a calibration cluster; add --cluster ADDRESS or --workers N")
+        return None
+    return ClusterConfig(address=args.cluster, workers=args.workers, shared_dir=args.shared_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     from qcompiler.api import CompileOptions, quantize
     from qcompiler.recipes import get_recipe
@@ -95,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
                              device=args.device, target=args.target, channel_groups=args.channel_groups,
-                             force=args.force, threads=args.threads)
+                             force=args.force, threads=args.threads, cluster=cluster_config(args))
     if pipeline is not None:
         from qcompiler.diffusion.pipeline_compile import REPORT_NAME, compile_pipeline
 

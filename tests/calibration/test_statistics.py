@@ -7,6 +7,7 @@ reference bitwise whatever its summation order, and min/max/histograms can be co
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 import weakref
 
@@ -249,3 +250,46 @@ def test_external_data_model_is_read_through_memory_maps(tmp_path):
         np.testing.assert_array_equal(stats.channel_max, expected.channel_max)
         np.testing.assert_array_equal(stats.hist_counts, expected.hist_counts)
     np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), weight)  # caller's model intact
+
+
+def _fold(parts, bins: int = 64) -> TensorStats:
+    stats = TensorStats.start("t", parts[0], 1, bins, per_index=True)
+    for index, part in enumerate(parts):
+        stats.update(part, f"{index}.npz")
+    return stats
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_merged_shards_equal_one_pass_bitwise(seed):
+    # Arbitrary float32 values (not exact multiples) over ranges that grow by factors that are not
+    # powers of two, and a shard of zeros: histograms, sums and ranges of any grouping of the
+    # batches, merged in data order, equal one pass over all of them (calibration on a cluster).
+    rng = np.random.default_rng(seed)
+    parts = [np.zeros((2, 3, 4), np.float32)]
+    parts += [(rng.standard_normal((int(rng.integers(1, 4)), 3, 4)) * 3.0 ** k).astype(np.float32) for k in range(5)]
+    parts[3][0, 0, 0] = np.inf  # one non-finite value, counted and left out on both paths
+    whole = _fold(parts)
+    assert whole.hist_edges[-1] == 2.0 ** np.ceil(np.log2(whole.absmax))  # a power of two: order-free
+    for cuts in ([1, 3], [2], [1, 2, 3, 4, 5], [4]):
+        shards = [_fold(parts[a:b]) for a, b in zip([0, *cuts], [*cuts, len(parts)])]
+        merged = shards[0]
+        for shard in shards[1:]:
+            merged.merge(shard)
+        for attribute in ("channel_min", "channel_max", "index_min", "index_max", "hist_counts", "hist_edges"):
+            assert getattr(merged, attribute).tobytes() == getattr(whole, attribute).tobytes(), (cuts, attribute)
+        assert (merged.samples, merged.count, merged.nonfinite, merged.sum_abs, merged.min, merged.max,
+                merged.shape) == (whole.samples, whole.count, whole.nonfinite, whole.sum_abs, whole.min, whole.max,
+                                  whole.shape)
+    # The block sums are exact here (a few float32 values within 2^29 of each other fit float64's 53
+    # bits) and are added without rounding: the total equals math.fsum over every finite |x|.
+    finite = np.abs(np.concatenate([p.ravel() for p in parts]).astype(np.float64))
+    assert whole.sum_abs == math.fsum(finite[np.isfinite(finite)])
+
+
+def test_merge_refuses_statistics_of_another_layout():
+    rng = np.random.default_rng(0)
+    first = _fold([rng.standard_normal((2, 3, 4)).astype(np.float32)])
+    with pytest.raises(QCompileError, match="has 5 channels"):
+        first.merge(_fold([rng.standard_normal((2, 5, 4)).astype(np.float32)]))
+    with pytest.raises(QCompileError, match="cannot be merged"):
+        first.merge(TensorStats.empty("t", 1, 3, 4))

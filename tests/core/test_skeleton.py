@@ -74,3 +74,22 @@ def test_capture_nodes_go_right_after_their_producers():
     outputs = dict(zip([o.name for o in graph.output],
                        make_session(model, optimize=False).run(None, {"x": x})))
     np.testing.assert_array_equal(outputs["x_min"], x.min())
+
+
+def test_open_skeleton_gives_back_the_saved_graph_and_weights(tmp_path):
+    # What a calibration worker opens (calibration/distributed.py): the proto as written (value infos
+    # included), the weights memory-mapped from the .data file, and a session with the same outputs.
+    from qcompiler.skeleton import open_skeleton, save_skeleton
+
+    skel = to_skeleton(to_graph(dq_chain(width=32)))  # 32×32 int8 weights: above INLINE_BYTES, so external
+    path = save_skeleton(skel, tmp_path / "m.onnx", external_data=True)
+    opened = open_skeleton(path)
+    assert set(opened.arrays) == set(skel.arrays) and opened.arrays
+    for name, array in skel.arrays.items():
+        assert isinstance(opened.arrays[name], np.memmap) and opened.arrays[name].tobytes() == array.tobytes()
+    assert [n.SerializeToString() for n in opened.proto.graph.node] == \
+        [n.SerializeToString() for n in skel.proto.graph.node]
+    assert opened.proto.graph.value_info == skel.proto.graph.value_info
+    x = {"x": np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)}
+    np.testing.assert_array_equal(make_session(opened, lean=True).run(None, x)[0],
+                                  make_session(skel, lean=True).run(None, x)[0])
