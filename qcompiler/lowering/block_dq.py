@@ -116,6 +116,11 @@ def raise_opset(graph: gs.Graph, target: int = BLOCK_OPSET) -> list[str]:
             _convert_node(graph, node, target)
         notes.append(f"{len(nodes)} {op} converted by onnx.version_converter")
     graph.opset = target
+    # onnx-graphsurgeon exports ``import_domains`` as the opset imports: keep the default domain's in step,
+    # and drop com.microsoft once no node uses it (MatMulNBits was its only user here).
+    used = {node.domain or "" for node in graph.nodes}
+    graph.import_domains = [onnx.helper.make_opsetid("", target)] + [
+        entry for entry in (graph.import_domains or []) if entry.domain not in ("", "ai.onnx") and entry.domain in used]
     return notes
 
 
