@@ -61,12 +61,14 @@ def activation_pairs(graph: gs.Graph) -> list[ActivationPair]:
         zero = constant_value(node.inputs[2]) if len(node.inputs) > 2 else np.zeros((), np.uint8)
         if not readers or any(r.op != "DequantizeLinear" for r in readers) or scale is None or scale.size != 1:
             continue
+        if zero is not None and zero.dtype == np.int8 and not np.any(zero):
+            continue  # already symmetric int8 (a target's own lowering made it)
         scale, zero = float(scale.reshape(())), int(np.reshape(zero, ()))
         info = np.iinfo(np.asarray(constant_value(node.inputs[2]) if len(node.inputs) > 2 else np.uint8(0)).dtype)
         low, high, bits, source = scale * (info.min - zero), scale * (info.max - zero), 8, node.inputs[0]
         clip = source.inputs[0] if source.inputs else None
         if clip is not None and clip.op == "Clip" and "narrows" in (getattr(clip, "doc_string", "") or ""):
-            low, high = (float(constant_value(t)) for t in clip.inputs[1:3])
+            low, high = (float(np.reshape(constant_value(t), -1)[0]) for t in clip.inputs[1:3])
             bits, source = int(round(np.log2((high - low) / scale + 1))), clip.inputs[0]
         pairs.append(ActivationPair(node, tuple(readers), source, low, high, bits))
     return pairs
