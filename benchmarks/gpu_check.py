@@ -10,7 +10,9 @@ For each bundled model (the trained UNet and DiT) at W8A8 and W4A8 with one reci
 Without TensorRT step 4 prints one line saying why and the CPU columns are still measured.
 
     python benchmarks/gpu_check.py                       # minmax, UNet + DiT, W8A8 + W4A8
-    python benchmarks/gpu_check.py --recipe dgq --models unet_mnist --runs 100
+    python benchmarks/gpu_check.py --recipes dgq dmq --models unet_mnist --runs 100
+    python benchmarks/gpu_check.py --recipes minmax smoothquant osplus dgq dmq \
+        --set learned_scales.iterations=3 learned_scales.samples=4 learned_scales.batch_size=2
 Writes ``benchmarks/results/gpu_check.json`` and ``.md``.
 """
 
@@ -69,13 +71,27 @@ def engine_figures(float_path: Path, trt_path: Path, batches, reference: np.ndar
             "engine_sqnr_vs_ort_target_db": sqnr_db(reference, out)}
 
 
+def recipe_with(name: str, settings: list[str]):
+    """The recipe with ``--set PASS.FIELD=VALUE`` applied to the passes it runs (others ignored)."""
+    from qcompiler.recipes import get_recipe, parse_setting
+
+    recipe = get_recipe(name)
+    passes = {step.pass_name for step in recipe.steps}
+    chosen: dict = {}
+    for text in settings:
+        pass_name, field, value = parse_setting(text)
+        if pass_name in passes:
+            chosen.setdefault(pass_name, {})[field] = value
+    return recipe.with_settings(chosen) if chosen else recipe
+
+
 def measure(model: str, recipe: str, wbits: int, args, work: Path, gpu: bool) -> dict:
     source = MODELS / f"{model}.onnx"
     calib, held = feeds(model, 0, args.calib, args.rows), feeds(model, 1, args.heldout, args.rows)
     paths = {}
     for target in ("ort", "tensorrt"):
         paths[target] = work / f"{model}.{recipe}.w{wbits}a8.{target}.onnx"
-        qcompiler.quantize(source, recipe, calib, paths[target],
+        qcompiler.quantize(source, recipe_with(recipe, args.set), calib, paths[target],
                            CompileOptions(wbits=wbits, abits=8, target=target, progress=False, write_report=False))
     floats, ort, trt = (ort_outputs(p, held) for p in (source, paths["ort"], paths["tensorrt"]))
     row = {"model": model, "recipe": recipe, "bits": f"W{wbits}A8", "rule_violations": len(check(paths["tensorrt"])),
@@ -109,7 +125,9 @@ def markdown(rows: list[dict], gpu_note: str | None, command: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["unet_mnist", "dit_mnist"])
-    parser.add_argument("--recipe", default="minmax")
+    parser.add_argument("--recipes", nargs="+", default=["minmax"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="PASS.FIELD=VALUE",
+                        help="settings for the passes of the recipes that run them (e.g. a quick dmq)")
     parser.add_argument("--wbits", nargs="+", type=int, default=[8, 4])
     parser.add_argument("--calib", type=int, default=4, help="calibration batches")
     parser.add_argument("--heldout", type=int, default=4, help="held-out batches")
@@ -123,9 +141,10 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         for model in args.models:
-            for wbits in args.wbits:
-                rows.append(measure(model, args.recipe, wbits, args, Path(tmp), gpu_note is None))
-                print(json.dumps(rows[-1]))
+            for recipe in args.recipes:
+                for wbits in args.wbits:
+                    rows.append(measure(model, recipe, wbits, args, Path(tmp), gpu_note is None))
+                    print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(rows, gpu_note, command.strip())
     print(text)
