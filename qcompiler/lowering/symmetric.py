@@ -59,13 +59,14 @@ def activation_pairs(graph: gs.Graph) -> list[ActivationPair]:
         readers = list(node.outputs[0].outputs)
         scale = constant_value(node.inputs[1])
         zero = constant_value(node.inputs[2]) if len(node.inputs) > 2 else np.zeros((), np.uint8)
-        if not readers or any(r.op != "DequantizeLinear" for r in readers) or scale is None or scale.size != 1:
+        if not readers or any(r.op != "DequantizeLinear" for r in readers) or scale is None or scale.size != 1 \
+                or zero is None or zero.size != 1:
             continue
-        if zero is not None and zero.dtype == np.int8 and not np.any(zero):
+        if zero.dtype == np.int8 and not np.any(zero):
             continue  # already symmetric int8 (a target's own lowering made it)
-        scale, zero = float(scale.reshape(())), int(np.reshape(zero, ()))
-        info = np.iinfo(np.asarray(constant_value(node.inputs[2]) if len(node.inputs) > 2 else np.uint8(0)).dtype)
-        low, high, bits, source = scale * (info.min - zero), scale * (info.max - zero), 8, node.inputs[0]
+        limits, offset = np.iinfo(zero.dtype), int(np.reshape(zero, ()))
+        scale = float(np.reshape(scale, ()))
+        low, high, bits, source = scale * (limits.min - offset), scale * (limits.max - offset), 8, node.inputs[0]
         clip = source.inputs[0] if source.inputs else None
         if clip is not None and clip.op == "Clip" and "narrows" in (getattr(clip, "doc_string", "") or ""):
             low, high = (float(np.reshape(constant_value(t), -1)[0]) for t in clip.inputs[1:3])

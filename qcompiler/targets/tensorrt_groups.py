@@ -16,7 +16,8 @@ Replaced by a near equivalent (recorded in the report's ``fallbacks`` and the re
 - token (pixel) groups and readers the affine cannot take (grouped Conv, Gemm with transA): one
   per-tensor grid over the whole calibrated range (what TensorRT expresses: per-tensor activations);
 - per-timestep ranges (run-time scales from the timestep): the plan's static ranges over all timesteps;
-- log2 attention (no log-domain kernel): float attention probabilities, as ``dgq`` itself leaves them.
+- log2 attention (no log-domain kernel): float attention probabilities, as ``dgq`` itself leaves them;
+- int4 MatMuls (weight-only on TensorRT) read the float activation: their groups are not lowered.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from qcompiler.quant import QuantSpec, scale_zero_point
 
 AFFINE = "symmetric per-tensor affine (one int8 GEMM)"
 PER_TENSOR = "per-tensor (groups replaced)"
+WEIGHT_ONLY = "float activation (int4 weight-only GEMM on TensorRT)"
 LOG2 = "log2_attention"
 
 
@@ -86,12 +88,16 @@ def _affine_reason(node: gs.Node) -> str | None:
 def lower_group_plans(ctx: CompileContext, target: str) -> str:
     """Lower every plan in ``ctx.group_plans`` for TensorRT; returns a one-line summary."""
     gemms = {node.name for node in quantized_gemms(ctx.graph)}
-    counts = {AFFINE: 0, PER_TENSOR: 0}
+    counts = {AFFINE: 0, PER_TENSOR: 0, WEIGHT_ONLY: 0}
     for plan in ctx.group_plans.values():
         x = ctx.graph.tensors().get(plan.tensor)
         if x is None:
             continue
         readers = [n for n in x.outputs if n.name in gemms and n.inputs[0] is x]
+        for node in [n for n in readers if n.op == "MatMulNBits"]:  # int4: weight-only on TensorRT
+            _record(ctx, node, plan, WEIGHT_ONLY, target, {})
+            counts[WEIGHT_ONLY] += 1
+        readers = [n for n in readers if n.op != "MatMulNBits"]
         if plan.timesteps is not None:
             ctx.fallbacks.append(f"{target}: per-timestep ranges of '{x.name}' replaced by its static ranges "
                                  "(TensorRT takes constant scales only)")
@@ -107,7 +113,7 @@ def lower_group_plans(ctx: CompileContext, target: str) -> str:
         counts[AFFINE] += len(able)
         counts[PER_TENSOR] += len(rest)
     ctx.graph.cleanup().toposort()
-    return f"DGQ groups: {counts[AFFINE]} GEMMs as {AFFINE}, {counts[PER_TENSOR]} {PER_TENSOR}"
+    return "DGQ groups: " + ", ".join(f"{n} GEMMs {kind}" for kind, n in counts.items())
 
 
 def _record(ctx: CompileContext, node: gs.Node, plan: GroupPlan, lowering: str, target: str, details: dict) -> None:

@@ -208,3 +208,22 @@ def test_a_contrib_op_in_the_input_is_refused_naming_the_node():
     with pytest.raises(QCompileError, match=r"node 'relu' is com.microsoft:FusedGelu") as error:
         TensorRTTarget().check_model(model, "m.onnx")
     assert "\n" not in str(error.value)
+
+
+def test_cli_writes_a_tensorrt_model_and_refuses_ort_only_options(tmp_path, capsys):
+    from qcompiler.cli.main import main
+
+    model_path, calib = tmp_path / "model.onnx", tmp_path / "calib"
+    onnx.save(ln_linear_model(), model_path)
+    calib.mkdir()
+    for index, x in enumerate(_ln_data()):
+        np.savez(calib / f"{index}.npz", x=x)
+    out = tmp_path / "out.onnx"
+    assert main([str(model_path), "--calib", str(calib), "--target", "tensorrt", "-o", str(out)]) == 0
+    assert check(out) == []
+    capsys.readouterr()
+    code = main([str(model_path), "--calib", str(calib), "--target", "tensorrt", "--channel-groups", "split",
+                 "-o", str(tmp_path / "out2.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--channel-groups split" in err, err
+    assert not (tmp_path / "out2.onnx").exists()
