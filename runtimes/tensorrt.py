@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 import numpy as np
 
@@ -25,7 +26,7 @@ def unavailable() -> str | None:
     """Why TensorRT engines cannot be built here (one line), or None when they can."""
     try:
         import tensorrt  # noqa: F401
-    except Exception as exc:  # ImportError, or a CUDA library the wheel cannot load
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a CUDA library the wheel cannot load
         return (f"TensorRT is not available here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                 "it needs an NVIDIA GPU and `pip install -e \".[tensorrt]\"`")
     try:
@@ -62,7 +63,13 @@ class Engine:
         reason = unavailable()
         if reason:
             raise QCompileError(reason)
-        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+        from polygraphy.backend.trt import (
+            CreateConfig,
+            EngineFromNetwork,
+            NetworkFromOnnxPath,
+            Profile,
+            TrtRunner,
+        )
 
         profiles = []
         if options.shapes:
@@ -76,7 +83,7 @@ class Engine:
         try:
             self._runner = TrtRunner(EngineFromNetwork(network, config=config))
             self._runner.activate()
-        except Exception as exc:  # the parser/builder report through Polygraphy's logger and raise
+        except Exception as exc:  # noqa: BLE001 - the parser/builder raise through Polygraphy's logger
             raise QCompileError(f"{model_path}: TensorRT could not build an engine: "
                                 f"{str(exc).splitlines()[0][:300]}") from None
         self.build_seconds = time.perf_counter() - started
@@ -98,7 +105,7 @@ class Engine:
     def close(self) -> None:
         self._runner.deactivate()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,11 +20,11 @@ import pytest
 
 import qcompiler
 from qcompiler.api import CompileOptions
+from qcompiler.models import BUNDLED_DEFAULT as UNET
 from qcompiler.quant import sqnr_db
 from qcompiler.recipes import Step, get_recipe
 from qcompiler.runtimes.ort import make_session
 from qcompiler.targets.tensorrt_rules import check
-from qcompiler.models import BUNDLED_DEFAULT as UNET
 
 pytestmark = pytest.mark.slow
 

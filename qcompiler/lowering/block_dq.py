@@ -139,7 +139,7 @@ def _convert_node(graph: gs.Graph, node: gs.Node, target: int) -> None:
         opset_imports=[onnx.helper.make_opsetid("", graph.opset)])
     try:
         converted = onnx.version_converter.convert_version(model, target)
-    except Exception as exc:  # the converter raises RuntimeError/ConvertError with a C++ message
+    except Exception as exc:  # noqa: BLE001 - the converter raises C++ errors of several types
         raise QCompileError(f"node '{node.name}' ({node.op}, opset {graph.opset}) cannot be converted to opset "
                             f"{target} for int4 block weights: {str(exc).splitlines()[0][:200]}") from None
     sub = gs.import_onnx(converted)

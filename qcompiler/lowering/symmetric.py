@@ -24,7 +24,11 @@ import onnx_graphsurgeon as gs
 from qcompiler.context import CompileContext
 from qcompiler.folding import absorb_into_norm
 from qcompiler.graph import constant_value
-from qcompiler.lowering.channel_affine import add_output_bias, output_correction, weight_in_axis
+from qcompiler.lowering.channel_affine import (
+    add_output_bias,
+    output_correction,
+    weight_in_axis,
+)
 from qcompiler.lowering.channel_groups import Builder
 
 INT8_MAX = 127
@@ -70,7 +74,7 @@ def activation_pairs(graph: gs.Graph) -> list[ActivationPair]:
         clip = source.inputs[0] if source.inputs else None
         if clip is not None and clip.op == "Clip" and "narrows" in (getattr(clip, "doc_string", "") or ""):
             low, high = (float(np.reshape(constant_value(t), -1)[0]) for t in clip.inputs[1:3])
-            bits, source = int(round(np.log2((high - low) / scale + 1))), clip.inputs[0]
+            bits, source = round(np.log2((high - low) / scale + 1)), clip.inputs[0]
         pairs.append(ActivationPair(node, tuple(readers), source, low, high, bits))
     return pairs
 

@@ -136,10 +136,10 @@ class TensorRTTarget(Target):
     def count_kernels(self, model_path: str | os.PathLike):
         """What TensorRT would run, read from the graph: int8 GEMMs (activation and weight DQ-fed),
         int4 weight-only GEMMs and float GEMMs (no TensorRT here to ask)."""
+        import onnx_graphsurgeon as gs
+
         from qcompiler.runtimes.ort import KernelCount
         from qcompiler.targets.tensorrt_rules import gemm_kinds
-
-        import onnx_graphsurgeon as gs
 
         model = onnx.load(str(model_path), load_external_data=False)
         kinds = gemm_kinds(gs.import_onnx(model))

@@ -15,7 +15,12 @@ from onnx import TensorProto, helper
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import QCompileError
-from qcompiler.passes import DgqGroups, InsertActivationQDQ, Log2Attention, QuantizeWeights
+from qcompiler.passes import (
+    DgqGroups,
+    InsertActivationQDQ,
+    Log2Attention,
+    QuantizeWeights,
+)
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
 from qcompiler.quant import sqnr_db
 from qcompiler.runtimes.ort import make_session
@@ -84,7 +89,7 @@ def test_layernorm_takes_the_shift_exactly():
 
 
 def test_quantized_output_within_the_activation_bound():
-    ctx, reference = _compile(ln_linear_model(), _ln_data(), TensorRTTarget)
+    ctx, _ = _compile(ln_linear_model(), _ln_data(), TensorRTTarget)
     model = ctx.model()
     q = next(n for n in ctx.graph.nodes if n.op == "QuantizeLinear")
     scale = float(np.asarray(q.inputs[1].values).reshape(-1)[0])
