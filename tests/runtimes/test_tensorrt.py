@@ -28,7 +28,12 @@ def test_strongly_typed_engine_matches_onnx_runtime(tmp_path):
     if trt_runtime.unavailable():
         pytest.skip(trt_runtime.unavailable())
     from qcompiler.runtimes.ort import make_session
-    from tests.targets.test_tensorrt_target import TensorRTTarget, _compile, _ln_data, ln_linear_model
+    from tests.targets.test_tensorrt_target import (
+        TensorRTTarget,
+        _compile,
+        _ln_data,
+        ln_linear_model,
+    )
 
     ctx, _ = _compile(ln_linear_model(), _ln_data(), TensorRTTarget)
     path = tmp_path / "model.trt.onnx"
