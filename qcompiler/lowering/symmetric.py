@@ -6,10 +6,12 @@ runtime that allows only zero point 0 (TensorRT) gets one of:
       X' = X − c  on the grid  s' = h/127, z = 0,   and   GEMM(X) = GEMM(X') + c·Σ_k Ŵ[k, n]
   so c is subtracted from the producer's bias or affine (LayerNorm β, a constant Add, Conv/Gemm C)
   and c·Σ_k Ŵ[k, n] is added to each reading GEMM's bias. 2^8 − 1 levels over [lo, hi], as before.
-  Taken only when every value reader of X is one of these GEMMs (no one else may see X − c) and no
-  reader is a padded Conv (a padded 0 of X' would stand for X = c).
-- the covering form: s' = max(|lo|, |hi|)/127, z = 0 over [−max, max]: at most one bit coarser
-  (when lo = 0), and 0 stays exact.
+  The producer takes it only when every value reader of X is one of these GEMMs (no one else may
+  see X − c).
+  Where no producer takes it, an explicit Sub(c) read only by the QuantizeLinear does (one
+  pointwise op, which TensorRT fuses into the Q's kernel; other readers of X still read X).
+- the covering form, for GEMMs that cannot take a correction (a padded Conv: a padded 0 of X' would
+  stand for X = c): s' = max(|lo|, |hi|)/127, z = 0 over [−max, max]: at most one bit coarser.
 Error bound: |X − X̂| ≤ s'/2 inside [lo, hi] in both forms. Below 8 bits the narrowing Clip goes and
 the grid gets 8 bits over the same range: the int8 kernel runs 8 bits anyway.
 """
@@ -148,17 +150,27 @@ def make_symmetric(ctx: CompileContext, pair: ActivationPair, pass_name: str) ->
             and [id(n) for n in _value_readers(pair.source)] == [id(pair.quantize)]:
         how = _subtract_from_producer(ctx, pair, shift, pass_name)
     b = Builder(ctx, pass_name, pair.source.name, "symmetric int8 activation (TensorRT: zero point 0)")
+    quantized_input = pair.source
+    if how is None and worth and gemms and not any(_padded(g) for g in gemms):
+        # No producer takes X − c: an explicit Sub read only by this Q (a pointwise op TensorRT fuses
+        # into the Q's kernel); other readers of X still read X.
+        shift = float(np.float32(shift))
+        quantized_input = b.op("Sub", [pair.source, np.array(shift, np.float32)], np.float32)
+        how = "an explicit Sub before the QuantizeLinear"
+        ctx.fallbacks.append(f"{pass_name}: '{pair.source.name}' shifted by {shift:.6g} with an explicit Sub before "
+                             "its symmetric QuantizeLinear (no producer bias/affine could take it)")
     if how is not None:
         for gemm in gemms:
             k = int(gemm.attrs["K"]) if gemm.op == "MatMulNBits" else _input_channels(gemm)
             add_output_bias(b, gemm, output_correction(gemm, np.full(k, shift)))
-        ctx.rescaled_tensors.add(pair.source.name)
+        if quantized_input is pair.source:
+            ctx.rescaled_tensors.add(pair.source.name)
         scale = half / INT8_MAX
     else:
         shift, scale = 0.0, covering / INT8_MAX
     scale = np.float32(max(scale, np.finfo(np.float32).tiny))
     scale_c, zero_c = b.const("scale", np.array(scale, np.float32)), b.const("zero_point", np.array(0, np.int8))
-    set_inputs(pair.quantize, [pair.source, scale_c, zero_c])
+    set_inputs(pair.quantize, [quantized_input, scale_c, zero_c])
     pair.quantize.outputs[0].dtype = np.int8
     for dq in pair.dequantize:
         set_inputs(dq, [dq.inputs[0], scale_c, zero_c])

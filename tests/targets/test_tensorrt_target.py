@@ -232,3 +232,18 @@ def test_cli_writes_a_tensorrt_model_and_refuses_ort_only_options(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--channel-groups split" in err, err
     assert not (tmp_path / "out2.onnx").exists()
+
+
+def test_an_input_no_producer_can_shift_gets_an_explicit_sub():
+    # x is a graph input read by one MatMul: Sub(c) before the Q, c·ΣŴ in the bias; exact before rounding
+    rng = np.random.default_rng(4)
+    data = [(rng.standard_normal((2, 4, 16)) + 2.0).astype(np.float32) for _ in range(2)]
+    ctx, reference = _compile(graphs.linear_model(), data, TensorRTTarget)
+    records = [r for r in ctx.records if r.role == "activation"]
+    assert [(r.details["form"], r.details["shift_into"]) for r in records] == \
+        [("shift", "an explicit Sub before the QuantizeLinear")]
+    model = ctx.model()
+    assert check(model) == []
+    got, = _run(_bypass_activation_qdq(model), {"x": data[1]})
+    want, = _run(reference, {"x": data[1]})
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
