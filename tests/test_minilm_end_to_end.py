@@ -66,5 +66,6 @@ def test_tensorrt_target_passes_the_rules_and_tracks_the_ort_target(minilm, reci
     held = npz_feeds(sorted(minilm["heldout"].glob("*.npz")))
     found = compare_targets(minilm["model"], recipe, wbits, minilm["calib"], held, tmp_path)
     assert found["violations"] == []
+    print(f"SQNR vs float MiniLM {recipe} W{wbits}A8: {found['sqnr']}")  # pytest -s
     # opset 17 export: W4 raises it to 21 for the blocked int4 weights (ops converted where needed)
     assert found["sqnr"]["tensorrt"] >= found["sqnr"]["ort"] - 1.0, found["sqnr"]

@@ -102,6 +102,7 @@ def test_tensorrt_target_passes_the_rules_and_tracks_the_ort_target(model, recip
     if recipe == "dgq-per-timestep":
         assert any("per-timestep ranges" in note for note in found["fallbacks"])
     ort, trt = found["sqnr"]["ort"], found["sqnr"]["tensorrt"]
+    print(f"SQNR vs float {model} {recipe} W{wbits}A8: ort {ort:.2f} dB, tensorrt {trt:.2f} dB")  # pytest -s
     assert np.isfinite(trt)
     assert trt >= ort - 1.0, found["sqnr"]
     if wbits == 4:

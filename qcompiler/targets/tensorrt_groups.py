@@ -1,6 +1,7 @@
 """What TensorRT cannot run, replaced by its nearest supported form: DGQ groups, per-timestep ranges, log2 attention.
 
-DGQ channel groups (g(c) per channel c of a GEMM input X, calibrated range [m_g, M_g] per group)
+DGQ channel groups (g(c) per channel c of a GEMM input X, calibrated range [m_g, M_g] per group,
+widened to hold 0 as DGQ's grids are)
 become one symmetric per-tensor grid and an exact per-channel affine, the symmetric form of
 ``lowering.channel_affine``: with μ_g = (m_g + M_g)/2, s_g = (M_g − m_g)/(2·127), s = max_g s_g,
 r_c = s_g(c)/s ≤ 1 and μ_c = μ_g(c),
@@ -137,7 +138,10 @@ def _per_tensor(ctx: CompileContext, plan: GroupPlan, x: gs.Tensor, readers: lis
 
 
 def _affine(ctx: CompileContext, plan: GroupPlan, x: gs.Tensor, able: list[gs.Node], target: str) -> None:
-    low, high = plan.group_min.astype(np.float64), plan.group_max.astype(np.float64)
+    # Each group's range widened to hold 0, as DGQ's own grids are: a padded 0 (and every 0 the
+    # activation takes outside the calibrated rows) stays within s_g/2 instead of clipping to m_g.
+    low = np.minimum(plan.group_min.astype(np.float64), 0.0)
+    high = np.maximum(plan.group_max.astype(np.float64), 0.0)
     centre = (low + high) / 2.0
     group_scale = np.maximum((high - low) / 2.0, 1e-12) / 127.0
     scale = float(group_scale.max())
