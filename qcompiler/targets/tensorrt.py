@@ -4,7 +4,8 @@ TensorRT's explicit-quantization rules (its developer guide's "Explicit Quantiza
 ONNX parser's Q/DQ support, NVIDIA ModelOpt's ONNX placement) and what this target emits for each:
 - int8, symmetric, zero point 0, constant scales: every activation grid a pass decided (uint8,
   asymmetric) becomes int8 zero point 0, by an exact shift folded into the producer's bias/affine
-  where one takes it, else by a symmetric range covering the calibrated one (``lowering.symmetric``);
+  where one takes it, else into an explicit Sub before the Q, and by a symmetric range covering the
+  calibrated one only before a padded Conv (``lowering.symmetric``);
 - weights stored int8 with a DequantizeLinear only, per channel on the output axis (Conv 0,
   ConvTranspose 1, MatMul the last axis, Gemm 0 with transB else 1): ``quantize_weights`` already
   writes that form (W4 Conv/Gemm: int4 values in an int8 container);
