@@ -145,6 +145,9 @@ def _target(options: CompileOptions):
             return get_target("ort", OrtTargetConfig(channel_groups=options.channel_groups, device=options.device))
         except ValueError as exc:
             raise QCompileError(str(exc)) from None
+    if options.channel_groups != "affine":
+        raise QCompileError(f"--channel-groups {options.channel_groups} is an ONNX Runtime lowering; target "
+                            f"'{options.target}' lowers DGQ groups its own way (drop the option)")
     return get_target(options.target)
 
 

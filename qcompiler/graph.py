@@ -187,7 +187,9 @@ def _export(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProt
     # Value infos for every inferable tensor, inserted ones included, so Netron shows their shapes.
     model = infer_shapes(model)
     if template is not None:
-        model.ir_version = min(template.ir_version, MAX_IR_VERSION)
+        # A target may raise the opset (TensorRT's int4 blocks need 21, so IR 10): never below what it needs.
+        needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+        model.ir_version = min(max(template.ir_version, needed), MAX_IR_VERSION)
         model.producer_name = template.producer_name or model.producer_name
         del model.metadata_props[:]
         model.metadata_props.extend(template.metadata_props)

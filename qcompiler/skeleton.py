@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Constants smaller than this stay inline: shape inference and ORT read them (Reshape shapes, axes).
 INLINE_BYTES = 1024
+#: Types stored two values per byte: their numpy form (one per byte) cannot stand for the file's bytes.
+PACKED_TYPES = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 #: Below this many weight bytes a model is saved as one self-contained .onnx file.
 SINGLE_FILE_LIMIT = int(1.8 * 2**30)
 #: Offsets in the external-data file are aligned like onnx's own writer (page size), so ORT may map them.
@@ -146,6 +148,8 @@ def _placeholder_constants(graph: gs.Graph, arrays: dict[str, np.ndarray]):
         for tensor in graph.tensors().values():
             if not isinstance(tensor, gs.Constant):
                 continue
+            if isinstance(tensor._values, LazyValues) and tensor._values.tensor.data_type in PACKED_TYPES:
+                continue  # int4 stays packed in the proto (half the bytes of its numpy form)
             nbytes = tensor._values.nbytes if isinstance(tensor._values, LazyValues) else tensor.values.nbytes
             if nbytes < INLINE_BYTES:
                 continue

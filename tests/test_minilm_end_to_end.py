@@ -57,3 +57,17 @@ def test_not_worse_than_ort_quantize_static(minilm, compiled, tmp_path):
     # Identical weights and activation scales; qcompile additionally keeps the residual stream float
     # (its DQ feeds only the GEMMs), so it may be better but must never be worse by more than noise.
     assert ours >= theirs - 0.5, (ours, theirs)
+
+
+# osplus is covered on the DiT: on MiniLM its TensorRT form measured 1.4 dB below the ORT target's
+# (benchmarks/results/tensorrt_target.md), an open gap, not a passing case.
+@pytest.mark.parametrize("recipe,wbits", [("minmax", 8), ("minmax", 4)])
+def test_tensorrt_target_passes_the_rules_and_tracks_the_ort_target(minilm, recipe, wbits, tmp_path):
+    from tests.test_tensorrt_end_to_end import compare_targets, npz_feeds
+
+    held = npz_feeds(sorted(minilm["heldout"].glob("*.npz")))
+    found = compare_targets(minilm["model"], recipe, wbits, minilm["calib"], held, tmp_path)
+    assert found["violations"] == []
+    print(f"SQNR vs float MiniLM {recipe} W{wbits}A8: {found['sqnr']}")  # pytest -s
+    # opset 17 export: W4 raises it to 21 for the blocked int4 weights (ops converted where needed)
+    assert found["sqnr"]["tensorrt"] >= found["sqnr"]["ort"] - 1.0, found["sqnr"]

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                         help="also write <out>.after-PASS.onnx (repeatable)")
     parser.add_argument("--groups", type=int, help="DGQ: K groups per activation (default 16 at W8, 8 at W4)")
-    parser.add_argument("--target", default="ort", choices=("ort",),
-                        help="what the output runs on: ort = ONNX Runtime integer kernels (default)")
+    parser.add_argument("--target", default="ort", choices=("ort", "tensorrt"),
+                        help="what the output runs on: ort = ONNX Runtime integer kernels (default); tensorrt = "
+                             "TensorRT explicit quantization (symmetric int8 Q/DQ, int4 blocked DQ at opset 21)")
     parser.add_argument("--channel-groups", default="affine", choices=("affine", "split", "fold", "simulate"),
                         help="DGQ channel-group lowering: affine = DGQ's codes under one per-tensor grid, the "
                              "affine folded into W and b, one integer GEMM (default); split = K integer GEMMs "

@@ -24,5 +24,5 @@ def run(args: argparse.Namespace) -> int:
                 settings = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in fields(config))
                 line += f"\n        settings: {settings or '(none)'}"
             print(line)
-        print("    - lower: the target's lowering stage (--target ort; DGQ form: --channel-groups)")
+        print("    - lower: the target's lowering stage (--target ort|tensorrt; ORT's DGQ form: --channel-groups)")
     return 0

@@ -54,8 +54,9 @@ class LowerStage(Pass):
 
 def available_targets() -> dict[str, type[Target]]:
     from qcompiler.targets.ort import OrtTarget
+    from qcompiler.targets.tensorrt import TensorRTTarget
 
-    return {OrtTarget.name: OrtTarget}
+    return {OrtTarget.name: OrtTarget, TensorRTTarget.name: TensorRTTarget}
 
 
 def get_target(name: str, config=None) -> Target:
