@@ -18,7 +18,7 @@ interactions through the network are ignored: benchmarks/bench_dit_recipes.py me
 ranks configurations against the Fréchet distance of final images). Population ``population`` (50),
 the best ``keep`` (10) survive, ``mutations`` (25) children resample each layer with probability
 ``mutation_prob`` (0.1), ``crossovers`` (15) children mix two survivors per layer, ``generations`` (10).
-``sizes`` (paper-scale, one per layer in graph order) skips the search: a given configuration.
+``sizes`` (paper-scale, one per layer in graph order) or ``uniform`` (one size for all) skips the search.
 
 Error bound per element (inside the range): |X − X̂| ≤ s/2 with s = (hi − lo)/(2^abits − 1) of its
 token's group; |W − Ŵ| ≤ s_w/2 of its group and column.
@@ -52,6 +52,8 @@ class QditGroupsConfig:
     dynamic: bool = True
     #: Paper-scale size per layer in graph order (skips the search), or () to search.
     sizes: tuple[int, ...] = ()
+    #: One paper-scale size for every layer (skips the search; Q-DiT's uniform baseline), or 0.
+    uniform: int = 0
     population: int = 50
     keep: int = 10
     mutations: int = 25
@@ -63,7 +65,8 @@ class QditGroupsConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not PAPER_SIZES[0] <= self.budget <= PAPER_SIZES[-1] or any(s not in PAPER_SIZES for s in self.sizes):
+        if not PAPER_SIZES[0] <= self.budget <= PAPER_SIZES[-1] or any(s not in PAPER_SIZES for s in self.sizes) \
+                or (self.uniform and self.uniform not in PAPER_SIZES):
             raise ValueError(f"QditGroupsConfig: budget in [32, 288] and sizes from {PAPER_SIZES}, got {self}")
         if min(self.population, self.keep, self.generations, self.batches, self.rows) < 1 or self.keep > self.population:
             raise ValueError(f"QditGroupsConfig: population ≥ keep ≥ 1 and generations, batches, rows ≥ 1, got {self}")
@@ -134,7 +137,7 @@ class QditGroups(Pass):
     Config = QditGroupsConfig
 
     def requires(self, ctx: CompileContext) -> None:
-        if not self.config.sizes or not self.config.dynamic:
+        if not (self.config.sizes or self.config.uniform) or not self.config.dynamic:
             self.require_calibration(ctx, "for the group-size search (sampled layer inputs) or static ranges")
 
     def call(self, ctx: CompileContext) -> PassResult:
@@ -147,7 +150,9 @@ class QditGroups(Pass):
         candidates = [scaled_sizes(k, hidden) for k in widths]
         started = time.perf_counter()
         notes = []
-        if self.config.sizes:
+        if self.config.uniform:
+            choice = np.full(len(units), PAPER_SIZES.index(self.config.uniform))
+        elif self.config.sizes:
             if len(self.config.sizes) != len(units):
                 raise ValueError(f"qdit_groups: {len(self.config.sizes)} sizes given for {len(units)} Linears")
             choice = np.array([PAPER_SIZES.index(s) for s in self.config.sizes])
