@@ -27,3 +27,4 @@ def test_ptq4dit_on_the_zoo_dit(wbits):
 def test_csb_alone_is_a_setting():
     recipe = get_recipe("ptq4dit").with_settings({"salience_balance": {"spearman": False}})
     assert recipe.steps[0].config.spearman is False
+
