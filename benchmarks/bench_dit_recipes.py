@@ -1,11 +1,12 @@
 """The DiT recipes on the zoo's class-conditional DiT: final-image quality, integer kernels and latency vs float.
 
 Rows (one ``bench_diffusion`` run on ``models/dit_mnist.onnx``: same seeds, labels, sampler and measurements):
-- main: every ``--recipes`` at every ``--settings`` (default minmax, smoothquant, osplus, ptq4dit, and qdit
-  where that recipe exists; W8A8 and W4A8);
+- main: every ``--recipes`` at every ``--settings`` (default minmax, smoothquant, ptq4dit, qdit; W8A8 and
+  W4A8); osplus, dgq and dmq on this model: ``diffusion.md``;
 - ablation: ptq4dit with CSB alone (``salience_balance.spearman=false``: s̃(X) = max over timesteps) at
-  every setting; at W4, minmax and smoothquant with the MSE clip search of the int4 weight scales that
-  ptq4dit uses, so the weight quantizer's share of a W4 difference is visible; qdit variants where present.
+  every setting; at W4, minmax with the MSE clip search of the int4 weight scales that ptq4dit uses, so
+  the weight quantizer's share of a W4 difference is visible; at W4, qdit with one group size (128) for
+  every layer and qdit with static ranges.
 
 Writes ``dit_recipes.json``, ``dit_recipes.md`` (with a comparison section computed from the rows) and
 ``dit_recipes.png`` to ``--out``. Rows are cached in ``--work`` (``dit/rows/*.json``) as in bench_diffusion.
@@ -33,13 +34,13 @@ CLIP = ("--set", "quantize_weights.clip_search=true")
 def _recipes() -> list[str]:
     from qcompiler.recipes import available_recipes
 
-    return [name for name in ("minmax", "smoothquant", "osplus", "ptq4dit", "qdit") if name in available_recipes()]
+    return [name for name in ("minmax", "smoothquant", "ptq4dit", "qdit") if name in available_recipes()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=["w8a8", "w4a8"])
-    parser.add_argument("--recipes", nargs="+", default=None, help="default: minmax smoothquant osplus ptq4dit qdit")
+    parser.add_argument("--recipes", nargs="+", default=None, help="default: minmax smoothquant ptq4dit qdit")
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--check-samples", type=int, default=4)
@@ -56,11 +57,11 @@ def rows_for(settings: list[str], recipes: list[str], ablation: bool) -> list[Ro
     if not ablation:
         return rows
     rows += [Row("ptq4dit", w, a, "csb-only", ("--set", "salience_balance.spearman=false")) for w, a in bits]
-    rows += [Row(recipe, w, a, "clip-search", CLIP) for w, a in bits if w < 8 for recipe in ("minmax", "smoothquant")]
+    rows += [Row("minmax", w, a, "clip-search", CLIP) for w, a in bits if w < 8]
     if "qdit" in recipes:
         from qdit_rows import qdit_variants
 
-        rows += qdit_variants(bits)
+        rows += qdit_variants([(w, a) for w, a in bits if w < 8])  # the setting Q-DiT targets
     return rows
 
 
