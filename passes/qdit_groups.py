@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.context import CompileContext, QuantRecord
+from qcompiler.errors import QCompileError
 from qcompiler.folding import find_scale_groups
 from qcompiler.graph import constant_value
 from qcompiler.lowering.dynamic_groups import lower_linear, reference
@@ -130,6 +131,23 @@ def evolve(errors: np.ndarray, budget: float, config: QditGroupsConfig) -> tuple
     return population[0], population
 
 
+def error_table(ctx: CompileContext, groups, units, candidates, config: QditGroupsConfig) -> np.ndarray:
+    """e_l(g) (layers, 5) on ``config.rows`` rows of the first ``config.batches`` calibration batches."""
+    samples = sample_inputs(ctx, groups, config.batches, config.rows, config.seed)
+    settings = ctx.settings
+    return np.stack([layer_errors(samples[group.name], matmul_weights(unit), sizes, settings.abits, settings.wbits)
+                     for (group, unit), sizes in zip(units, candidates)])
+
+
+def linear_units(graph) -> tuple[list, list, list[list[int]], int]:
+    """(scale groups, (group, Linear) per Linear in graph order, its candidate sizes, the hidden width)."""
+    groups = find_scale_groups(graph)
+    units = [(group, unit) for group in groups for unit in group.consumers]
+    widths = [matmul_weights(unit).shape[0] for _, unit in units]
+    hidden = int(np.bincount(widths).argmax()) if widths else 0
+    return groups, units, [scaled_sizes(k, hidden) for k in widths], hidden
+
+
 class QditGroups(Pass):
     """Group-wise W and dynamic per-token-group X along K, group size per layer from an evolutionary search."""
 
@@ -141,20 +159,17 @@ class QditGroups(Pass):
             self.require_calibration(ctx, "for the group-size search (sampled layer inputs) or static ranges")
 
     def call(self, ctx: CompileContext) -> PassResult:
-        groups = find_scale_groups(ctx.graph)
-        units = [(group, unit) for group in groups for unit in group.consumers]
+        groups, units, candidates, hidden = linear_units(ctx.graph)
         if not units:
             return PassResult(False, ("no Linear reads an activation",))
-        widths = [matmul_weights(unit).shape[0] for _, unit in units]
-        hidden = int(np.bincount(widths).argmax())
-        candidates = [scaled_sizes(k, hidden) for k in widths]
         started = time.perf_counter()
         notes = []
         if self.config.uniform:
             choice = np.full(len(units), PAPER_SIZES.index(self.config.uniform))
         elif self.config.sizes:
             if len(self.config.sizes) != len(units):
-                raise ValueError(f"qdit_groups: {len(self.config.sizes)} sizes given for {len(units)} Linears")
+                raise QCompileError(f"qdit_groups: {len(self.config.sizes)} sizes given for {len(units)} Linears "
+                                    "(one per Linear in graph order)")
             choice = np.array([PAPER_SIZES.index(s) for s in self.config.sizes])
         else:
             choice, errors = self._search(ctx, groups, units, candidates)
@@ -166,17 +181,14 @@ class QditGroups(Pass):
             self._lower(ctx, group, unit, size, PAPER_SIZES[paper], static.get(group.name))
         ctx.graph.cleanup().toposort()
         mean = float(np.mean([PAPER_SIZES[c] for c in choice]))
-        notes.insert(0, f"{len(units)} Linears group-wise (hidden {hidden}: sizes {candidates[widths.index(hidden)]} "
+        notes.insert(0, f"{len(units)} Linears group-wise (hidden {hidden}: sizes {scaled_sizes(hidden, hidden)} "
                         f"for the paper's {list(PAPER_SIZES)}); chosen {_counts(chosen)}"
                         f", mean paper-scale size {mean:.0f} (budget {self.config.budget:g})")
         notes.append(f"sizes={[PAPER_SIZES[c] for c in choice]}")  # paper-scale, graph order: replay with `sizes`
         return PassResult(True, tuple(notes))
 
     def _search(self, ctx, groups, units, candidates):
-        samples = sample_inputs(ctx, groups, self.config.batches, self.config.rows, self.config.seed)
-        settings = ctx.settings
-        errors = np.stack([layer_errors(samples[group.name], matmul_weights(unit), sizes, settings.abits,
-                                        settings.wbits) for (group, unit), sizes in zip(units, candidates)])
+        errors = error_table(ctx, groups, units, candidates, self.config)
         best, _ = evolve(errors, self.config.budget, self.config)
         return best, errors
 
