@@ -79,15 +79,24 @@ def _is_normalized(tensor: gs.Tensor) -> bool:
     return bool(norm) and norm.output is tensor
 
 
+def _depends_on(tensor: gs.Tensor, source: gs.Tensor, depth: int = 8) -> bool:
+    """Whether ``source`` is among the inputs of ``tensor``'s producers, ``depth`` levels up."""
+    frontier = [tensor]
+    for _ in range(depth):
+        frontier = [t for f in frontier if f.inputs for t in f.inputs[0].inputs]
+        if any(t is source for t in frontier):
+            return True
+    return False
+
+
 def _split_product(mul: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
-    """(N, S) of a Mul whose one operand is a Norm's output and the other is not."""
+    """(N, S) of a Mul whose one operand is a Norm's output and the other is not computed from it
+    (N·Sigmoid(N), a SiLU after a norm, is no modulation)."""
     if mul.op != "Mul" or len(mul.inputs) != 2:
         return None
-    first, second = mul.inputs
-    if _is_normalized(first) and not _is_normalized(second):
-        return first, second
-    if _is_normalized(second) and not _is_normalized(first):
-        return second, first
+    for normalized, scale in (mul.inputs, reversed(mul.inputs)):
+        if _is_normalized(normalized) and not _is_normalized(scale) and not _depends_on(scale, normalized):
+            return normalized, scale
     return None
 
 

@@ -105,3 +105,16 @@ def test_plain_norm_output_is_no_modulation():
     assert "not written by Add(Mul(norm, scale), shift)" in match_modulation(tensor).reason
     # the GELU output is a Mul of two activations, neither a Norm output
     assert not match_modulation(ctx.graph.tensors()["gelu"])
+
+
+def test_silu_of_a_norm_output_is_no_modulation():
+    import onnx_graphsurgeon as gs
+
+    graph = gs.Graph()
+    x = gs.Variable("x", np.float32, ["B", 4, 8])
+    n, sig, out = (gs.Variable(name, np.float32, ["B", 4, 8]) for name in ("n", "sig", "out"))
+    gamma = gs.Constant("g", np.ones(8, np.float32))
+    graph.nodes = [gs.Node("LayerNormalization", "ln", inputs=[x, gamma], outputs=[n]),
+                   gs.Node("Sigmoid", "sigmoid", inputs=[n], outputs=[sig]),
+                   gs.Node("Mul", "silu", inputs=[n, sig], outputs=[out])]
+    assert not match_modulation(out)  # the "scale" is computed from N itself: per token, not per sample
