@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-samples", type=int, default=4)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--cached-only", action="store_true", help="only the rows already measured in --work")
     parser.add_argument("--work", type=Path, default=Path("build/bench_dit"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args(argv)
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.recipes = args.recipes or _recipes()
     rows = rows_for(args.settings, args.recipes, not args.no_ablation)
+    if args.cached_only:
+        rows = [row for row in rows if (args.work / "dit" / "rows" / f"{row.key()}.s{args.samples}.json").exists()]
     results = run_model("dit", args, rows)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": shlex.join(sys.argv),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
