@@ -223,7 +223,8 @@ def measure_latency(rows: list[dict], model: Path, calib: Path, runs: int) -> No
         row["latency_vs_float"] = row["latency_ms"] / base
 
 
-def run_model(name: str, args: argparse.Namespace) -> list[dict]:
+def run_model(name: str, args: argparse.Namespace, rows: list[Row] | None = None) -> list[dict]:
+    """Every row of ``name`` (``rows``, else the recipes × settings of ``args`` and the ablation) measured."""
     model = models_dir() / f"{MODELS[name]}.onnx"
     if not model.exists():
         print(f"[bench] {model} is missing; skipped", flush=True)
@@ -232,8 +233,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
     (work / "rows").mkdir(parents=True, exist_ok=True)
     calib = calibration(MODELS[name], work)
     sampler = Sampler(model, args.samples, work)
-    variants = ablation_rows() + fold_rows() + dmq_rows() + weight_clip_rows() if args.ablation else []
-    rows = main_rows(args.settings, args.recipes) + variants
+    if rows is None:
+        variants = ablation_rows() + fold_rows() + dmq_rows() + weight_clip_rows() if args.ablation else []
+        rows = main_rows(args.settings, args.recipes) + variants
     results = [{"model": name, "row": "float", "recipe": "float", "setting": "float", "deployed": str(model),
                 **{k: sampler.float_quality[k] for k in ("accuracy", "frechet")}}]
     for row in rows:

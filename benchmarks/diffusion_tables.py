@@ -91,10 +91,11 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
+def write_outputs(results: list[dict], meta: dict, out: Path, name: str = "diffusion") -> None:
+    """``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diffusion.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     text = markdown(results, meta)
-    (out / "diffusion.md").write_text(text)
-    plot(results, out / "diffusion.png")
+    (out / f"{name}.md").write_text(text)
+    plot(results, out / f"{name}.png")
     print(text)

@@ -5,13 +5,16 @@ from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
 from qcompiler.passes.learned_scales import LearnedScales
 from qcompiler.passes.log2_attention import Log2Attention
 from qcompiler.passes.pow2_skip_scales import Pow2SkipScales
+from qcompiler.passes.qdit_groups import QditGroups
 from qcompiler.passes.quantize_weights import QuantizeWeights
+from qcompiler.passes.salience_balance import SalienceBalance
 from qcompiler.passes.shift_scale import ShiftScale
 from qcompiler.passes.smooth_scales import SmoothScales
 
 PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ,
-                                    DgqGroups, Log2Attention, LearnedScales, Pow2SkipScales)}
+                                    DgqGroups, Log2Attention, LearnedScales, Pow2SkipScales, SalienceBalance,
+                                    QditGroups)}
 
 __all__ = ["PASSES", "DgqGroups", "Log2Attention",
-           "InsertActivationQDQ", "LearnedScales", "Pow2SkipScales", "QuantizeWeights", "ShiftScale",
-           "SmoothScales"]
+           "InsertActivationQDQ", "LearnedScales", "Pow2SkipScales", "QditGroups", "QuantizeWeights", "SalienceBalance",
+           "ShiftScale", "SmoothScales"]

@@ -117,7 +117,8 @@ class QuantizeWeights(Pass):
                          f"'{unit.node.name}', scale = {rule} per output channel")
         ctx.graph.nodes.append(dq)
         unit.node.inputs[1] = dq_out
-        lowering = "int8 container, int4 values (per-channel)" if ctx.settings.wbits == 4 else "DequantizeLinear"
+        bits = ctx.settings.wbits
+        lowering = f"int8 container, int{bits} values (per-channel)" if bits < 8 else "DequantizeLinear"
         ctx.records.append(QuantRecord(unit.node.name, base, "weight", spec.describe(), lowering, self.name))
         ctx.weight_rules[unit.node.name] = self._rule(ctx, spec.bits, None, weight)
 

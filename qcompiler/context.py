@@ -30,8 +30,8 @@ class QuantSettings:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.wbits not in (8, 4):
-            raise ValueError(f"wbits must be 8 or 4, got {self.wbits}")
+        if self.wbits not in (8, 6, 4):  # 6: int6 values in int8 containers (int8 kernels), as abits < 8
+            raise ValueError(f"wbits must be 8, 6 or 4, got {self.wbits}")
         if self.abits not in (8, 6, 4):
             raise ValueError(f"abits must be 8, 6 or 4, got {self.abits}")
         if self.block_size not in (32, 64, 128):

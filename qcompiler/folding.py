@@ -7,6 +7,8 @@ one channel axis; they share one s (C,) and z (C,). ``fold`` rewrites, with the 
     consumers:  W'[k, :] = s_k · W[k, :]        b' = b + z·W          (so X'·W' + b' = X·W + b)
     producer writes X' = (X − z)/s instead of X:
         LayerNorm / GroupNorm / InstanceNorm+Reshape+Mul+Add affine:  γ' = γ/s,  β' = (β − z)/s
+        AdaLN modulation X = N·S + T (DiT, PixArt): S' = S/s, T' = (T − z)/s, pushed up into the
+            modulation Linear's rows or a constant table (``qcompiler.modulation``)
         Linear or Conv (output channel j):  W_p[:, j]' = W_p[:, j]/s_j,  b_p' = (b_p − z)/s
         V projection of an attention whose output X feeds the out-projection: softmax rows sum
             to 1 and attention mixes tokens only, so (P·V − z)/s = P·((V − z)/s); folded only when
@@ -27,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext
 from qcompiler.graph import constant_value
+from qcompiler.modulation import Modulation, fold_into_modulation, match_modulation, static_ints
 from qcompiler.patterns import Conv, Linear, NoMatch, Norm, match_conv, match_linear, match_norm, weight_array
 
 #: Ops that read only the shape of their input: a folded X does not change what they compute.
@@ -80,8 +83,8 @@ def find_scale_groups(graph: gs.Graph, include_conv: bool = False) -> list[Scale
 class Absorber:
     """What writes X and can take (X − z)/s into its own constants; ``path`` is the attention path."""
 
-    kind: str  # a Norm's op type, "Linear", "Conv" or "value projection"
-    unit: Norm | Linear | Conv
+    kind: str  # a Norm's op type, "Linear", "Conv", "AdaLN modulation" or "value projection"
+    unit: Norm | Linear | Conv | Modulation
     path: tuple[gs.Node, ...] = ()
 
     def describe(self) -> str:
@@ -135,6 +138,9 @@ def find_absorber(graph: gs.Graph, group: ScaleGroup) -> Absorber | NoMatch:
     conv = match_conv(x.inputs[0]) if x.inputs else None
     if conv:
         return _check_axis(Absorber("Conv", conv), 1 - weight_array(conv).ndim, group)
+    modulation = match_modulation(x)
+    if modulation:
+        return _check_axis(Absorber("AdaLN modulation", modulation), -1, group)
     return _value_projection(graph, group)
 
 
@@ -173,8 +179,9 @@ def _trailing(node: gs.Node, count: int) -> tuple[int, ...] | None:
     dims = list(node.outputs[0].shape or [])[-count:]
     if len(dims) == count and all(isinstance(d, int) and d > 0 for d in dims):
         return tuple(dims)
-    shape = constant_value(node.inputs[1])
-    if shape is not None and len(shape) >= count and all(d > 0 for d in shape[-count:]):
+    shape = static_ints(node.inputs[1])  # a constant, or computed from static dims (Concat of Shape parts)
+    if shape is not None and len(shape) >= count and all(isinstance(d, (int, np.integer)) and d > 0
+                                                          for d in shape[-count:]):
         return tuple(int(d) for d in shape[-count:])
     return None
 
@@ -189,6 +196,12 @@ def _is_probabilities(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return axis == -1 or (rank > 0 and axis == rank - 1)
 
 
+def _is_float_cast(node: gs.Node) -> bool:
+    """A Cast to float32 of a float32 tensor (exporters leave these after attention): the identity."""
+    dtype = node.inputs[0].dtype if node.inputs else None
+    return node.op == "Cast" and node.attrs.get("to") == 1 and dtype is not None and np.dtype(dtype) == np.float32
+
+
 def _value_projection(graph: gs.Graph, group: ScaleGroup) -> Absorber | NoMatch:
     """Walk X ← merge ← P·V ← split ← V-proj, then check forward that channel c stays channel c."""
     if group.channel_axis != -1:
@@ -199,7 +212,7 @@ def _value_projection(graph: gs.Graph, group: ScaleGroup) -> Absorber | NoMatch:
         linear = _linear_writing(tensor) if value_matmul is not None else None
         if linear:
             return _check_value_path(graph, linear, tuple(reversed(path)), group)
-        if node is not None and node.op in ("Reshape", "Transpose"):
+        if node is not None and (node.op in ("Reshape", "Transpose") or _is_float_cast(node)):
             path.append(node)
             tensor = node.inputs[0]
         elif node is not None and node.op == "MatMul" and value_matmul is None \
@@ -227,6 +240,8 @@ def _check_value_path(graph: gs.Graph, linear: Linear, path: tuple[gs.Node, ...]
             state = [(perm.index(axis + len(perm)) - len(perm), size) for axis, size in state] if perm else []
         elif node.op == "Reshape":
             state = _reshape_state(node, state, channels)
+        elif node.op == "Cast":
+            pass  # a float32 → float32 Cast (checked on the way up) keeps every value
         elif state[-1][0] != -1 or any(axis > -3 for axis, _ in state[:-1]):
             state = []  # P·V contracts V's axis −2: channels must sit on axis −1 and batch axes only
         if not state:
@@ -329,6 +344,10 @@ def _replace_in_norm(ctx: CompileContext, norm: Norm, tensor: gs.Tensor, value: 
 def _absorb(ctx: CompileContext, absorber: Absorber, scale, shift, pass_name: str) -> None:
     """The producer writes (X − z)/s: its affine or output-channel constants are divided by s."""
     unit, minus = absorber.unit, -shift / scale if shift is not None else None
+    if isinstance(unit, Modulation):
+        fold_into_modulation(ctx, unit, scale, shift, pass_name)  # explicit edges go to ctx.fallbacks
+        ctx.rescaled_tensors.add(unit.output.name)
+        return
     if isinstance(unit, Norm):
         gamma = constant_value(unit.gamma).astype(np.float64)
         axis = _affine_axis(gamma.shape, scale.size) if gamma.ndim > 1 else -1
@@ -388,6 +407,8 @@ def fold(ctx: CompileContext, group: ScaleGroup, scale: np.ndarray, shift: np.nd
     if absorber and isinstance(absorber.unit, Norm) and shift is not None and absorber.unit.beta is None \
             and absorber.kind != "LayerNormalization":
         absorber = NoMatch(f"{absorber.describe()} has no β to take the shift")
+    if absorber and isinstance(absorber.unit, Modulation) and shift is not None and absorber.unit.shift is None:
+        absorber = NoMatch(f"{absorber.describe()} has no shift term to take the shift")
     if not absorber:  # fold into the consumers exactly the float32 z and 1/s the explicit nodes will apply
         scale = 1.0 / np.float32(1.0 / scale).astype(np.float64)
         shift = shift.astype(np.float32).astype(np.float64) if shift is not None else None

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "pipeline: <folder>.calib/) beside it")
     parser.add_argument("-o", "--output", help="output model; default: ./<stem>.<recipe>.w<W>a<A>.onnx (a pipeline: "
                         "the folder ./<name>.<recipe>.w<W>a<A>/)")
-    parser.add_argument("--wbits", type=int, choices=(8, 4), help="weight bits (default: the recipe's)")
+    parser.add_argument("--wbits", type=int, choices=(8, 6, 4),
+                        help="weight bits (default: the recipe's; 6: int6 values in int8 containers)")
     parser.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits; below 8 is simulated")
     parser.add_argument("--block-size", type=int, default=32, choices=(32, 64, 128), help="int4 weight block size")
     parser.add_argument("--calib-limit", type=int, help="use at most this many calibration samples")

@@ -97,9 +97,11 @@ def _builtin() -> dict[str, Recipe]:
     from qcompiler.recipes.dmq import DMQ
     from qcompiler.recipes.minmax import MINMAX
     from qcompiler.recipes.osplus import OSPLUS
+    from qcompiler.recipes.ptq4dit import PTQ4DIT
+    from qcompiler.recipes.qdit import QDIT
     from qcompiler.recipes.smoothquant import SMOOTHQUANT
 
-    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ, DGQ_LOG2, DMQ)}
+    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ, DGQ_LOG2, DMQ, PTQ4DIT, QDIT)}
 
 
 def available_recipes() -> dict[str, Recipe]:
