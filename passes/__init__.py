@@ -7,11 +7,13 @@ from qcompiler.passes.log2_attention import Log2Attention
 from qcompiler.passes.pow2_skip_scales import Pow2SkipScales
 from qcompiler.passes.quantize_weights import QuantizeWeights
 from qcompiler.passes.shift_scale import ShiftScale
+from qcompiler.passes.ptqd import Ptqd
 from qcompiler.passes.smooth_scales import SmoothScales
+from qcompiler.passes.tdq import Tdq
 
 PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ,
-                                    DgqGroups, Log2Attention, LearnedScales, Pow2SkipScales)}
+                                    DgqGroups, Log2Attention, LearnedScales, Pow2SkipScales, Tdq, Ptqd)}
 
 __all__ = ["PASSES", "DgqGroups", "Log2Attention",
            "InsertActivationQDQ", "LearnedScales", "Pow2SkipScales", "QuantizeWeights", "ShiftScale",
-           "SmoothScales"]
+           "SmoothScales", "Tdq", "Ptqd"]

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=64, help="images per model (default 64)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM η: 0 deterministic (default), 1 DDPM's variance; with η > 0 a PTQD model's "
+                             "residual variance is taken out of the step noise")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     parser.add_argument("--classifier", help="MNIST classifier ONNX (default: the bundled one)")
     parser.add_argument("--grid", help="write a PNG grid: float rows above quantized rows")
@@ -45,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
             raise QCompileError(f"{path}: no such model file")
     if args.samples < 2:
         raise QCompileError("--samples must be at least 2 (the Fréchet distance needs a covariance)")
-    options = DiffusionEvalOptions(samples=args.samples, steps=args.steps, guidance_scale=args.guidance,
+    if args.eta < 0:
+        raise QCompileError(f"--eta must be ≥ 0, got {args.eta}")
+    options = DiffusionEvalOptions(samples=args.samples, steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
                                    seed=args.seed, classifier=args.classifier, cache=args.cache)
     try:
         result = evaluate_diffusion(args.float_model, args.quant_model, options, grid=args.grid)
