@@ -26,7 +26,7 @@ from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
 
-METADATA_KEY = "qcompile.ptqd"
+from qcompiler.diffusion.ptqd import METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -177,3 +177,31 @@ class Ptqd(Pass):
         factor = b.op("Reshape", [factor, np.array([-1] + [1] * (rank - 1), np.int64)], np.float32)
         b.op("Mul", [raw, factor], np.float32, outputs=[y])
         ctx.graph.cleanup().toposort()
+
+
+def apply_ptqd(float_model, quant_model, calibration, output, config: PtqdConfig = PtqdConfig()) -> dict:
+    """PTQD on an already quantized model (the pass as ``--ptqd`` runs it after lowering): writes
+    ``output`` atomically with the correction and the ``qcompile.ptqd`` metadata; returns the estimates.
+
+    ``float_model``/``quant_model``: paths; ``calibration``: what ``qcompile --calib`` takes."""
+    import os
+    from pathlib import Path
+
+    import onnx
+
+    from qcompiler.calibration.readers import load_calibration
+    from qcompiler.context import QuantSettings
+    from qcompiler.graph import set_metadata
+
+    quantized = onnx.load(str(quant_model))
+    ctx = CompileContext(quantized, QuantSettings(), load_calibration(calibration, quantized), source=str(float_model))
+    pass_ = Ptqd(config)
+    pass_.requires(ctx)
+    pass_.call(ctx)
+    model = ctx.model()
+    set_metadata(model, ctx.metadata)
+    output = Path(output)
+    staging = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    onnx.save(model, str(staging))
+    os.replace(staging, output)
+    return json.loads(ctx.metadata[METADATA_KEY])

@@ -103,19 +103,37 @@ def _round_ste(torch, x):
 
 def fake_quant_loss(torch, values, low, high, labels, spec: QuantSpec):
     """Σ_t ‖X_t − X̂_t‖² / ‖X_t‖² with X̂ = (clamp(⌊X/s⌉ + z) − z)·s, s = (hi − lo)/(2^b − 1), z = ⌊−lo/s⌉
-    (straight-through rounding: gradients reach lo and hi through s and the clamp)."""
-    low = torch.clamp(low, max=0.0)[:, labels].unsqueeze(1)
-    high = torch.clamp(high, min=0.0)[:, labels].unsqueeze(1)
+    (straight-through rounding: gradients reach lo and hi through s and the clamp), summed over the
+    M activations trained together. ``values`` (M, T, P, N), ``low``/``high`` (M, T, K), ``labels`` (M, N);
+    padding indices hold X = 0, which every grid represents exactly (z is an integer), so they add nothing."""
+    index = labels[:, None, :].expand(-1, low.shape[1], -1)
+    low = torch.gather(torch.clamp(low, max=0.0), 2, index).unsqueeze(2)
+    high = torch.gather(torch.clamp(high, min=0.0), 2, index).unsqueeze(2)
     scale = torch.clamp((high - low) / (spec.qmax - spec.qmin), min=1e-8)
     zero_point = torch.clamp(_round_ste(torch, spec.qmin - low / scale), spec.qmin, spec.qmax)
     codes = torch.clamp(_round_ste(torch, values / scale) + zero_point, spec.qmin, spec.qmax)
-    error = ((codes - zero_point) * scale - values).pow(2).sum(dim=(1, 2))
-    return (error / values.pow(2).sum(dim=(1, 2)).clamp(min=1e-12)).sum()
+    error = ((codes - zero_point) * scale - values).pow(2).sum(dim=(2, 3))
+    return (error / values.pow(2).sum(dim=(2, 3)).clamp(min=1e-12)).sum()
+
+
+def _padded(arrays: list[np.ndarray], width: int, fill=0) -> np.ndarray:
+    """Stack arrays whose last axis differs, padded with ``fill`` to ``width``."""
+    out = np.full((len(arrays), *arrays[0].shape[:-1], width), fill, dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, ..., : a.shape[-1]] = a
+    return out
 
 
 def train_mlp(samples: TimestepSamples, low_ref: np.ndarray, high_ref: np.ndarray, spec: QuantSpec,
               num_train_timesteps: int, settings: TrainSettings = TrainSettings()) -> TimestepMlp:
-    """Fit, then tune, the MLP of one activation (deterministic: seeded, one thread, CPU).
+    """``train_mlps`` of one activation."""
+    return train_mlps([samples], [low_ref], [high_ref], spec, num_train_timesteps, settings)[0]
+
+
+def train_mlps(samples: list[TimestepSamples], low_refs: list[np.ndarray], high_refs: list[np.ndarray],
+               spec: QuantSpec, num_train_timesteps: int, settings: TrainSettings = TrainSettings()) -> list[TimestepMlp]:
+    """Fit, then tune, one MLP per activation; activations with the same K train together as one
+    batched model (their MLPs share nothing but the optimizer's loop). Deterministic: seeded, one thread.
 
     Fit: Adam on Σ ((lo(t) − lo_t)² + (hi(t) − hi_t)²)/w² at the calibrated t (w = hi_ref − lo_ref):
     the per-timestep min/max ranges, generalised to every t. Tune: Adam on ``fake_quant_loss`` of the
@@ -126,42 +144,61 @@ def train_mlp(samples: TimestepSamples, low_ref: np.ndarray, high_ref: np.ndarra
     torch = import_torch("tdq")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    out: list[TimestepMlp | None] = [None] * len(samples)
     try:
-        torch.manual_seed(settings.seed)
-        k = low_ref.size
-        w1 = torch.nn.Linear(settings.embedding_dim, settings.hidden)
-        w2 = torch.nn.Linear(settings.hidden, 2 * k)
-        torch.nn.init.zeros_(w2.weight), torch.nn.init.zeros_(w2.bias)
-        emb = torch.from_numpy(timestep_embedding(samples.timesteps, settings.embedding_dim, num_train_timesteps))
-        lo_ref = torch.from_numpy(np.minimum(low_ref, 0.0).astype(np.float32))
-        hi_ref = torch.from_numpy(np.maximum(high_ref, 0.0).astype(np.float32))
-        width = torch.clamp((hi_ref - lo_ref).max(), min=1e-8)
+        by_k: dict[int, list[int]] = {}
+        for i, ref in enumerate(low_refs):
+            by_k.setdefault(int(ref.size), []).append(i)
+        for k, members in sorted(by_k.items()):
+            trained = _train_batch(torch, [samples[i] for i in members], [low_refs[i] for i in members],
+                                   [high_refs[i] for i in members], spec, num_train_timesteps, settings)
+            for i, mlp in zip(members, trained):
+                out[i] = mlp
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
-        def ranges():
-            out = w2(torch.nn.functional.silu(w1(emb)))
-            return lo_ref * torch.exp(out[:, :k]), hi_ref * torch.exp(out[:, k:])
 
-        params = list(w1.parameters()) + list(w2.parameters())
-        target_low, target_high = (torch.from_numpy(r.astype(np.float32)) for r in samples.group_ranges())
-        optimizer = torch.optim.Adam(params, lr=settings.lr)
-        for _ in range(settings.fit_iterations):
-            low, high = ranges()
-            loss = (((low - target_low) / width).pow(2) + ((high - target_high) / width).pow(2)).mean()
+def _train_batch(torch, samples, low_refs, high_refs, spec, num_train_timesteps, settings) -> list[TimestepMlp]:
+    torch.manual_seed(settings.seed)
+    m, k, e, h = len(samples), low_refs[0].size, settings.embedding_dim, settings.hidden
+    bound = 1.0 / np.sqrt(e)  # torch.nn.Linear's default initialisation, one MLP per activation
+    w1 = torch.nn.Parameter((torch.rand(m, h, e) * 2 - 1) * bound)
+    b1 = torch.nn.Parameter((torch.rand(m, 1, h) * 2 - 1) * bound)
+    w2 = torch.nn.Parameter(torch.zeros(m, 2 * k, h))
+    b2 = torch.nn.Parameter(torch.zeros(m, 1, 2 * k))
+    emb = torch.from_numpy(timestep_embedding(samples[0].timesteps, e, num_train_timesteps))
+    lo_ref = torch.from_numpy(np.minimum(np.stack(low_refs), 0.0).astype(np.float32))[:, None, :]
+    hi_ref = torch.from_numpy(np.maximum(np.stack(high_refs), 0.0).astype(np.float32))[:, None, :]
+    width = torch.clamp((hi_ref - lo_ref).amax(dim=2, keepdim=True), min=1e-8)
+
+    def ranges():
+        hidden = torch.nn.functional.silu(torch.einsum("te,mhe->mth", emb, w1) + b1)
+        out = torch.einsum("mth,moh->mto", hidden, w2) + b2
+        return lo_ref * torch.exp(out[..., :k]), hi_ref * torch.exp(out[..., k:])
+
+    params = [w1, b1, w2, b2]
+    targets = [s.group_ranges() for s in samples]
+    target_low = torch.from_numpy(np.stack([t[0] for t in targets]).astype(np.float32))
+    target_high = torch.from_numpy(np.stack([t[1] for t in targets]).astype(np.float32))
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    for _ in range(settings.fit_iterations):
+        low, high = ranges()
+        loss = (((low - target_low) / width).pow(2) + ((high - target_high) / width).pow(2)).mean(dim=(1, 2)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if settings.tune_iterations:
+        width_n = max(s.values.shape[-1] for s in samples)
+        values = torch.from_numpy(_padded([s.values.astype(np.float32) for s in samples], width_n))
+        labels = torch.from_numpy(_padded([s.labels.astype(np.int64) for s in samples], width_n))
+        optimizer = torch.optim.Adam(params, lr=settings.tune_lr)
+        for _ in range(settings.tune_iterations):
+            loss = fake_quant_loss(torch, values, *ranges(), labels, spec)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        if settings.tune_iterations:
-            values = torch.from_numpy(samples.values.astype(np.float32))
-            labels = torch.from_numpy(samples.labels.astype(np.int64))
-            optimizer = torch.optim.Adam(params, lr=settings.tune_lr)
-            for _ in range(settings.tune_iterations):
-                loss = fake_quant_loss(torch, values, *ranges(), labels, spec)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        detach = lambda p: p.detach().numpy().copy()  # noqa: E731
-        return TimestepMlp(detach(w1.weight), detach(w1.bias), detach(w2.weight), detach(w2.bias),
-                           lo_ref.numpy().astype(np.float64), hi_ref.numpy().astype(np.float64),
-                           settings.embedding_dim, num_train_timesteps)
-    finally:
-        torch.set_num_threads(threads)
+    array = lambda p, i: p[i].detach().numpy().reshape(p.shape[1:]).copy()  # noqa: E731
+    return [TimestepMlp(array(w1, i), array(b1, i).reshape(-1), array(w2, i), array(b2, i).reshape(-1),
+                        lo_ref[i, 0].numpy().astype(np.float64), hi_ref[i, 0].numpy().astype(np.float64),
+                        e, num_train_timesteps) for i in range(m)]
