@@ -42,6 +42,7 @@ def parse_args(argv):
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("build/bench_tdq_ptqd"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--cached-only", action="store_true", help="write the tables from the rows already measured")
     return parser.parse_args(argv)
 
 
@@ -108,12 +109,14 @@ def run_model(name: str, args) -> list[dict]:
     model = models_dir() / f"{MODELS[name]}.onnx"
     work = args.work / name
     (work / "rows").mkdir(parents=True, exist_ok=True)
-    calib = calibration(MODELS[name], work)
-    scorer = Scorer(model, args.samples, work)
+    calib = calibration(MODELS[name], work) if not args.cached_only else None
+    scorer = Scorer(model, args.samples, work) if not args.cached_only else None
     results = []
     for setting in args.settings:
         for label, row, derived in rows_for(setting):
             cached = work / "rows" / f"{setting}.{label.replace(' ', '')}.s{args.samples}.json"
+            if not cached.exists() and args.cached_only:
+                continue
             if not cached.exists():
                 print(f"[bench] {name} {setting} {label} ...", flush=True)
                 try:

@@ -17,6 +17,7 @@ from qcompiler.targets.ort import OrtTarget
 from qcompiler.tdq_training import TimestepSamples, TrainSettings, timestep_embedding, train_mlp
 from tests import graphs
 from tests.lowering.test_timestep_ranges import K, timestep_model
+from qcompiler.runtimes.ort import make_session
 from tests.passes.helpers import run_model
 
 T = 1000
@@ -79,25 +80,31 @@ def test_table_equals_the_mlp_evaluated_at_each_timestep():
         np.testing.assert_array_equal(zero_points[step], zero_point)
 
 
-def test_training_is_deterministic():
-    a, b = (compiled().group_plans["h"].timestep_scales for _ in range(2))
-    np.testing.assert_array_equal(a, b)
+@pytest.fixture(scope="module")
+def tdq_ctx():
+    return compiled()
 
 
-@pytest.mark.parametrize("t", [1.0, 37.0, 240.0, 961.0])
-def test_lowered_graph_gathers_row_t_of_the_table(t):
-    ctx = compiled()
-    plan = ctx.group_plans["h"]
+def test_training_is_deterministic(tdq_ctx):
+    np.testing.assert_array_equal(tdq_ctx.group_plans["h"].timestep_scales,
+                                  compiled().group_plans["h"].timestep_scales)
+
+
+def test_lowered_graph_gathers_row_t_of_the_table(tdq_ctx):
+    plan = tdq_ctx.group_plans["h"]
     assert plan.timesteps.size == T and plan.timestep_method == "tdq"
-    assert {r.lowering for r in ctx.records if r.pass_name == "ort"} == {TDQ_LOWERING}
-    feeds = batches((t,), seed=3)[0].feeds
-    row = int(t)
-    scale, zero_point = plan.timestep_scales[row][plan.labels], plan.timestep_zero_points[row][plan.labels]
-    h, h_hat, expected = reference(feeds, scale, zero_point.astype(np.int32))
-    got = run_model(ctx.model(), feeds)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    inside = (h >= plan.timestep_zero_points[row][0] * -scale[0]) & (h <= scale[0] * (255 - zero_point[0]))
-    assert np.all(np.abs(h - h_hat)[inside] <= scale[0] / 2 + 1e-6)  # the bound inside the range at t
+    assert {r.lowering for r in tdq_ctx.records if r.pass_name == "ort"} == {TDQ_LOWERING}
+    session = make_session(tdq_ctx.model())
+    for t in (1.0, 37.0, 240.0, 961.0):  # calibrated or not: row t of the table
+        feeds = batches((t,), seed=3)[0].feeds
+        row = int(t)
+        scale, zero_point = plan.timestep_scales[row][plan.labels], plan.timestep_zero_points[row][plan.labels]
+        h, h_hat, expected = reference(feeds, scale, zero_point.astype(np.int32))
+        got = session.run(None, feeds)[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        low, high = -scale[0] * zero_point[0], scale[0] * (255 - zero_point[0])
+        inside = (h >= low) & (h <= high)
+        assert np.all(np.abs(h - h_hat)[inside] <= scale[0] / 2 + 1e-6)  # the bound inside the range at t
 
 
 def output_error(ctx, t: float) -> float:
@@ -105,12 +112,14 @@ def output_error(ctx, t: float) -> float:
     return float(np.abs(run_model(ctx.model(), feeds) - run_model(timestep_model(), feeds)).mean())
 
 
-def test_tdq_beats_static_ranges_and_the_nearest_lookup_between_calibrated_timesteps():
+
+
+def test_tdq_beats_static_ranges_and_the_nearest_lookup_between_calibrated_timesteps(tdq_ctx):
     """h's range grows as 1 + t/100. One static range is ~10× too wide at t = 1. The lookup takes the
     nearest calibrated range: at t = 300, 500, 700, 900 the nearest (201/401/601/801, 1 below by ties
     or distance) is narrower than the truth and clips; the MLP interpolates. (Where the nearest range
     is the wider one, e.g. t = 150 → 201, the lookup can win: it clips nothing.)"""
-    static, tdq = compiled(tdq=False), compiled()
+    static, tdq = compiled(tdq=False), tdq_ctx
     lookup = CompileContext(timestep_model(), QuantSettings(), batches())
     QuantizeWeights().call(lookup)
     DgqGroups(DgqGroupsConfig(groups=1, per_timestep=True)).call(lookup)
