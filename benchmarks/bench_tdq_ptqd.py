@@ -88,10 +88,10 @@ class Scorer:
 def rows_for(setting: str) -> list[tuple[str, Row, str | None]]:
     """(label, compiled row, base label for PTQD rows or None)."""
     w, a, one = int(setting[1]), int(setting[3]), ("--threads", "1")
-    return [("minmax", Row("minmax", w, a, "", one), None),
+    return [("minmax", Row("minmax", w, a, "", one), None), ("minmax+ptqd", Row("minmax", w, a, "", one), "ptqd"),
             ("minmax+tdq", Row("minmax", w, a, "tdq", ("--tdq", *one)), None),
-            ("minmax+ptqd", Row("minmax", w, a, "", one), "ptqd"), ("dgq", Row("dgq", w, a, "", one), None),
-            ("dgq+tdq", Row("dgq", w, a, "tdq", ("--tdq", *one)), None), ("dgq+ptqd", Row("dgq", w, a, "", one), "ptqd"),
+            ("dgq", Row("dgq", w, a, "", one), None), ("dgq+ptqd", Row("dgq", w, a, "", one), "ptqd"),
+            ("dgq+tdq", Row("dgq", w, a, "tdq", ("--tdq", *one)), None),
             ("dgq --per-timestep", Row("dgq", w, a, "per-timestep", ("--per-timestep", *one)), None)]
 
 
