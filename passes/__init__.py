@@ -9,12 +9,14 @@ from qcompiler.passes.qdit_groups import QditGroups
 from qcompiler.passes.quantize_weights import QuantizeWeights
 from qcompiler.passes.salience_balance import SalienceBalance
 from qcompiler.passes.shift_scale import ShiftScale
+from qcompiler.passes.ptqd import Ptqd
 from qcompiler.passes.smooth_scales import SmoothScales
+from qcompiler.passes.tdq import Tdq
 
 PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ,
                                     DgqGroups, Log2Attention, LearnedScales, Pow2SkipScales, SalienceBalance,
-                                    QditGroups)}
+                                    QditGroups, Tdq, Ptqd)}
 
 __all__ = ["PASSES", "DgqGroups", "Log2Attention",
            "InsertActivationQDQ", "LearnedScales", "Pow2SkipScales", "QditGroups", "QuantizeWeights", "SalienceBalance",
-           "ShiftScale", "SmoothScales"]
+           "ShiftScale", "SmoothScales", "Tdq", "Ptqd"]

@@ -58,9 +58,13 @@ class InsertActivationQDQ(Pass):
             if not _already_dequantized(tensor) and tensor.name not in planned:
                 inputs.setdefault(tensor.name, (tensor, []))[1].append(node)
         outputs: dict[str, gs.Node] = {}
+        # A Conv whose input has run-time (per-timestep) scales runs in float: no QLinearConv to feed.
+        runtime_scaled = {name for name, plan in (ctx.group_plans or {}).items() if plan.timesteps is not None}
         if self.config.quantize_conv_outputs:
             for node in gemms:
                 out = node.outputs[0]
+                if node.op == "Conv" and node.inputs[0].name in runtime_scaled:
+                    continue
                 if node.op == "Conv" and not _quantized_by_successor(out) and out.name not in ctx.output_grids:
                     outputs[out.name] = node
         if not inputs and not outputs:

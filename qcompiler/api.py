@@ -101,7 +101,11 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     ctx = CompileContext(float_model, settings, batches, source=source, graph=graph)
     ctx.threads = options.threads
     dump_prefix = str(Path(output).with_suffix("")) if output else str(Path(source).with_suffix(""))
-    manager = PassManager(recipe.build_passes() + [LowerStage(target)],
+    # Passes that measure the deployed model (ptqd) run on the lowered graph.
+    passes = recipe.build_passes()
+    before = [p for p in passes if not getattr(p, "after_lowering", False)]
+    after = [p for p in passes if getattr(p, "after_lowering", False)]
+    manager = PassManager(before + [LowerStage(target)] + after,
                           ManagerOptions(options.verify, tuple(options.dump_after), dump_prefix, options.progress))
     try:
         if options.cluster is not None and batches:
@@ -116,7 +120,8 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
                              "qcompile.settings": json.dumps(asdict(settings)),
                              "qcompile.passes": ",".join(r.name for r in pass_records),
                              "qcompile.target": target.name,
-                             "qcompile.rescaled_tensors": json.dumps(sorted(ctx.rescaled_tensors))})
+                             "qcompile.rescaled_tensors": json.dumps(sorted(ctx.rescaled_tensors)),
+                             **ctx.metadata})
     compile_seconds = time.perf_counter() - started
 
     from qcompiler.report import build_report, check_integer_kernels, write_report

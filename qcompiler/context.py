@@ -78,6 +78,8 @@ class CompileContext:
         self.output_grids: dict[str, OutputGrid] = {}
         #: How each GEMM's weight grid was chosen (``quantize_weights``), by GEMM node name.
         self.weight_rules: dict[str, WeightRule] = {}
+        #: Extra ``metadata_props`` entries a pass writes into the output model (e.g. ``qcompile.ptqd``).
+        self.metadata: dict[str, str] = {}
         self._stats_cache: dict[tuple[str, int | None], Any] = {}
         self._names: NameScope | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None

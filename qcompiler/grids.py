@@ -47,6 +47,8 @@ class GroupPlan:
     timestep_scales: np.ndarray | None = field(default=None, repr=False)
     timestep_zero_points: np.ndarray | None = field(default=None, repr=False)
     timestep_input: str = "timestep"
+    #: Where the per-timestep parameters come from: "lookup" (calibrated t, nearest) or "tdq" (every t).
+    timestep_method: str = "lookup"
 
     @property
     def groups(self) -> int:
@@ -72,6 +74,7 @@ class GroupPlan:
                    "group_axis": self.axis, "groups": self.groups}
         if self.timesteps is not None:
             details["per_timestep"] = int(self.timesteps.size)
+            details["timestep_method"] = self.timestep_method
         return details
 
 

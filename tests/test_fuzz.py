@@ -43,7 +43,8 @@ def graph_cases(draw):
     channels = draw(st.sampled_from([4, 6, 8, 12]))
     seed = draw(st.integers(0, 2**16))
     batch = draw(st.integers(1, 3))
-    recipe = draw(st.sampled_from(sorted(available_recipes())))
+    # tdq needs a denoiser's timestep input, which these graphs lack (tests/passes/test_tdq.py covers it).
+    recipe = draw(st.sampled_from(sorted(r for r in available_recipes() if r != "tdq")))
     wbits = draw(st.sampled_from([8, 4])) if not image else 8
     return image, blocks, channels, seed, batch, recipe, wbits
 

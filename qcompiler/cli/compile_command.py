@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "before float GEMMs")
     parser.add_argument("--per-timestep", action="store_true",
                         help="DGQ: group ranges per calibrated timestep (diffusion; simulated lowering)")
+    parser.add_argument("--tdq", action="store_true",
+                        help="TDQ: activation ranges from the timestep (an MLP per activation, tabled at every "
+                             "timestep; diffusion; simulated lowering); adds the tdq pass to any recipe")
+    parser.add_argument("--ptqd", action="store_true",
+                        help="PTQD: divide the denoiser output by 1 + k_t and record the residual noise variance "
+                             "per timestep for stochastic samplers (diffusion); adds the ptqd pass to any recipe")
     parser.add_argument("--set", action="append", default=[], metavar="PASS.FIELD=VALUE", dest="settings",
                         help="override a pass setting of the recipe, e.g. learned_scales.iterations=200 (repeatable)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -100,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     recipe = get_recipe(args.recipe)
+    if args.tdq:
+        recipe = recipe.with_step("tdq", before="insert_activation_qdq")
+    if args.ptqd:
+        recipe = recipe.with_step("ptqd")
     settings = recipe_settings(args)
     if settings:
         recipe = recipe.with_settings(settings)

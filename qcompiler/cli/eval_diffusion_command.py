@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="image height (pipelines; default: the pipeline's)")
     parser.add_argument("--width", type=int, help="image width (pipelines; default: the pipeline's)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (pipelines; default 4)")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM η: 0 deterministic (default), 1 DDPM's variance; with η > 0 a PTQD model's "
+                             "residual variance is taken out of the step noise")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     parser.add_argument("--classifier", help="zoo: MNIST classifier ONNX (default: the bundled one)")
     parser.add_argument("--grid", help="write a PNG grid: float rows above quantized rows")
@@ -117,8 +120,10 @@ def _run_zoo(args: argparse.Namespace) -> dict:
         args.samples = int(args.prompts)
     if args.samples < 2:
         raise QCompileError("--samples must be at least 2 (the Fréchet distance needs a covariance)")
+    if args.eta < 0:
+        raise QCompileError(f"--eta must be ≥ 0, got {args.eta}")
     options = DiffusionEvalOptions(samples=args.samples, steps=args.steps or ZOO_STEPS,
-                                   guidance_scale=ZOO_GUIDANCE if args.guidance is None else args.guidance,
+                                   guidance_scale=ZOO_GUIDANCE if args.guidance is None else args.guidance, eta=args.eta,
                                    seed=args.seed, classifier=args.classifier, cache=args.cache)
     try:
         result = evaluate_diffusion(args.float_model, args.quant_model, options, grid=args.grid)

@@ -39,6 +39,7 @@ class DiffusionEvalOptions:
     samples: int = 64
     steps: int = 25
     guidance_scale: float = 4.0
+    eta: float = 0.0               # DDIM η (> 0: stochastic, where PTQD's variance correction applies)
     seed: int = 0
     grid_columns: int = 10
     grid_rows: int = 2           # pairs of (float, quantized) rows in the grid
@@ -146,7 +147,7 @@ def evaluate_diffusion(float_path: str | os.PathLike, quant_path: str | os.PathL
                        options: DiffusionEvalOptions = DiffusionEvalOptions(),
                        grid: str | os.PathLike | None = None) -> dict:
     """Every number of the float-vs-quantized comparison (see the module docstring)."""
-    config = config_for(float_path, steps=options.steps, guidance_scale=options.guidance_scale)
+    config = config_for(float_path, steps=options.steps, guidance_scale=options.guidance_scale, eta=options.eta)
     quant_images, _ = sample_model(quant_path, options.samples, config, options.seed, text_source=float_path)
     float_images, labels = cached_sample_model(float_path, options.samples, config, options.seed, options.cache)
     classifier = metrics.Classifier(options.classifier)
@@ -154,7 +155,7 @@ def evaluate_diffusion(float_path: str | os.PathLike, quant_path: str | os.PathL
     float_quality, quant_quality = (quality(x, labels, classifier, real) for x in (float_images, quant_images))
     result = {
         "float_model": str(float_path), "quant_model": str(quant_path), "samples": options.samples,
-        "steps": options.steps, "guidance_scale": options.guidance_scale, "seed": options.seed,
+        "steps": options.steps, "guidance_scale": options.guidance_scale, "eta": options.eta, "seed": options.seed,
         "psnr_db": float(np.mean(metrics.psnr_per_image(float_images, quant_images))),
         "psnr_db_all": metrics.psnr(float_images, quant_images),
         "ssim": metrics.ssim(float_images, quant_images),

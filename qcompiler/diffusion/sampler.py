@@ -83,11 +83,16 @@ class SamplerConfig:
     guidance_scale: float = 4.0
     batch_size: int = 16
     scheduler_config: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
+    #: DDIM's η: 0 deterministic (default), 1 DDPM's variance. Step noise z comes from each image's seed.
+    eta: float = 0.0
+    #: With η > 0, shrink the step noise by a PTQD model's residual variance (``diffusion/ptqd.py``).
+    ptqd_variance: bool = True
 
     def scheduler(self):
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler(**self.scheduler_config, timestep_spacing="leading", steps_offset=1,
+        config = {k: v for k, v in self.scheduler_config.items() if k != "ptqd"}
+        scheduler = DDIMScheduler(**config, timestep_spacing="leading", steps_offset=1,
                                   set_alpha_to_one=False, clip_sample=False)
         scheduler.set_timesteps(self.steps)
         return scheduler
@@ -120,6 +125,10 @@ class OnnxDenoiser:
         self.condition_input = _condition_input(self.path, set(inputs))
         self.timestep_dtype = np.int64 if "int64" in inputs["timestep"].type else np.float32
         self.output = self.session.get_outputs()[0].name
+        from qcompiler.diffusion.ptqd import read_metadata
+
+        #: PTQD estimates from the model's metadata (``qcompile ... --ptqd``), else None.
+        self.ptqd = read_metadata(self.session)
 
     def feeds(self, sample: np.ndarray, timestep: int, context: np.ndarray) -> dict[str, np.ndarray]:
         name = self.condition_input
@@ -150,18 +159,37 @@ def sample_batch(denoiser: OnnxDenoiser, context: np.ndarray, empty_context: np.
     latents = initial_noise(seeds, image_shape)
     uncond = np.broadcast_to(empty_context, context.shape)
     both = np.concatenate([uncond, context])
+    step_noise = [np.random.default_rng((int(s), 1)) for s in seeds] if config.eta > 0 else None
     for index, t in enumerate(scheduler.timesteps.tolist()):
         feeds = denoiser.feeds(np.concatenate([latents, latents]), int(t), both)
         if hook is not None:
             hook(feeds, index)
         eps_uncond, eps_cond = np.split(denoiser.run(feeds), 2)
         eps = eps_uncond + config.guidance_scale * (eps_cond - eps_uncond)
-        latents = scheduler.step(torch.from_numpy(eps), int(t), torch.from_numpy(latents)).prev_sample.numpy()
+        options = {} if step_noise is None else {"eta": config.eta, "variance_noise": torch.from_numpy(
+            _step_noise(step_noise, image_shape) * _ptqd_ratio(denoiser, scheduler, int(t), config))}
+        latents = scheduler.step(torch.from_numpy(eps), int(t), torch.from_numpy(latents),
+                                 **options).prev_sample.numpy()
         if bar is not None:
             bar.update(1)
     # Clipped to the data range as diffusers' pipelines clamp their output: metrics then compare
     # images, not out-of-range excursions of an early or badly quantized model.
     return np.clip(latents, -1.0, 1.0).astype(np.float32)
+
+
+def _step_noise(generators: list, image_shape) -> np.ndarray:
+    """One z per image from its own generator: the same z for a float and a quantized run."""
+    return np.stack([g.standard_normal(image_shape) for g in generators]).astype(np.float32)
+
+
+def _ptqd_ratio(denoiser: OnnxDenoiser, scheduler, t: int, config: SamplerConfig) -> float:
+    """σ′_t/σ_t for a PTQD model (its residual variance taken out of the step noise), else 1."""
+    estimates = getattr(denoiser, "ptqd", None) or config.scheduler_config.get("ptqd")
+    if not config.ptqd_variance or not estimates:
+        return 1.0
+    from qcompiler.diffusion.ptqd import noise_ratio, residual_variance
+
+    return noise_ratio(scheduler, t, config.eta, residual_variance(estimates, t, config.guidance_scale))[0]
 
 
 def sample(denoiser: OnnxDenoiser, contexts: np.ndarray, empty_context: np.ndarray, seeds: Sequence[int],

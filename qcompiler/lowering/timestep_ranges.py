@@ -5,7 +5,8 @@ every step. With per-timestep ranges the K groups (labels) stay those of the who
 set, and each group gets one (s, z) per calibrated timestep t:
     [min_g(t), max_g(t)] = [min over members of their min at t, max over members of their max at t]
     s_g(t) = (max_g(t) − min_g(t))/(2^b − 1),   z_g(t) = round(−min_g(t)/s_g(t))
-At run time each batch row picks the calibrated timestep nearest to its own ``timestep`` input:
+At run time each batch row picks the calibrated timestep nearest to its own ``timestep`` input
+(a TDQ table, one row per t in [0, T), is gathered at t itself):
     i = argmin_j |t − t_j|;   s = S[i][labels], z = Z[i][labels]   (Gather, broadcast over the row)
     X̂ = (clamp(round(X/s) + z, q_min, q_max) − z)·s
 Round is half-to-even like QuantizeLinear, so at one timestep this equals ``quant.fake_quantize``
@@ -29,6 +30,7 @@ from qcompiler.errors import PassError
 from qcompiler.quant import QuantSpec, scale_zero_point
 
 LOWERING = "simulated (per-timestep group scales)"
+TDQ_LOWERING = "simulated (TDQ run-time scales)"
 
 
 def batch_timesteps(batch: CalibrationBatch, timestep_input: str) -> np.ndarray:
@@ -96,6 +98,31 @@ def timestep_parameters(per_t: list[TensorStats], axis: str, labels: np.ndarray,
     return np.stack(scales).astype(np.float32), np.stack(zero_points).astype(np.float32)
 
 
+def covers_every_timestep(timesteps: np.ndarray) -> bool:
+    """Whether the table has one row per integer timestep 0..T−1 (TDQ): row t is then gathered directly."""
+    return bool(np.array_equal(timesteps, np.arange(timesteps.size)))
+
+
+def timestep_index(b, timestep: gs.Tensor, timesteps: np.ndarray) -> gs.Variable:
+    """The table row of each batch row (int64, (B,)): t itself, clamped to [0, T−1], when the table
+    covers every timestep; else the nearest calibrated timestep, i = argmin_j |t − t_j|."""
+    t = b.op("Cast", [timestep], np.float32, attrs={"to": onnx.TensorProto.FLOAT})
+    if covers_every_timestep(timesteps):
+        t = b.op("Clip", [b.op("Round", [t], np.float32), np.array(0, np.float32),
+                          np.array(timesteps.size - 1, np.float32)], np.float32)
+        return b.op("Cast", [t], np.int64, attrs={"to": onnx.TensorProto.INT64})
+    distance = b.op("Abs", [b.op("Sub", [b.op("Unsqueeze", [t, np.array([1], np.int64)], np.float32),
+                                         timesteps.astype(np.float32).reshape(1, -1)], np.float32)], np.float32)
+    return b.op("ArgMin", [distance], np.int64, attrs={"axis": 1, "keepdims": 0})
+
+
+def _row_parameters(b, table: np.ndarray, labels: np.ndarray, index: gs.Tensor) -> gs.Variable:
+    """(B, N) = table[index][:, labels]: the (T, K) table is stored, not its (T, N) expansion
+    (a TDQ table has T = 1000 rows)."""
+    rows = b.op("Gather", [np.ascontiguousarray(table, np.float32), index], np.float32, attrs={"axis": 0})
+    return b.op("Gather", [rows, labels.astype(np.int64)], np.float32, attrs={"axis": 1})
+
+
 def simulated_timestep_qdq(b, x: gs.Tensor, timestep: gs.Tensor, plan) -> gs.Variable:
     """X̂ with the scales of each row's nearest calibrated timestep (see the module docstring)."""
     rank = len(x.shape)
@@ -103,15 +130,11 @@ def simulated_timestep_qdq(b, x: gs.Tensor, timestep: gs.Tensor, plan) -> gs.Var
     if axis is None:
         raise PassError(f"per-timestep ranges: '{x.name}' has pixel groups over a rank-{rank} tensor; "
                         "only channel groups or token groups of a (B, T, C) input are supported")
-    t = b.op("Cast", [timestep], np.float32, attrs={"to": onnx.TensorProto.FLOAT})
-    distance = b.op("Abs", [b.op("Sub", [b.op("Unsqueeze", [t, np.array([1], np.int64)], np.float32),
-                                         plan.timesteps.astype(np.float32).reshape(1, -1)], np.float32)], np.float32)
-    index = b.op("ArgMin", [distance], np.int64, attrs={"axis": 1, "keepdims": 0})
+    index = timestep_index(b, timestep, plan.timesteps)
     shape = np.array([0 if i == 0 else (-1 if i == axis else 1) for i in range(rank)], np.int64)
-    scale = b.op("Reshape", [b.op("Gather", [plan.timestep_scales[:, plan.labels], index], np.float32,
-                                  attrs={"axis": 0}), shape], np.float32)
-    zero_point = b.op("Reshape", [b.op("Gather", [plan.timestep_zero_points[:, plan.labels], index], np.float32,
-                                       attrs={"axis": 0}), shape], np.float32)
+    scale = b.op("Reshape", [_row_parameters(b, plan.timestep_scales, plan.labels, index), shape], np.float32)
+    zero_point = b.op("Reshape", [_row_parameters(b, plan.timestep_zero_points, plan.labels, index), shape],
+                      np.float32)
     spec = plan.spec
     codes = b.op("Add", [b.op("Round", [b.op("Div", [x, scale], np.float32)], np.float32), zero_point], np.float32)
     codes = b.op("Clip", [codes, np.array(spec.qmin, np.float32), np.array(spec.qmax, np.float32)], np.float32)

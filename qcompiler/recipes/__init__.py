@@ -50,6 +50,16 @@ class Recipe:
     def describe(self) -> list[str]:
         return [f"{step.pass_name}" + (f" {step.config}" if step.config is not None else "") for step in self.steps]
 
+    def with_step(self, pass_name: str, config: object | None = None, before: str | None = None) -> Recipe:
+        """A copy that also runs ``pass_name``: before the first ``before`` step, else last. Unchanged when
+        the recipe already runs it. A simulated step (tdq) clears ``integer_kernels``."""
+        if any(step.pass_name == pass_name for step in self.steps):
+            return self
+        names = [step.pass_name for step in self.steps]
+        at = names.index(before) if before in names else len(names)
+        steps = self.steps[:at] + (Step(pass_name, config),) + self.steps[at:]
+        return replace(self, steps=steps, integer_kernels=self.integer_kernels and pass_name != "tdq")
+
     def with_settings(self, settings: dict[str, dict[str, object]]) -> Recipe:
         """A copy with ``settings[pass][field] = value`` applied to the steps running that pass.
 
@@ -100,8 +110,9 @@ def _builtin() -> dict[str, Recipe]:
     from qcompiler.recipes.ptq4dit import PTQ4DIT
     from qcompiler.recipes.qdit import QDIT
     from qcompiler.recipes.smoothquant import SMOOTHQUANT
+    from qcompiler.recipes.tdq import TDQ
 
-    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ, DGQ_LOG2, DMQ, PTQ4DIT, QDIT)}
+    return {recipe.name: recipe for recipe in (MINMAX, SMOOTHQUANT, OSPLUS, DGQ, DGQ_LOG2, DMQ, PTQ4DIT, QDIT, TDQ)}
 
 
 def available_recipes() -> dict[str, Recipe]:

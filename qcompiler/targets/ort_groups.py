@@ -239,13 +239,14 @@ class GroupLowering:
 
     def _per_timestep(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
         """Run-time (s, z) of each row's nearest calibrated timestep before a float GEMM on Ŵ."""
-        from qcompiler.lowering.timestep_ranges import LOWERING, simulated_timestep_qdq
+        from qcompiler.lowering.timestep_ranges import LOWERING, TDQ_LOWERING, simulated_timestep_qdq
 
         if "per_timestep" not in shared:
             timestep = next(i for i in self.ctx.graph.inputs if i.name == plan.timestep_input)
             shared["per_timestep"] = simulated_timestep_qdq(b, x, timestep, plan)
         details = _read_fake_quantized(b, x, node, shared["per_timestep"])
-        return LOWERING, {**details, "timesteps": int(plan.timesteps.size)}
+        kind = TDQ_LOWERING if plan.timestep_method == "tdq" else LOWERING
+        return kind, {**details, "timesteps": int(plan.timesteps.size)}
 
 
 def _kernel(node: gs.Node) -> str:

@@ -45,3 +45,20 @@ def test_scheduler_comes_from_the_model_json(tiny_denoiser):
     assert config.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
     # 'leading' spacing with offset 1: t_k = k·(T // n) + 1, from the largest down, T // 5 = 200.
     assert config.scheduler().timesteps.tolist() == [801, 601, 401, 201, 1]
+
+
+def test_stochastic_ddim_draws_step_noise_per_seed_and_ptqd_shrinks_it(tiny_denoiser):
+    """η = 1: the same seeds give the same images (float and quantized runs share z), a different
+    trajectory from η = 0; a PTQD residual variance larger than every σ_t² removes the step noise
+    (σ′_t = 0), which changes the images."""
+    denoiser, contexts, empty, config = _setup(tiny_denoiser)
+    stochastic = replace(config, eta=1.0)
+    first, again = (sample(denoiser, contexts, empty, [0, 1, 2], stochastic) for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, sample(denoiser, contexts, empty, [0, 1, 2], config))
+    huge = {"timesteps": [0.0, 999.0], "k": [0.0, 0.0], "residual_variance": [1e9, 1e9]}
+    denoiser.ptqd = huge
+    no_noise = sample(denoiser, contexts, empty, [0, 1, 2], replace(stochastic, guidance_scale=1.0))
+    denoiser.ptqd = None
+    with_noise = sample(denoiser, contexts, empty, [0, 1, 2], replace(stochastic, guidance_scale=1.0))
+    assert np.isfinite(no_noise).all() and not np.allclose(no_noise, with_noise)

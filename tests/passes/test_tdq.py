@@ -1,0 +1,143 @@
+"""tdq: an MLP per activation from the timestep to its range, tabled at every t and gathered at run time."""
+
+import numpy as np
+import pytest
+import torch
+from onnx import numpy_helper
+
+from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.context import CompileContext, QuantSettings
+from qcompiler.errors import PassError
+from qcompiler.lowering.timestep_ranges import TDQ_LOWERING
+from qcompiler.passes import DgqGroups, InsertActivationQDQ, QuantizeWeights, Tdq
+from qcompiler.passes.dgq_groups import DgqGroupsConfig
+from qcompiler.passes.tdq import TdqConfig
+from qcompiler.quant import QuantSpec, dequantize, fake_quantize, quantize, scale_zero_point
+from qcompiler.targets.ort import OrtTarget
+from qcompiler.tdq_training import TimestepSamples, TrainSettings, timestep_embedding, train_mlp
+from tests import graphs
+from tests.lowering.test_timestep_ranges import K, timestep_model
+from qcompiler.runtimes.ort import make_session
+from tests.passes.helpers import run_model
+
+T = 1000
+CALIBRATED = (1.0, 201.0, 401.0, 601.0, 801.0, 961.0)
+SPEC = QuantSpec(bits=8, symmetric=False)
+ROWS = 16
+FAST = TdqConfig(fit_iterations=300, tune_iterations=50, num_train_timesteps=T)
+
+
+def batches(timesteps=CALIBRATED, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, t in enumerate(timesteps):
+        x = rng.standard_normal((ROWS, 4, K)).astype(np.float32)
+        x[..., 5] *= 6.0
+        out.append(CalibrationBatch({"x": x, "timestep": np.full(ROWS, t, np.float32)},
+                                    {"__timestep__": np.full(ROWS, int(t))}, f"t{i}"))
+    return out
+
+
+def compiled(config=FAST, groups: int | None = None, tdq: bool = True):
+    ctx = CompileContext(timestep_model(), QuantSettings(), batches())
+    QuantizeWeights().call(ctx)
+    if groups is not None:
+        DgqGroups(DgqGroupsConfig(groups=groups)).call(ctx)
+    if tdq:
+        Tdq(config).call(ctx)
+    InsertActivationQDQ().call(ctx)
+    OrtTarget().lower(ctx)
+    return ctx
+
+
+def reference(feeds, scale, zero_point):
+    """h = x·(1 + t/100) quantized with (scale, zero_point) per channel, times Ŵ (int8 per channel), + b."""
+    initial = {i.name: numpy_helper.to_array(i) for i in timestep_model().graph.initializer}
+    h = feeds["x"] * (1 + feeds["timestep"][:, None, None] / 100).astype(np.float32)
+    h_hat = dequantize(quantize(h, scale, zero_point, SPEC, axis=-1), scale, zero_point, axis=-1)
+    w_hat = fake_quantize(initial["w"], QuantSpec(bits=8, symmetric=True, granularity="axis", axis=1))
+    return h, h_hat, h_hat @ w_hat + initial["b"]
+
+
+def test_table_equals_the_mlp_evaluated_at_each_timestep():
+    rng = np.random.default_rng(0)
+    t = np.array(CALIBRATED)
+    gain = 1 + t / 100
+    values = rng.standard_normal((t.size, 32, 3)) * gain[:, None, None]
+    samples = TimestepSamples(t, values.min(axis=1), values.max(axis=1), values, np.array([0, 0, 1]))
+    mlp = train_mlp(samples, values.min(axis=(0, 1))[[0, 2]], values.max(axis=(0, 1))[[0, 2]], SPEC, T,
+                    TrainSettings(fit_iterations=100, tune_iterations=20))
+    scales, zero_points = mlp.table(SPEC)
+    assert scales.shape == zero_points.shape == (T, 2)
+    # An independent forward in torch, one timestep at a time, of the same weights.
+    for step in (0, 1, 37, 500, 961, 999):
+        emb = torch.from_numpy(timestep_embedding(np.array([step]), mlp.embedding_dim, T)).double()
+        h = torch.nn.functional.silu(emb @ torch.from_numpy(mlp.w1).double().T + torch.from_numpy(mlp.b1).double())
+        out = (h @ torch.from_numpy(mlp.w2).double().T + torch.from_numpy(mlp.b2).double()).numpy()[0]
+        low, high = mlp.low_ref * np.exp(out[:2]), mlp.high_ref * np.exp(out[2:])
+        scale, zero_point = scale_zero_point(low, high, SPEC)
+        np.testing.assert_allclose(scales[step], scale, rtol=1e-6)
+        np.testing.assert_array_equal(zero_points[step], zero_point)
+
+
+@pytest.fixture(scope="module")
+def tdq_ctx():
+    return compiled()
+
+
+def test_training_is_deterministic(tdq_ctx):
+    np.testing.assert_array_equal(tdq_ctx.group_plans["h"].timestep_scales,
+                                  compiled().group_plans["h"].timestep_scales)
+
+
+def test_lowered_graph_gathers_row_t_of_the_table(tdq_ctx):
+    plan = tdq_ctx.group_plans["h"]
+    assert plan.timesteps.size == T and plan.timestep_method == "tdq"
+    assert {r.lowering for r in tdq_ctx.records if r.pass_name == "ort"} == {TDQ_LOWERING}
+    session = make_session(tdq_ctx.model())
+    for t in (1.0, 37.0, 240.0, 961.0):  # calibrated or not: row t of the table
+        feeds = batches((t,), seed=3)[0].feeds
+        row = int(t)
+        scale, zero_point = plan.timestep_scales[row][plan.labels], plan.timestep_zero_points[row][plan.labels]
+        h, h_hat, expected = reference(feeds, scale, zero_point.astype(np.int32))
+        got = session.run(None, feeds)[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        low, high = -scale[0] * zero_point[0], scale[0] * (255 - zero_point[0])
+        inside = (h >= low) & (h <= high)
+        assert np.all(np.abs(h - h_hat)[inside] <= scale[0] / 2 + 1e-6)  # the bound inside the range at t
+
+
+def output_error(ctx, t: float) -> float:
+    feeds = batches((t,), seed=5)[0].feeds
+    return float(np.abs(run_model(ctx.model(), feeds) - run_model(timestep_model(), feeds)).mean())
+
+
+
+
+def test_tdq_beats_static_ranges_and_the_nearest_lookup_between_calibrated_timesteps(tdq_ctx):
+    """h's range grows as 1 + t/100. One static range is ~10× too wide at t = 1. The lookup takes the
+    nearest calibrated range: at t = 300, 500, 700, 900 the nearest (201/401/601/801, 1 below by ties
+    or distance) is narrower than the truth and clips; the MLP interpolates. (Where the nearest range
+    is the wider one, e.g. t = 150 → 201, the lookup can win: it clips nothing.)"""
+    static, tdq = compiled(tdq=False), tdq_ctx
+    lookup = CompileContext(timestep_model(), QuantSettings(), batches())
+    QuantizeWeights().call(lookup)
+    DgqGroups(DgqGroupsConfig(groups=1, per_timestep=True)).call(lookup)
+    OrtTarget().lower(lookup)
+    assert output_error(tdq, 1.0) < output_error(static, 1.0) / 3
+    assert output_error(tdq, 1.0) < 1.2 * output_error(lookup, 1.0)  # calibrated: the fit reproduces the lookup
+    for t in (300.0, 500.0, 700.0, 900.0):  # not calibrated
+        assert output_error(tdq, t) < output_error(lookup, t)
+
+
+def test_dgq_groups_get_a_table_per_group():
+    ctx = compiled(groups=4)
+    plan = ctx.group_plans["h"]
+    assert plan.timestep_scales.shape == (T, plan.groups) and plan.groups > 1
+
+
+def test_model_without_the_timestep_input_is_a_clear_error():
+    x = np.random.default_rng(0).standard_normal((2, 4, K)).astype(np.float32)
+    ctx = CompileContext(graphs.linear_model(k=K, n=8), QuantSettings(), [CalibrationBatch({"x": x}, {}, "b0")])
+    with pytest.raises(PassError, match="no input 'timestep'"):
+        Tdq().requires(ctx)
