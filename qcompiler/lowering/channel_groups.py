@@ -260,3 +260,27 @@ def lower_linear_fold(b: Builder, node: gs.Node, weight: LinearWeight, dequantiz
     node.outputs.clear()
     w_dq = b.op("DequantizeLinear", [values, scale, zero_point], np.float32, attrs={"axis": 1})
     _finish(b, [b.op("MatMul", [dequantized, w_dq], np.float32)], weight.bias, output)
+
+
+def affine_reason(node: gs.Node, rank2_matmul_weight: bool = False) -> str | None:
+    """Why GEMM ``node`` cannot take DGQ's exact per-channel affine around one integer grid, or None.
+
+    The weight must be a constant DequantizeLinear with zero point 0 and its scale on the output
+    axis; Convs must be splittable without padding surprises; ``rank2_matmul_weight`` (TensorRT)
+    also refuses batched MatMul weights."""
+    if node.op == "MatMulNBits":
+        return None
+    if node.op == "Conv":
+        reason = conv_split_reason(node)
+        if reason is None and node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            reason = f"Conv '{node.name}' uses auto_pad={node.attrs['auto_pad']}"
+        return reason
+    found = weight_dq(node)
+    if found is None:
+        return f"the weight of {node.op} '{node.name}' is not a constant DequantizeLinear with zero point 0"
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("beta", 1.0)) not in (0.0, 1.0)):
+        return f"Gemm '{node.name}' has transA=1 or β ∉ {{0, 1}}"
+    expected = 1 if node.op == "MatMul" else (0 if node.attrs.get("transB", 0) else 1)
+    if rank2_matmul_weight and node.op == "MatMul" and found[0].ndim != 2:
+        return f"MatMul '{node.name}' has a rank-{found[0].ndim} weight"
+    return None if found[2] == expected else f"{node.op} '{node.name}' has its weight scale on axis {found[2]}"

@@ -27,6 +27,7 @@ from qcompiler.folding import absorb_into_norm
 from qcompiler.grids import GroupPlan, WeightRule, quantized_gemms
 from qcompiler.lowering import channel_affine as affine_ops
 from qcompiler.lowering.channel_groups import (
+    affine_reason,
     Builder,
     conv_split_reason,
     dequantized_weight,
@@ -36,7 +37,6 @@ from qcompiler.lowering.channel_groups import (
     lower_linear_fold,
     lower_linear_split,
     quantize_channel_groups,
-    weight_dq,
 )
 from qcompiler.quant import QuantSpec
 from qcompiler.skeleton import fresh_map
@@ -102,20 +102,7 @@ class GroupLowering:
 
     # -- affine (default) -------------------------------------------------------------------------
     def _affine_reason(self, node: gs.Node) -> str | None:
-        if node.op == "MatMulNBits":
-            return None
-        if node.op == "Conv":
-            reason = conv_split_reason(node)
-            if reason is None and node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-                reason = f"Conv '{node.name}' uses auto_pad={node.attrs['auto_pad']}"
-            return reason
-        found = weight_dq(node)
-        if found is None:
-            return f"the weight of {node.op} '{node.name}' is not a constant DequantizeLinear with zero point 0"
-        if node.op == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("beta", 1.0)) not in (0.0, 1.0)):
-            return f"Gemm '{node.name}' has transA=1 or β ∉ {{0, 1}}"
-        expected = 1 if node.op == "MatMul" else (0 if node.attrs.get("transB", 0) else 1)
-        return None if found[2] == expected else f"{node.op} '{node.name}' has its weight scale on axis {found[2]}"
+        return affine_reason(node)
 
     def _affine_channels(self, b: Builder, plan: GroupPlan, x: gs.Tensor, readers: list[gs.Node]):
         affine = affine_ops.group_affine(plan)

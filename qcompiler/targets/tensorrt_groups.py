@@ -32,7 +32,7 @@ from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.folding import absorb_into_norm, along_axis
 from qcompiler.grids import GroupPlan, WeightRule, quantized_gemms
 from qcompiler.lowering import channel_affine as affine_ops
-from qcompiler.lowering.channel_groups import Builder, conv_split_reason, weight_dq
+from qcompiler.lowering.channel_groups import Builder, affine_reason
 from qcompiler.lowering.qdq import insert_tensor_qdq
 from qcompiler.lowering.symmetric import set_inputs
 from qcompiler.quant import QuantSpec, scale_zero_point
@@ -68,22 +68,7 @@ def remove_log2_attention(ctx: CompileContext, target: str) -> int:
 
 def _affine_reason(node: gs.Node) -> str | None:
     """Why ``node`` cannot take the symmetric channel affine, or None."""
-    if node.op == "MatMulNBits":
-        return None
-    if node.op == "Conv":
-        reason = conv_split_reason(node)
-        if reason is None and node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            reason = f"Conv '{node.name}' uses auto_pad={node.attrs['auto_pad']}"
-        return reason
-    found = weight_dq(node)
-    if found is None:
-        return f"the weight of {node.op} '{node.name}' is not a constant DequantizeLinear with zero point 0"
-    if node.op == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("beta", 1.0)) not in (0.0, 1.0)):
-        return f"Gemm '{node.name}' has transA=1 or β ∉ {{0, 1}}"
-    expected = 1 if node.op == "MatMul" else (0 if node.attrs.get("transB", 0) else 1)
-    if node.op == "MatMul" and found[0].ndim != 2:
-        return f"MatMul '{node.name}' has a rank-{found[0].ndim} weight"
-    return None if found[2] == expected else f"{node.op} '{node.name}' has its weight scale on axis {found[2]}"
+    return affine_reason(node, rank2_matmul_weight=True)
 
 
 def lower_group_plans(ctx: CompileContext, target: str) -> str:
