@@ -88,7 +88,9 @@ def test_weights_exceed_the_protobuf_limit(large_model):
     assert (path.parent / "model.onnx.data").stat().st_size > 2**31
 
 
-@pytest.mark.parametrize("recipe", sorted(available_recipes()))
+# tdq gathers its tables by a denoiser's timestep input, which this model lacks (its pre-flight refuses
+# it in one line; tests/passes/test_tdq.py covers the pass).
+@pytest.mark.parametrize("recipe", sorted(r for r in available_recipes() if r != "tdq"))
 def test_every_recipe_compiles_verifies_and_runs(large_model, tmp_path, recipe):
     path, calib = large_model
     out = tmp_path / f"{recipe}.onnx"
