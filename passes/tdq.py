@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -37,15 +37,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TdqConfig:
-    embedding_dim: int = 8
-    hidden: int = 8
-    fit_iterations: int = 300
-    #: Iterations on the quantization error after the range fit (0: the fitted min/max ranges only).
-    tune_iterations: int = 200
-    lr: float = 1e-2
-    tune_lr: float = 1e-3
-    seed: int = 0
+class TdqConfig(TrainSettings):
+    """The MLP's training settings (``tdq_training.TrainSettings``: embedding, hidden units,
+    iterations, learning rates, seed) plus what the pass needs around them."""
+
     #: Rows (positions) per timestep and activation kept for the tuning loss.
     rows_per_timestep: int = 32
     timestep_input: str = "timestep"
@@ -59,8 +54,7 @@ class TdqConfig:
             raise ValueError("TdqConfig: hidden and rows_per_timestep must be ≥ 1, iterations ≥ 0")
 
     def train_settings(self) -> TrainSettings:
-        return TrainSettings(self.embedding_dim, self.hidden, self.fit_iterations, self.tune_iterations,
-                             self.lr, self.tune_lr, self.seed)
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)})
 
 
 def train_timesteps(ctx: CompileContext, configured: int | None) -> int:

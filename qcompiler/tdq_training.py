@@ -91,6 +91,7 @@ class TrainSettings:
     embedding_dim: int = 8
     hidden: int = 8
     fit_iterations: int = 300
+    #: Iterations on the quantization error after the range fit (0: the fitted min/max ranges only).
     tune_iterations: int = 200
     lr: float = 1e-2
     tune_lr: float = 1e-3
