@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.errors import QCompileError
-from qcompiler.memory import trim_heap
+from qcompiler.memory import forward_pass_allocations, trim_heap
 from qcompiler.runtimes.ort import make_session
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def run_batch(session, chunk: Sequence[str], batch: CalibrationBatch) -> list[np
     if missing:
         raise QCompileError(f"{batch.source}: calibration batch lacks model input(s) {', '.join(missing)}")
     try:
-        outputs = session.run(list(chunk), {name: batch.feeds[name] for name in names})
+        with forward_pass_allocations():
+            outputs = session.run(list(chunk), {name: batch.feeds[name] for name in names})
     except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
         raise QCompileError(f"{batch.source}: ONNX Runtime failed while capturing activations: "
                             f"{str(exc).splitlines()[0][:300]}") from None
