@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcompiler.models.export_dit import PixArtDenoiser
+
 OPSET = 18
 
 #: Stable Diffusion 1.5's unet/config.json (runwayml/stable-diffusion-v1-5), the fields that differ
@@ -45,17 +47,6 @@ class UNetDenoiser(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class PixArtDenoiser(nn.Module):
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.transformer(sample, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-                                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                                return_dict=False)[0]
 
 
 #: name -> (builder, latent side at the config's sample size, text tokens, text width)

@@ -33,6 +33,20 @@ from qcompiler.models.export_unet import EXPORT_TOLERANCE, OPSET, _export, _max_
 INPUT_NAMES = ["sample", "timestep", "class_labels"]
 
 
+class PixArtDenoiser(nn.Module):
+    """diffusers' ``PixArtTransformer2DModel`` as an ONNX-exportable denoiser: (sample, timestep,
+    encoder_hidden_states) → noise prediction, with the 512-px resolution/aspect conditioning off."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.transformer(sample, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                                return_dict=False)[0]
+
+
 def check_patterns(path: Path, layers: int) -> dict:
     """Counts of ops and of matched units; AssertionError if a block's attention or linears are not matched.
 

@@ -41,24 +41,16 @@ def pixart_model(folder: Path, seed: int = 0) -> onnx.ModelProto:
     import torch
     from diffusers import PixArtTransformer2DModel
 
+    from qcompiler.models.export_dit import PixArtDenoiser
+
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(**PIXART_SMALL).eval()
-
-    class Denoiser(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.transformer(sample, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-                                    added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                                    return_dict=False)[0]
 
     example = (torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 6, 24))
     path = folder / "pixart_small.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Denoiser(), example, str(path), input_names=["sample", "timestep", "encoder_hidden_states"],
+        torch.onnx.export(PixArtDenoiser(transformer), example, str(path), input_names=["sample", "timestep", "encoder_hidden_states"],
                           output_names=["noise_pred"], opset_version=18, do_constant_folding=True, dynamo=False)
     return onnx.load(path)
 
