@@ -67,7 +67,7 @@ class ShiftScaleConfig:
 
 class RowSamples(Mapping):
     """{tensor: rows (n, C)} whose per-batch parts may live in scratch files: each group's rows are
-    joined when its search reads them and dropped after (PixArt-α's 175 groups hold ~1.2 GB)."""
+    joined when its search reads them and dropped after (PixArt-α's 175 groups: ~1.2 GB by their shapes)."""
 
     def __init__(self, parts: dict[str, dict[int, np.ndarray]], rows: int):
         self._parts, self._rows = parts, rows
