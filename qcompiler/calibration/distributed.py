@@ -8,7 +8,7 @@ session (``skeleton.open_skeleton``: the proto as written, weights memory-mapped
 - for statistics, partial ``TensorStats`` of its batches (``collect_statistics``: ranges reduced
   inside ORT, or the full capture where a tensor cannot be reduced there);
 - for row samples (OS+, SmoothQuant's α search), the rows drawn from its batches with the seeded
-  draw keyed by each batch's index in the whole data set (``row_samples.draw_samples``).
+  draw keyed by each batch's index in the whole data set (``row_samples.sample_rows``).
 
 The driver merges statistics in shard order with ``TensorStats.merge`` (exact: min/max, integer
 counts, power-of-two histogram ranges, sums kept as exact partials), so the merged statistics, and
@@ -94,9 +94,9 @@ def shard_statistics(path: str, batches: list[CalibrationBatch], tensors: dict, 
 def shard_rows(path: str, batches: list[CalibrationBatch], first: int, tensors: dict, per_batch: int, seed: int,
                order: list[str], threads: int | None) -> dict:
     """Task: sample rows of ``tensors`` from one shard's batches, keyed by global batch index."""
-    from qcompiler.calibration.row_samples import draw_samples
+    from qcompiler.calibration.row_samples import sample_rows
 
-    return draw_samples(_open(path), batches, tensors, per_batch, seed, order, threads, first=first)
+    return sample_rows(_open(path), batches, tensors, per_batch, seed, order, threads, first=first)
 
 
 class CalibrationCluster:
@@ -229,7 +229,7 @@ class CalibrationCluster:
 
     def sample_rows(self, skeleton, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int],
                     per_batch: int, seed: int, order: Sequence[str]) -> dict:
-        """``row_samples.draw_samples`` over ``batches``, shard by shard: ``{tensor: {batch index: rows}}``."""
+        """``row_samples.sample_rows`` over ``batches``, shard by shard: ``{tensor: {batch index: rows}}``."""
         batches = list(batches)
         path = self._write(skeleton)
         try:

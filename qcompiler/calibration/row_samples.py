@@ -171,10 +171,3 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
                                     else _draw_from(value, tensors[name], per_batch, seed, position[name], b))
         del values
     return samples
-
-
-def draw_samples(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int, seed: int,
-                 order: Sequence[str], threads: int | None = None, first: int = 0
-                 ) -> dict[str, dict[int, np.ndarray]]:
-    """:func:`sample_rows` with the rows kept in memory: what a calibration worker returns."""
-    return sample_rows(model, batches, tensors, per_batch, seed, order, threads, first=first)

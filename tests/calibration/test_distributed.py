@@ -127,7 +127,7 @@ def test_unet_minmax_on_a_scheduler_writes_the_same_model(tmp_path, scheduler):
 
 @pytest.mark.slow
 def test_vit_osplus_on_local_workers_writes_the_same_model(tmp_path):
-    # osplus also draws its search rows on the workers (row_samples.draw_samples per shard).
+    # osplus also draws its search rows on the workers (row_samples.sample_rows per shard).
     options = ("--recipe", "osplus", "--calib", str(DIGITS_VIT.with_suffix(".calib")), "--calib-limit", "32")
     single = compile_bytes(tmp_path, "single", DIGITS_VIT, *options)
     assert compile_bytes(tmp_path, "workers", DIGITS_VIT, *options, "--workers", "2") == single
