@@ -18,20 +18,36 @@ group's s_g is at most the per-tensor scale, since its range is a subset of the 
 The plans go on the context (``ctx.group_plans``); the target's lowering stage turns them into ops.
 With ``per_timestep`` each group also gets one (s, z) per calibrated timestep, looked up at run
 time from the model's ``timestep`` input (``timestep_ranges``; simulated, no integer kernel).
+
+Held-out validation (``validate``, not in the paper; docs/algorithms.md §5.4): group ranges are
+calibration extremes of fewer values than the tensor's range, so prompts and seeds outside the
+calibration set exceed them far more often. One row in ``holdout_every`` of each calibration
+batch is held out (``calibration.holdout``); on the rest, per channel-grouped tensor, K-means
+groups are fitted and widened toward the tensor range by each margin m:
+    [min_g + m·(min_T − min_g), max_g + m·(max_T − max_g)]      (m = 0: DGQ; m = 1: per-tensor)
+and scored by Σ(x − x̂)² on the held-out rows, clipping included, against the per-tensor grid.
+The tensor keeps groups (with the best m, applied to the ranges of all the data) only if they
+beat per-tensor by ``min_gain_db`` (an affine costs elementwise ops at run time); otherwise it
+gets no plan and ``insert_activation_qdq`` quantizes it per tensor. Pixel (token) plans are
+not validated. With too little data to split, every tensor keeps its DGQ plan (noted).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from qcompiler.calibration.holdout import widen
 from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.grids import GroupPlan, quantized_gemms
 from qcompiler.quant import QuantSpec, scale_zero_point
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DgqGroupsConfig:
@@ -43,8 +59,20 @@ class DgqGroupsConfig:
     #: Per-timestep group ranges (diffusion denoisers; simulated lowering, see ``timestep_ranges``).
     per_timestep: bool = False
     timestep_input: str = "timestep"
+    #: Keep channel groups only where they beat per-tensor on held-out calibration rows.
+    validate: bool = True
+    holdout_every: int = 4
+    margins: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5)
+    min_gain_db: float = 1.0
+    #: Held-out rows scored per tensor (spread over the held-out batches).
+    holdout_rows: int = 512
 
     def __post_init__(self):
+        if self.holdout_every < 2 or self.holdout_rows < 1 or not self.margins:
+            raise ValueError(f"DgqGroupsConfig: holdout_every ≥ 2, holdout_rows ≥ 1 and at least one margin "
+                             f"are required, got {self}")
+        if any(not 0.0 <= m <= 1.0 for m in self.margins):
+            raise ValueError(f"DgqGroupsConfig: margins must lie in [0, 1], got {self.margins}")
         if self.groups is not None and self.groups < 1:
             raise ValueError(f"DgqGroupsConfig: groups must be at least 1, got {self.groups}")
         if self.conv_axis not in ("channel", "auto"):
@@ -126,13 +154,19 @@ class DgqGroups(Pass):
         stats = ctx.statistics({name: axis for name, (_, axis) in targets.items()})
         groups = self.config.groups or (16 if ctx.settings.wbits == 8 else 8)
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
+        axes = {name: self._axis(tensor, axis, stats[name], notes) for name, (tensor, axis) in targets.items()}
+        margins = {name: 0.0 for name in targets}
+        if self.config.validate:
+            channel_grouped = {name: targets[name] for name, a in axes.items() if a == "channel"}
+            margins.update(self._validated_margins(ctx, channel_grouped, groups, spec, notes))
         for name, (tensor, axis) in targets.items():
-            plans[name] = self._plan(tensor, axis, stats[name], groups, spec, notes)
+            if margins[name] is not None:
+                plans[name] = self._plan(tensor, axis, stats[name], axes[name], groups, spec, margins[name])
         if self.config.per_timestep:
             self._add_timestep_ranges(ctx, plans, targets, spec, notes)
         by_axis = {a: sum(p.axis == a for p in plans.values()) for a in ("channel", "pixel")}
-        return PassResult(False, ((f"planned {len(plans)} tensors (K ≤ {groups}): {by_axis['channel']} channel "
-                                  f"groups, {by_axis['pixel']} pixel groups"), *notes))
+        return PassResult(False, ((f"planned {len(plans)} of {len(targets)} tensors (K ≤ {groups}): "
+                                  f"{by_axis['channel']} channel groups, {by_axis['pixel']} pixel groups"), *notes))
 
     def _add_timestep_ranges(self, ctx: CompileContext, plans: dict[str, GroupPlan], targets: dict,
                              spec: QuantSpec, notes: list[str]) -> None:
@@ -168,26 +202,60 @@ class DgqGroups(Pass):
             targets[name] = (tensor, 1 if ops == {"Conv"} else None)
         return targets
 
-    def _plan(self, tensor: gs.Tensor, channel_axis: int | None, stats, groups: int, spec: QuantSpec,
-              notes: list[str]) -> GroupPlan:
-        channel_min, channel_max = _finite(stats.channel_min), _finite(stats.channel_max)
-        index_min, index_max = _finite(stats.index_min), _finite(stats.index_max)
-        d_channel = axis_spread(channel_min, channel_max)
-        d_pixel = axis_spread(index_min, index_max)
+    def _axis(self, tensor: gs.Tensor, channel_axis: int | None, stats, notes: list[str]) -> str:
+        """d* = argmax(D_channel, D_pixel), where the config and the graph allow pixel groups."""
+        d_channel = axis_spread(_finite(stats.channel_min), _finite(stats.channel_max))
+        d_pixel = axis_spread(_finite(stats.index_min), _finite(stats.index_max))
         axis = "channel" if d_channel >= d_pixel else "pixel"
         if channel_axis == 1 and self.config.conv_axis == "channel":
-            axis = "channel"
-        if axis == "pixel" and not static_pixels(tensor, stats.channel_axis, index_min.size):
+            return "channel"
+        if axis == "pixel" and not static_pixels(tensor, stats.channel_axis, stats.index_min.size):
             if self.config.on_dynamic_pixels == "error":
                 raise PassError(f"pass '{self.name}': '{tensor.name}' has D_pixel > D_channel but its "
                                 f"positions are not static in the graph (shape {tensor.shape}); a scale per "
                                 "position needs a fixed sequence length / image size")
             notes.append(f"'{tensor.name}' prefers pixel groups (D_pixel {d_pixel:.4g} > D_channel "
                          f"{d_channel:.4g}) but its shape {tensor.shape} is not static; channel groups used instead")
-            axis = "channel"
+            return "channel"
+        return axis
+
+    def _validated_margins(self, ctx: CompileContext, targets: dict, groups: int, spec: QuantSpec,
+                           notes: list[str]) -> dict[str, float | None]:
+        """Per channel-grouped tensor: the best margin on held-out rows, or None where per-tensor wins."""
+        from qcompiler.calibration.holdout import held_out_rows, score_margins, split_holdout
+
+        if not targets:
+            return {}
+        split = split_holdout(ctx.calibration, self.config.holdout_every)
+        if split is None:
+            notes.append(f"too little calibration data to hold out 1 row in {self.config.holdout_every}: "
+                         "groups not validated")
+            return {}
+        axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
+        fit = ctx.statistics({name: axis for name, (_, axis) in targets.items()}, progress=False, batches=split.fit)
+        rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
+        chosen: dict[str, float | None] = {}
+        for name in targets:
+            low, high = _finite(fit[name].channel_min), _finite(fit[name].channel_max)
+            labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
+            score = score_margins(rows[name], low, high, labels, self.config.margins, spec)
+            chosen[name] = score.margin if score.gain_db >= self.config.min_gain_db else None
+            log.debug("%s: held-out gain %.2f dB at margin %s", name, score.gain_db, score.margin)
+        kept = sum(m is not None for m in chosen.values())
+        notes.append(f"held-out validation ({split.held_out_rows} rows held out by {split.by}): {kept} of "
+                     f"{len(chosen)} channel-grouped tensors keep groups (gain ≥ {self.config.min_gain_db} dB "
+                     f"over per-tensor); the others are quantized per tensor")
+        return chosen
+
+    def _plan(self, tensor: gs.Tensor, channel_axis: int | None, stats, axis: str, groups: int, spec: QuantSpec,
+              margin: float = 0.0) -> GroupPlan:
+        channel_min, channel_max = _finite(stats.channel_min), _finite(stats.channel_max)
+        index_min, index_max = _finite(stats.index_min), _finite(stats.index_max)
         low, high = (channel_min, channel_max) if axis == "channel" else (index_min, index_max)
         labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
         group_min, group_max = group_ranges(low, high, labels)
+        group_min, group_max = widen(group_min, group_max, low.min(), high.max(), margin)
         scales, zero_points = scale_zero_point(group_min, group_max, spec)
         return GroupPlan(tensor.name, axis, -1 if channel_axis is None else channel_axis, labels, scales,
-                         zero_points, group_min, group_max, spec.bits, d_channel, d_pixel)
+                         zero_points, group_min, group_max, spec.bits, axis_spread(channel_min, channel_max),
+                         axis_spread(index_min, index_max))

@@ -29,12 +29,12 @@ Exact: the rewrite only re-associates X·W + b = ((X − z)/s)·(s·W) + (b + z�
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
+from qcompiler.calibration.row_samples import RowSamples
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
@@ -63,24 +63,6 @@ class ShiftScaleConfig:
         if self.grid < 2 or self.batches < 1 or self.rows < 1 or self.columns < 1 or not 0 < self.min_fraction < 1:
             raise ValueError(f"ShiftScaleConfig: grid ≥ 2, batches ≥ 1, rows ≥ 1, columns ≥ 1 and 0 < min_fraction < 1 "
                              f"are required, got {self}")
-
-
-class RowSamples(Mapping):
-    """{tensor: rows (n, C)} whose per-batch parts may live in scratch files: each group's rows are
-    joined when its search reads them and dropped after (PixArt-α's 175 groups: ~1.2 GB by their shapes)."""
-
-    def __init__(self, parts: dict[str, dict[int, np.ndarray]], rows: int):
-        self._parts, self._rows = parts, rows
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        parts = self._parts[name]
-        return np.concatenate([parts[b] for b in sorted(parts)])[:self._rows]
-
-    def __iter__(self):
-        return iter(self._parts)
-
-    def __len__(self) -> int:
-        return len(self._parts)
 
 
 def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, rows: int, seed: int = 0

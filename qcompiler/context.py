@@ -110,25 +110,34 @@ class CompileContext:
         self._stats_cache.clear()
         self._names = None
 
-    def statistics(self, tensors: Mapping[str, int | None], progress: bool = True) -> dict:
-        """Calibration statistics of ``tensors`` (name -> channel axis) on the current graph, cached."""
-        from qcompiler.calibration.statistics import StatsConfig, collect_statistics
+    def statistics(self, tensors: Mapping[str, int | None], progress: bool = True, batches=None) -> dict:
+        """Calibration statistics of ``tensors`` (name -> channel axis) on the current graph, cached.
 
+        ``batches``: a subset of the calibration data (e.g. the fit rows of a hold-out split)
+        instead of all of it; those statistics are computed fresh and not cached."""
+        if batches is not None:
+            return self._collect(dict(tensors), batches, progress)
         wanted = {name: axis for name, axis in tensors.items() if (name, axis) not in self._stats_cache}
         if wanted:
-            if not self.calibration:
-                from qcompiler.errors import QCompileError
-                raise QCompileError(f"{self.source}: this recipe needs calibration data; pass --calib DIR")
-            # The passes read ranges only: reduced inside ORT, every tensor in one pass per batch.
-            config = StatsConfig(progress=progress, ranges_only=True, threads=self.threads)
-            if self.cluster is not None:
-                fresh = self.cluster.statistics(self.skeleton(), self.calibration, wanted, config)
-            else:
-                fresh = collect_statistics(self.skeleton(), self.calibration, wanted, config)
+            fresh = self._collect(wanted, self.calibration, progress)
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
-            self.release_weight_pages()
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
+
+    def _collect(self, tensors: dict, batches, progress: bool) -> dict:
+        from qcompiler.calibration.statistics import StatsConfig, collect_statistics
+
+        if not batches:
+            from qcompiler.errors import QCompileError
+            raise QCompileError(f"{self.source}: this recipe needs calibration data; pass --calib DIR")
+        # The passes read ranges only: reduced inside ORT, every tensor in one pass per batch.
+        config = StatsConfig(progress=progress, ranges_only=True, threads=self.threads)
+        if self.cluster is not None:
+            fresh = self.cluster.statistics(self.skeleton(), batches, tensors, config)
+        else:
+            fresh = collect_statistics(self.skeleton(), batches, tensors, config)
+        self.release_weight_pages()
+        return fresh
 
     def release_weight_pages(self) -> int:
         """After ORT read every weight (a calibration forward pass): a fresh map of each memory-mapped

@@ -171,3 +171,21 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
                                     else _draw_from(value, tensors[name], per_batch, seed, position[name], b))
         del values
     return samples
+
+
+class RowSamples(Mapping):
+    """{tensor: rows (n, C)} whose per-batch parts may live in scratch files: each group's rows are
+    joined when its search reads them and dropped after (PixArt-α's 175 groups: ~1.2 GB by their shapes)."""
+
+    def __init__(self, parts: dict[str, dict[int, np.ndarray]], rows: int):
+        self._parts, self._rows = parts, rows
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        parts = self._parts[name]
+        return np.concatenate([parts[b] for b in sorted(parts)])[:self._rows]
+
+    def __iter__(self):
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)

@@ -24,7 +24,11 @@ def feeds(shape, seed=0, count=4, outlier=None):
     return batches
 
 
-def planned(model, name, arrays, config=DgqGroupsConfig(), wbits=8, abits=8):
+#: DGQ's planning as the paper has it; held-out validation has its own tests below.
+PAPER = DgqGroupsConfig(validate=False)
+
+
+def planned(model, name, arrays, config=PAPER, wbits=8, abits=8):
     batches = [CalibrationBatch({name: x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
     ctx = CompileContext(model, QuantSettings(wbits=wbits, abits=abits), batches)
     QuantizeWeights().call(ctx)
@@ -119,7 +123,7 @@ def test_conv_inputs_use_channel_groups_unless_auto():
     arrays = feeds((1, 4, 8, 8), outlier=pixel_outliers)
     _, _, plans = planned(graphs.conv_model(), "x", arrays)
     assert plans["x"].d_star == "pixel" and plans["x"].axis == "channel" and plans["x"].channel_axis == 1
-    _, _, auto = planned(graphs.conv_model(), "x", arrays, DgqGroupsConfig(conv_axis="auto"))
+    _, _, auto = planned(graphs.conv_model(), "x", arrays, DgqGroupsConfig(validate=False, conv_axis="auto"))
     assert auto["x"].axis == "pixel" and auto["x"].labels.shape == (64,)
 
 
@@ -137,7 +141,7 @@ def test_dynamic_tokens_fall_back_to_channel_groups_or_raise():
     assert any("not static" in note for note in result.notes)
     with pytest.raises(PassError, match="not static"):
         planned(_dynamic_tokens(graphs.linear_model(k=16, n=8)), "x", arrays,
-                DgqGroupsConfig(on_dynamic_pixels="error"))
+                DgqGroupsConfig(validate=False, on_dynamic_pixels="error"))
 
 
 def test_graph_without_quantized_gemm_plans_nothing():
@@ -149,3 +153,50 @@ def test_requires_calibration():
     ctx = CompileContext(graphs.linear_model(), QuantSettings())
     with pytest.raises(PassError, match="calibration"):
         DgqGroups().requires(ctx)
+
+
+# Held-out validation: groups are kept only where they beat per-tensor on rows the fit never saw.
+
+def _validated(arrays, **config):
+    return planned(graphs.linear_model(k=16, n=8), "x", arrays, DgqGroupsConfig(**config))
+
+
+def test_validation_keeps_groups_that_hold_on_held_out_rows():
+    """Persistent channel outliers: every held-out row lies in the fitted groups' ranges, groups win."""
+    _, result, plans = _validated(feeds((8, 4, 16), outlier=channel_outliers))
+    assert "x" in plans and plans["x"].axis == "channel"
+    assert any("1 of 1 channel-grouped tensors keep groups" in note for note in result.notes)
+
+
+def test_validation_widens_or_drops_groups_that_clip_on_held_out_rows():
+    """Channel 5 spikes to 30 only in held-out rows (row 3 of every batch): its fitted group range
+    (unit normal) would clip the spike by ~100 steps, while the per-tensor range (set by the ×40
+    channel 3) holds it. With margin 0 only, per-tensor wins; with margins, groups are kept but
+    widened toward the tensor range (a margin > 0, applied to the ranges of all the data)."""
+    def spike_in_held_out_rows(x):
+        channel_outliers(x)
+        x[3, :, 5] = 30.0
+
+    arrays = feeds((4, 4, 16), outlier=spike_in_held_out_rows)
+    _, result, plans = _validated(arrays, margins=(0.0,))
+    assert "x" not in plans
+    assert any("0 of 1 channel-grouped tensors keep groups" in note for note in result.notes)
+    _, _, widened = _validated(arrays)
+    plan, paper = widened["x"], planned(graphs.linear_model(k=16, n=8), "x", arrays)[2]["x"]
+    assert np.array_equal(plan.labels, paper.labels)
+    assert np.all(plan.group_max >= paper.group_max) and np.any(plan.group_max > paper.group_max)
+
+
+def test_validation_gain_threshold_zero_keeps_what_an_infinite_one_drops():
+    arrays = feeds((8, 4, 16), outlier=channel_outliers)
+    assert "x" in _validated(arrays, min_gain_db=0.0)[2]
+    assert "x" not in _validated(arrays, min_gain_db=float("inf"))[2]
+
+
+def test_validation_needs_enough_rows_to_hold_out():
+    """Two batches of two rows: nothing to hold out, so DGQ's plan stands, and the notes say so."""
+    arrays = feeds((2, 4, 16), outlier=channel_outliers, count=2)
+    _, result, plans = _validated(arrays)
+    _, _, paper = planned(graphs.linear_model(k=16, n=8), "x", arrays)
+    assert np.array_equal(plans["x"].scales, paper["x"].scales)
+    assert any("groups not validated" in note for note in result.notes)

@@ -70,7 +70,7 @@ def compile_affine(model, arrays, abits=8, groups=4, conv_outputs=False):
     reference = {}
     QuantizeWeights().call(ctx)
     reference["model"] = ctx.model()  # integer weights, float activations: Ŵ for the reference
-    DgqGroups(DgqGroupsConfig(groups=groups)).call(ctx)
+    DgqGroups(DgqGroupsConfig(groups=groups, validate=False)).call(ctx)
     # Conv outputs stay float unless asked, so outputs compare with DGQ's reference directly.
     InsertActivationQDQ(InsertActivationQDQ.Config(quantize_conv_outputs=conv_outputs)).call(ctx)
     assert OrtTarget().lower(ctx).modified

@@ -1,0 +1,72 @@
+"""calibration.holdout: the fit/held-out split, the grid error, and the margin scores."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompiler.calibration.holdout import grid_error, score_margins, split_holdout, widen
+from qcompiler.calibration.readers import CalibrationBatch
+from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point
+
+
+def batch(rows, tag=0):
+    return CalibrationBatch({"x": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + 100 * tag,
+                             "scalar": np.array(1.0, np.float32)}, {"__step__": np.full(rows, tag)}, f"b{tag}")
+
+
+def test_rows_are_held_out_inside_every_batch():
+    split = split_holdout([batch(8, 0), batch(8, 1)], every=4)
+    assert split.by == "row" and split.held_out_rows == 4
+    assert [b.batch_size for b in split.fit] == [6, 6]
+    held = split.held_out[1]
+    assert np.array_equal(held.feeds["x"], batch(8, 1).feeds["x"][[3, 7]])
+    assert held.metadata["__step__"].tolist() == [1, 1] and held.feeds["scalar"].shape == ()
+    # Together the two sets hold every row exactly once.
+    rows = np.concatenate([*(b.feeds["x"] for b in split.fit), *(b.feeds["x"] for b in split.held_out)])
+    assert sorted(rows[:, 0].tolist()) == sorted(np.concatenate([batch(8, t).feeds["x"] for t in (0, 1)])[:, 0].tolist())
+
+
+def test_small_batches_are_held_out_whole_and_too_little_data_is_none():
+    split = split_holdout([batch(2, t) for t in range(8)], every=4)
+    assert split.by == "batch" and [b.source for b in split.held_out] == ["b3", "b7"]
+    assert split_holdout([batch(2, t) for t in range(3)], every=4) is None
+    assert split_holdout([], every=4) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([4, 6, 8]))
+def test_grid_error_equals_the_fake_quantized_error(seed, bits):
+    rng = np.random.default_rng(seed)
+    rows = (rng.standard_normal((20, 5)) * rng.uniform(0.1, 10, 5)).astype(np.float32)
+    spec = QuantSpec(bits=bits, symmetric=False)
+    # A range narrower than the data, so clipping is part of the error.
+    scale, zero = scale_zero_point(np.quantile(rows, 0.1, axis=0), np.quantile(rows, 0.9, axis=0), spec)
+    reference = fake_quantize(rows.copy(), QuantSpec(bits=bits, granularity="axis", axis=1), scale, zero)
+    assert grid_error(rows, scale, zero.astype(np.float32), spec.qmax) == pytest.approx(
+        float(np.square(reference.astype(np.float64) - rows).sum()), rel=1e-5)
+
+
+def test_widen_interpolates_between_group_and_tensor_ranges():
+    low, high = widen(np.array([-1.0, 0.0]), np.array([1.0, 2.0]), -5.0, 10.0, 0.5)
+    assert low.tolist() == [-3.0, -2.5] and high.tolist() == [5.5, 6.0]
+    assert widen(np.array([-1.0]), np.array([1.0]), -5.0, 10.0, 1.0)[1].tolist() == [10.0]
+
+
+def test_margin_one_scores_exactly_the_per_tensor_grid():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((64, 6)).astype(np.float32) * np.array([1, 1, 1, 20, 20, 20], np.float32)
+    low, high = rows.min(axis=0), rows.max(axis=0)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    score = score_margins(rows, low, high, labels, (0.0, 1.0), QuantSpec(bits=8))
+    assert score.errors[1] == pytest.approx(score.tensor_error, rel=1e-9)
+    # On its own fit data nothing clips: the large channels' group is the tensor range (same error),
+    # the small channels get their own finer step, so margin 0 wins by exactly their error change.
+    spec = QuantSpec(bits=8)
+    scale, zero = scale_zero_point(low.min(), high.max(), spec)
+    big = grid_error(rows[:, 3:], scale, zero.astype(np.float32), 255)
+    small_s, small_z = scale_zero_point(low[:3].min(), high[:3].max(), spec)
+    small = grid_error(rows[:, :3], small_s, small_z.astype(np.float32), 255)
+    assert score.margin == 0.0
+    assert score.gain_db == pytest.approx(10 * np.log10(score.tensor_error / (big + small)), rel=1e-6)
+    assert score.gain_db > 3
