@@ -45,7 +45,7 @@ from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.grids import GroupPlan, quantized_gemms
-from qcompiler.quant import QuantSpec, scale_zero_point
+from qcompiler.quant import QuantSpec, scale_zero_point, shared_zero_point
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,13 @@ class DgqGroups(Pass):
         groups = self.config.groups or (16 if ctx.settings.wbits == 8 else 8)
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
         axes = {name: self._axis(tensor, axis, stats[name], notes) for name, (tensor, axis) in targets.items()}
-        margins = {name: 0.0 for name in targets}
+        grids: dict[str, tuple[float, bool] | None] = {name: (0.0, False) for name in targets}
         if self.config.validate:
             channel_grouped = {name: targets[name] for name, a in axes.items() if a == "channel"}
-            margins.update(self._validated_margins(ctx, channel_grouped, groups, spec, notes))
+            grids.update(self._validated_grids(ctx, channel_grouped, groups, spec, notes))
         for name, (tensor, axis) in targets.items():
-            if margins[name] is not None:
-                plans[name] = self._plan(tensor, axis, stats[name], axes[name], groups, spec, margins[name])
+            if grids[name] is not None:
+                plans[name] = self._plan(tensor, axis, stats[name], axes[name], groups, spec, *grids[name])
         if self.config.per_timestep:
             self._add_timestep_ranges(ctx, plans, targets, spec, notes)
         by_axis = {a: sum(p.axis == a for p in plans.values()) for a in ("channel", "pixel")}
@@ -219,10 +219,11 @@ class DgqGroups(Pass):
             return "channel"
         return axis
 
-    def _validated_margins(self, ctx: CompileContext, targets: dict, groups: int, spec: QuantSpec,
-                           notes: list[str]) -> dict[str, float | None]:
-        """Per channel-grouped tensor: the best margin on held-out rows, or None where per-tensor wins."""
-        from qcompiler.calibration.holdout import held_out_rows, score_margins, split_holdout
+    def _validated_grids(self, ctx: CompileContext, targets: dict, groups: int, spec: QuantSpec,
+                         notes: list[str]) -> dict[str, tuple[float, bool] | None]:
+        """Per channel-grouped tensor: (margin, shared zero point) of the best grouped grid on held-out
+        rows, or None where per-tensor wins (``GridScores.choose``)."""
+        from qcompiler.calibration.holdout import held_out_rows, score_grids, split_holdout
 
         if not targets:
             return {}
@@ -234,21 +235,22 @@ class DgqGroups(Pass):
         axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
         fit = ctx.statistics({name: axis for name, (_, axis) in targets.items()}, progress=False, batches=split.fit)
         rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
-        chosen: dict[str, float | None] = {}
+        chosen: dict[str, tuple[float, bool] | None] = {}
         for name in targets:
             low, high = _finite(fit[name].channel_min), _finite(fit[name].channel_max)
             labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
-            score = score_margins(rows[name], low, high, labels, self.config.margins, spec)
-            chosen[name] = score.margin if score.gain_db >= self.config.min_gain_db else None
-            log.debug("%s: held-out gain %.2f dB at margin %s", name, score.gain_db, score.margin)
-        kept = sum(m is not None for m in chosen.values())
-        notes.append(f"held-out validation ({split.held_out_rows} rows held out by {split.by}): {kept} of "
-                     f"{len(chosen)} channel-grouped tensors keep groups (gain ≥ {self.config.min_gain_db} dB "
-                     f"over per-tensor); the others are quantized per tensor")
+            scores = score_grids(rows[name], low, high, labels, self.config.margins, spec)
+            chosen[name] = scores.choose(self.config.min_gain_db)
+            log.debug("%s: held-out gain %.2f dB, choice %s", name, scores.gain_db(), chosen[name])
+        kept = [c for c in chosen.values() if c is not None]
+        notes.append(f"held-out validation ({split.held_out_count} rows held out by {split.by}): {len(kept)} of "
+                     f"{len(chosen)} channel-grouped tensors keep groups ({sum(c[1] for c in kept)} with one "
+                     f"shared zero point), each beating per-tensor by ≥ {self.config.min_gain_db} dB; the "
+                     "others are quantized per tensor")
         return chosen
 
     def _plan(self, tensor: gs.Tensor, channel_axis: int | None, stats, axis: str, groups: int, spec: QuantSpec,
-              margin: float = 0.0) -> GroupPlan:
+              margin: float = 0.0, shared: bool = False) -> GroupPlan:
         channel_min, channel_max = _finite(stats.channel_min), _finite(stats.channel_max)
         index_min, index_max = _finite(stats.index_min), _finite(stats.index_max)
         low, high = (channel_min, channel_max) if axis == "channel" else (index_min, index_max)
@@ -256,6 +258,9 @@ class DgqGroups(Pass):
         group_min, group_max = group_ranges(low, high, labels)
         group_min, group_max = widen(group_min, group_max, low.min(), high.max(), margin)
         scales, zero_points = scale_zero_point(group_min, group_max, spec)
+        if shared:
+            scales, zero_point = shared_zero_point(group_min, group_max, spec, scales)
+            zero_points = np.full_like(zero_points, zero_point)
         return GroupPlan(tensor.name, axis, -1 if channel_axis is None else channel_axis, labels, scales,
                          zero_points, group_min, group_max, spec.bits, axis_spread(channel_min, channel_max),
                          axis_spread(index_min, index_max))

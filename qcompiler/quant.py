@@ -79,6 +79,25 @@ def scale_zero_point(min_value, max_value, spec: QuantSpec) -> tuple[np.ndarray,
     return scale.astype(np.float32), zero_point.astype(spec.container)
 
 
+def shared_zero_point(group_min, group_max, spec: QuantSpec, own_scales=None) -> tuple[np.ndarray, int]:
+    """(σ_g, z): one zero point for every group and the smallest scale per group that holds its range.
+
+    For a candidate z, σ_g(z) = max(−min_g/(z − qmin), max_g/(qmax − z)) (ranges widened to include
+    0); z minimises max_g σ_g(z)/s_g, the worst loss of resolution against each group's own scale
+    s_g (``own_scales``; by default those of ``scale_zero_point``). With one zero point the value 0
+    has the same code z in every group, so a per-channel rescale of x keeps zero-padding exact."""
+    low = np.minimum(np.asarray(group_min, np.float64), 0.0)
+    high = np.maximum(np.asarray(group_max, np.float64), 0.0)
+    if own_scales is None:
+        own_scales = scale_zero_point(low, high, spec)[0]
+    z = np.arange(spec.qmin, spec.qmax + 1, dtype=np.float64)[:, None]
+    below = np.where(low < 0, -low / np.maximum(z - spec.qmin, 1e-30), 0.0)
+    above = np.where(high > 0, high / np.maximum(spec.qmax - z, 1e-30), 0.0)
+    sigma = np.maximum(np.maximum(below, above), MIN_SCALE)
+    best = int(np.argmin(np.max(sigma / np.asarray(own_scales, np.float64), axis=1)))
+    return sigma[best].astype(np.float32), int(z[best, 0])
+
+
 def _broadcast(param: np.ndarray, x_ndim: int, axis: int | None) -> np.ndarray:
     param = np.asarray(param)
     if param.ndim == 0 or axis is None:

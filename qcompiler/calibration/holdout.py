@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.calibration.readers import CalibrationBatch
-from qcompiler.quant import QuantSpec, scale_zero_point
+from qcompiler.quant import QuantSpec, scale_zero_point, shared_zero_point
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class HoldoutSplit:
     by: str  # "row" | "batch"
 
     @property
-    def held_out_rows(self) -> int:
+    def held_out_count(self) -> int:
         return sum(batch.batch_size for batch in self.held_out)
 
 
@@ -76,31 +76,55 @@ def widen(group_min: np.ndarray, group_max: np.ndarray, tensor_min: float, tenso
 
 
 @dataclass(frozen=True)
-class MarginScore:
-    margin: float
-    #: 10·log10(per-tensor error / the best grouped error) on the held-out rows.
-    gain_db: float
-    errors: tuple[float, ...]
+class GridScores:
+    """Held-out Σ(x − x̂)² of one tensor's candidate grids: per tensor, and groups at each margin
+    with their own zero points (``free``) or one shared zero point (``shared``)."""
+
+    margins: tuple[float, ...]
     tensor_error: float
+    free: tuple[float, ...]
+    shared: tuple[float, ...]
+
+    def choose(self, min_gain_db: float) -> tuple[float, bool] | None:
+        """(margin, shared zero point) of the groups to keep, or None where per-tensor wins.
+
+        Groups must beat per-tensor by ``min_gain_db``; free zero points must beat a shared one by as
+        much, since they cost an extra Add (and a Pad before a padded Conv) at run time."""
+        free, shared = int(np.argmin(self.free)), int(np.argmin(self.shared))
+        best_shared, best_free = self.shared[shared], self.free[free]
+        use_free = _gain_db(best_shared, best_free) >= min_gain_db
+        best = best_free if use_free else best_shared
+        if _gain_db(self.tensor_error, best) < min_gain_db:
+            return None
+        return (self.margins[free], False) if use_free else (self.margins[shared], True)
+
+    def gain_db(self) -> float:
+        """The best grouped grid against per-tensor."""
+        return _gain_db(self.tensor_error, min(min(self.free), min(self.shared)))
 
 
-def score_margins(rows: np.ndarray, low: np.ndarray, high: np.ndarray, labels: np.ndarray,
-                  margins: Sequence[float], spec: QuantSpec) -> MarginScore:
+def _gain_db(reference: float, error: float) -> float:
+    return float(10.0 * np.log10(max(reference, 1e-30) / max(error, 1e-30)))
+
+
+def score_grids(rows: np.ndarray, low: np.ndarray, high: np.ndarray, labels: np.ndarray,
+                margins: Sequence[float], spec: QuantSpec) -> GridScores:
     """Held-out error of the groups ``labels`` (ranges from the fit channels' ``low``/``high``) at each
-    margin, against one per-tensor grid over [min low, max high]."""
+    margin, with free or shared zero points, against one per-tensor grid over [min low, max high]."""
     rows = np.asarray(rows, np.float32)
     count = int(labels.max()) + 1
     group_min = np.array([low[labels == g].min() for g in range(count)])
     group_max = np.array([high[labels == g].max() for g in range(count)])
     scale, zero_point = scale_zero_point(low.min(), high.max(), spec)
     tensor_error = grid_error(rows, scale, zero_point.astype(np.float32), spec.qmax)
-    errors = []
+    free, shared = [], []
     for margin in margins:
-        scales, zero_points = scale_zero_point(*widen(group_min, group_max, low.min(), high.max(), margin), spec)
-        errors.append(grid_error(rows, scales[labels], zero_points[labels].astype(np.float32), spec.qmax))
-    best = int(np.argmin(errors))
-    gain = 10.0 * np.log10(max(tensor_error, 1e-30) / max(errors[best], 1e-30))
-    return MarginScore(float(margins[best]), float(gain), tuple(errors), tensor_error)
+        widened = widen(group_min, group_max, low.min(), high.max(), margin)
+        scales, zero_points = scale_zero_point(*widened, spec)
+        free.append(grid_error(rows, scales[labels], zero_points[labels].astype(np.float32), spec.qmax))
+        sigma, z = shared_zero_point(*widened, spec)
+        shared.append(grid_error(rows, sigma[labels], np.float32(z), spec.qmax))
+    return GridScores(tuple(margins), tensor_error, tuple(free), tuple(shared))
 
 
 def held_out_rows(ctx, batches: Sequence[CalibrationBatch], axes: Mapping[str, int], rows: int,

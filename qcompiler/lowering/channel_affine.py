@@ -22,7 +22,9 @@ Both are DGQ's codes except where x/s_g lies within float rounding of a .5 tie.
 Token (pixel) groups of a MatMul commute with it: rows scaled after one integer GEMM,
     Y[t, n] = r_t·(Σ_c s·(q − z)·Ŵ[c, n]) + δ_t·Σ_c Ŵ[c, n].
 A padded Conv reads zeros of x, which the per-tensor grid would not map to 0: an explicit Pad of x
-(value 0) before the QuantizeLinear keeps it exact, and the Conv's own pads become 0.
+(value 0) before the QuantizeLinear keeps it exact, and the Conv's own pads become 0. Plans whose
+groups share one zero point (``dgq_groups`` chooses them where held-out data shows no loss) have
+δ = 0: x = 0 keeps code z, the Conv keeps its pads, and the codes take one op, Div(s_g) → Q(1, z).
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class GroupAffine:
     def shift(self) -> np.ndarray:
         return self.index_scale.astype(np.float64) * (self.zero_point - self.index_zero_point.astype(np.float64))
 
+    @property
+    def shared_zero_point(self) -> bool:
+        """Every group has the tensor's zero point: δ = 0, so x = 0 keeps code z (padding stays exact)."""
+        return bool(np.all(self.index_zero_point == self.zero_point))
+
 
 def group_affine(plan: GroupPlan) -> GroupAffine:
     spec = plan.spec
@@ -78,6 +85,14 @@ def codes_scaled(b: Builder, x: gs.Tensor, affine: GroupAffine, axis: int, rank:
     scaled = b.op("Div", [x, along_axis(affine.index_scale, axis, rank)], np.float32)
     shifted = b.op("Add", [scaled, along_axis(affine.index_zero_point.astype(np.float32), axis, rank)], np.float32)
     q = b.op("QuantizeLinear", [shifted, np.array(1.0, np.float32), np.array(0, np.uint8)], np.uint8)
+    return b.narrow(q, spec)
+
+
+def codes_divided(b: Builder, x: gs.Tensor, affine: GroupAffine, axis: int, rank: int, spec: QuantSpec) -> gs.Tensor:
+    """Div(x, s_g) → QuantizeLinear(1, z) for a shared zero point: one elementwise op; DGQ's codes up
+    to float rounding at .5 ties."""
+    scaled = b.op("Div", [x, along_axis(affine.index_scale, axis, rank)], np.float32)
+    q = b.op("QuantizeLinear", [scaled, np.array(1.0, np.float32), np.array(affine.zero_point, np.uint8)], np.uint8)
     return b.narrow(q, spec)
 
 

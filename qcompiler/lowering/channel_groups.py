@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.context import CompileContext
 from qcompiler.graph import constant_value
 from qcompiler.grids import GroupPlan
-from qcompiler.quant import MIN_SCALE, QuantSpec, quantize_weight
+from qcompiler.quant import QuantSpec, quantize_weight, shared_zero_point
 
 
 class Builder:
@@ -214,22 +214,9 @@ def lower_conv_split(b: Builder, node: gs.Node, plan: GroupPlan, parts: ChannelP
 
 
 def fold_parameters(plan: GroupPlan) -> tuple[np.ndarray, int]:
-    """(σ_g, z): one zero point for all groups and the smallest per-group scales that hold each range.
-
-    For a candidate z, σ_g(z) = max(−min_g/z, max_g/(qmax − z)) (ranges widened to include 0);
-    z minimises max_g σ_g(z)/s_g, the worst loss of resolution against the group's own scale."""
-    spec = plan.spec
-    low = np.minimum(plan.group_min.astype(np.float64), 0.0)
-    high = np.maximum(plan.group_max.astype(np.float64), 0.0)
-    best = None
-    for z in range(spec.qmin, spec.qmax + 1):
-        below = np.where(low < 0, -low / max(z - spec.qmin, 1e-30), 0.0)
-        above = np.where(high > 0, high / max(spec.qmax - z, 1e-30), 0.0)
-        sigma = np.maximum(np.maximum(below, above), MIN_SCALE)
-        worst = float(np.max(sigma / plan.scales))
-        if best is None or worst < best[0]:
-            best = (worst, sigma, z)
-    return best[1].astype(np.float32), best[2]
+    """(σ_g, z): one zero point for all groups and the smallest per-group scales that hold each range
+    (``quant.shared_zero_point``, z minimising the worst loss of resolution against s_g)."""
+    return shared_zero_point(plan.group_min, plan.group_max, plan.spec, plan.scales)
 
 
 def fold_activation(b: Builder, plan: GroupPlan) -> tuple[gs.Tensor, np.ndarray]:

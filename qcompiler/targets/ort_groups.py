@@ -116,11 +116,12 @@ class GroupLowering:
         codes: dict = {}
         for node in able:
             source = self._affine_codes(b, plan, x, node, affine, able, codes)
-            correction = affine_ops.output_correction(node, affine.shift)
+            correction = None if affine.shared_zero_point else affine_ops.output_correction(node, affine.shift)
             affine_ops.rescale_weight(b, node, affine.ratio, self._rule(node))
             self._release_source(node)
-            affine_ops.add_output_bias(b, node, correction)
-            if node.op == "Conv" and affine_ops.conv_padding(node):
+            if correction is not None:
+                affine_ops.add_output_bias(b, node, correction)
+            if node.op == "Conv" and affine_ops.conv_padding(node) and not affine.shared_zero_point:
                 node.attrs["pads"] = [0] * len(node.attrs["pads"])
             node.inputs[0] = source[0]
             results.append((node, (AFFINE, {"kernel": _kernel(node), "codes": source[1], "scale": float(affine.scale),
@@ -129,12 +130,15 @@ class GroupLowering:
 
     def _affine_codes(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, affine, able, codes: dict):
         """(DequantizeLinear output, how its codes are made), shared by readers with the same padding."""
-        pads = affine_ops.conv_padding(node) if node.op == "Conv" else None
+        shared = affine.shared_zero_point  # δ = 0: zero padding stays exact, no Add
+        pads = affine_ops.conv_padding(node) if node.op == "Conv" and not shared else None
         key = tuple(pads or ())
         if key in codes:
             return codes[key]
         spec = plan.spec
-        if node.op == "Conv":
+        if node.op == "Conv" and shared:
+            q, how = affine_ops.codes_divided(b, x, affine, 1, 4, spec), "Div (shared zero point)"
+        elif node.op == "Conv":
             source = affine_ops.pad_input(b, x, pads) if pads else x
             # Not a per-axis QuantizeLinear: ORT moves QLinearConv to NHWC, the channel axis becomes the
             # innermost one, and per-axis Q runs element by element there (see lowering.channel_affine).
@@ -147,8 +151,10 @@ class GroupLowering:
                 q, how = affine_ops.codes_per_tensor(b, x, affine, spec), f"absorbed by {absorbed}"
             else:
                 rank = len(x.shape) if x.shape else 3
-                q, how = affine_ops.codes_scaled(b, x, affine, rank - 1, rank, spec), "Div + Add (explicit)"
-                self.ctx.fallbacks.append(f"{self.target}: '{x.name}' scaled per channel (Div + Add) before one "
+                ops = "Div" if shared else "Div + Add"
+                q = (affine_ops.codes_divided if shared else affine_ops.codes_scaled)(b, x, affine, rank - 1, rank, spec)
+                how = f"{ops} (explicit)"
+                self.ctx.fallbacks.append(f"{self.target}: '{x.name}' scaled per channel ({ops}) before one "
                                           "per-tensor QuantizeLinear (DGQ channel affine); no Norm could absorb it")
         codes[key] = (affine_ops.dequantize(b, q, affine), how)
         return codes[key]

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompiler.calibration.holdout import grid_error, score_margins, split_holdout, widen
+from qcompiler.calibration.holdout import GridScores, grid_error, score_grids, split_holdout, widen
 from qcompiler.calibration.readers import CalibrationBatch
-from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point
+from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point, shared_zero_point
 
 
 def batch(rows, tag=0):
@@ -17,7 +17,7 @@ def batch(rows, tag=0):
 
 def test_rows_are_held_out_inside_every_batch():
     split = split_holdout([batch(8, 0), batch(8, 1)], every=4)
-    assert split.by == "row" and split.held_out_rows == 4
+    assert split.by == "row" and split.held_out_count == 4
     assert [b.batch_size for b in split.fit] == [6, 6]
     held = split.held_out[1]
     assert np.array_equal(held.feeds["x"], batch(8, 1).feeds["x"][[3, 7]])
@@ -58,8 +58,8 @@ def test_margin_one_scores_exactly_the_per_tensor_grid():
     rows = rng.standard_normal((64, 6)).astype(np.float32) * np.array([1, 1, 1, 20, 20, 20], np.float32)
     low, high = rows.min(axis=0), rows.max(axis=0)
     labels = np.array([0, 0, 0, 1, 1, 1])
-    score = score_margins(rows, low, high, labels, (0.0, 1.0), QuantSpec(bits=8))
-    assert score.errors[1] == pytest.approx(score.tensor_error, rel=1e-9)
+    scores = score_grids(rows, low, high, labels, (0.0, 1.0), QuantSpec(bits=8))
+    assert scores.free[1] == pytest.approx(scores.tensor_error, rel=1e-9)
     # On its own fit data nothing clips: the large channels' group is the tensor range (same error),
     # the small channels get their own finer step, so margin 0 wins by exactly their error change.
     spec = QuantSpec(bits=8)
@@ -67,6 +67,29 @@ def test_margin_one_scores_exactly_the_per_tensor_grid():
     big = grid_error(rows[:, 3:], scale, zero.astype(np.float32), 255)
     small_s, small_z = scale_zero_point(low[:3].min(), high[:3].max(), spec)
     small = grid_error(rows[:, :3], small_s, small_z.astype(np.float32), 255)
-    assert score.margin == 0.0
-    assert score.gain_db == pytest.approx(10 * np.log10(score.tensor_error / (big + small)), rel=1e-6)
-    assert score.gain_db > 3
+    assert scores.free[0] == pytest.approx(big + small, rel=1e-9)
+    assert scores.gain_db() == pytest.approx(10 * np.log10(scores.tensor_error / min(scores.free[0], scores.shared[0])),
+                                             rel=1e-6)
+    assert scores.gain_db() > 3
+
+
+def test_choice_prefers_a_shared_zero_point_unless_free_ones_buy_the_threshold():
+    scores = GridScores((0.0, 0.5), tensor_error=100.0, free=(10.0, 20.0), shared=(50.0, 12.0))
+    assert scores.choose(1.0) == (0.5, True)  # free 10 vs shared 12: 0.8 dB, not worth an Add
+    assert scores.choose(0.5) == (0.0, False)  # now it is
+    assert scores.choose(10.0) is None  # the best (10) beats per-tensor by exactly 10 dB; 12 by less
+    assert GridScores((0.0,), 100.0, (90.0,), (95.0,)).choose(1.0) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_shared_zero_point_holds_every_group_range_with_one_code_for_zero(seed):
+    rng = np.random.default_rng(seed)
+    low = -rng.uniform(0, 5, 6) * rng.integers(0, 2, 6)
+    high = rng.uniform(0.01, 50, 6)
+    spec = QuantSpec(bits=8)
+    sigma, z = shared_zero_point(low, high, spec)
+    own, _ = scale_zero_point(low, high, spec)
+    assert 0 <= z <= 255 and np.all(sigma >= own * (1 - 1e-6))
+    # Every range fits on its grid around z (to float rounding): nothing calibrated is clipped.
+    assert np.all(np.rint(high / sigma) + z <= 255 + 1e-6) and np.all(np.rint(low / sigma) + z >= -1e-6)

@@ -18,7 +18,7 @@ from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.graph import add_outputs, to_model
 from qcompiler.passes import DgqGroups, InsertActivationQDQ, QuantizeWeights
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
-from qcompiler.quant import QuantSpec, fake_quantize, quantize
+from qcompiler.quant import QuantSpec, fake_quantize, quantize, shared_zero_point
 from qcompiler.runtimes.ort import count_kernels, make_session
 from qcompiler.targets.ort import OrtTarget
 from qcompiler.targets.ort_groups import AFFINE, SIMULATED
@@ -64,13 +64,22 @@ def conv_outliers(x):
     x[:, 2] += 10.0
 
 
-def compile_affine(model, arrays, abits=8, groups=4, conv_outputs=False):
+def share_zero_point(plan):
+    """The plan as ``dgq_groups`` writes it when a shared zero point wins on held-out data."""
+    sigma, z = shared_zero_point(plan.group_min, plan.group_max, plan.spec, plan.scales)
+    plan.scales, plan.zero_points = sigma, np.full_like(plan.zero_points, z)
+
+
+def compile_affine(model, arrays, abits=8, groups=4, conv_outputs=False, shared=False):
     batches = [CalibrationBatch({"x": x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
     ctx = CompileContext(model, QuantSettings(abits=abits), batches)
     reference = {}
     QuantizeWeights().call(ctx)
     reference["model"] = ctx.model()  # integer weights, float activations: Ŵ for the reference
     DgqGroups(DgqGroupsConfig(groups=groups, validate=False)).call(ctx)
+    if shared:
+        for plan in ctx.group_plans.values():
+            share_zero_point(plan)
     # Conv outputs stay float unless asked, so outputs compare with DGQ's reference directly.
     InsertActivationQDQ(InsertActivationQDQ.Config(quantize_conv_outputs=conv_outputs)).call(ctx)
     assert OrtTarget().lower(ctx).modified
@@ -219,6 +228,37 @@ def test_padded_conv_keeps_dgqs_codes_and_runs_as_qlinearconv(tmp_path):
     found = kernels(ctx, tmp_path)
     assert found.op_types.get("QLinearConv") == 1 and found.float_gemms == 0
     assert "ConvInteger" not in found.op_types
+
+
+def test_shared_zero_point_keeps_the_conv_padding_and_needs_one_div(tmp_path):
+    """δ = 0: no Pad, no Add, the Conv keeps its pads (a padded zero has code z in every channel)."""
+    model = padded_conv()
+    ctx, weights_only = compile_affine(model, feeds((2, 4, 6, 6), outlier=conv_outliers), shared=True)
+    plan = ctx.group_plans["x"]
+    assert len(set(plan.zero_points.tolist())) == 1 and len(set(plan.scales.tolist())) > 1
+    lowered_ops = [n.op for n in ctx.graph.nodes]
+    assert "Pad" not in lowered_ops and "Add" not in lowered_ops and lowered_ops.count("Div") == 1
+    assert gemm(ctx, "conv").attrs["pads"] == [1, 1, 1, 1]
+    x = feeds((2, 4, 6, 6), seed=5, count=1, outlier=conv_outliers)[0]
+    codes_name, s, z, w_scale = codes_and_weight_scale(ctx, "conv")
+    assert z == int(plan.zero_points[0])
+    got = run(with_outputs(to_model(ctx.graph, ctx.template), [codes_name]), {"x": x})
+    spec = QuantSpec(bits=8, granularity="groups", axis=1)
+    assert_dgq_codes(got[codes_name], quantize(x, plan.element_scale(), plan.element_zero_point(), spec, axis=1),
+                     exact=False)
+    x_hat = fake_quantize(x, spec, plan.scales, plan.zero_points, plan.labels)
+    expected = run(weights_only, {"x": x_hat})["y"]
+    from numpy.lib.stride_tricks import sliding_window_view
+    pad = ((0, 0), (0, 0), (1, 1), (1, 1))  # padded positions have code z: y = 0 and x̂ = 0 there
+    window = sliding_window_view(np.pad(np.abs(s * (got[codes_name].astype(np.float64) - z)), pad), (3, 3),
+                                 axis=(2, 3)).sum(axis=(1, 4, 5))[:, None]
+    x_window = sliding_window_view(np.pad(np.abs(x_hat), pad), (3, 3), axis=(2, 3)).sum(axis=(1, 4, 5))[:, None]
+    bound = (window * w_scale.reshape(1, -1, 1, 1) / 2 + x_window * _weight_scale(weights_only).reshape(1, -1, 1, 1)
+             / 2 + 1e-5 * np.abs(expected).max())
+    assert np.all(np.abs(got["y"] - expected) <= bound)
+    ctx, _ = compile_affine(model, feeds((2, 4, 6, 6), outlier=conv_outliers), conv_outputs=True, shared=True)
+    found = kernels(ctx, tmp_path)
+    assert found.op_types.get("QLinearConv") == 1 and found.float_gemms == 0
 
 
 def test_auto_padded_conv_is_not_matched_and_says_why():
