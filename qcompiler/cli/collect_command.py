@@ -58,7 +58,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from qcompiler.diffusion.prompts import prompts_from
 
     folder = open_pipeline(args.denoiser)  # checked before anything is loaded or written
-    prompts = prompts_from(args.prompts)
+    prompts = prompts_from(args.prompts, folder.root)
     for module in ("torch", "diffusers", "optimum.onnxruntime"):
         require(module, "qcompile collect on a pipeline")
     from qcompiler.diffusion.pipeline_collect import collect_pipeline

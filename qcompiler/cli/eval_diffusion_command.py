@@ -86,7 +86,7 @@ def _run_pipeline(args: argparse.Namespace) -> dict:
 
     folder = open_pipeline(args.float_model)
     quant = _quant_denoiser(Path(args.quant_model))
-    prompts = prompts_from(args.prompts or "16")
+    prompts = prompts_from(args.prompts or "16", folder.root)
     if len(prompts) < 2:
         raise QCompileError("eval-diffusion needs at least 2 prompts (the Fréchet distance needs a covariance)")
     for module in ("torch", "diffusers", "optimum.onnxruntime"):
