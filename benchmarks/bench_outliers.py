@@ -167,7 +167,7 @@ def sample_images(path: Path, float_path: Path, samples: int, config, seed: int,
 
     denoiser = OnnxDenoiser(path, threads=threads)
     condition = conditioner_for(float_path, denoiser.condition_input)
-    captions, labels = prompts_for(samples)
+    captions, labels = prompts_for(samples, float_path)
     images = sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + samples)), config)
     return images, labels
 

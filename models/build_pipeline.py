@@ -11,9 +11,10 @@ from the bundled files, deterministically (the same bytes on every run), in the 
 - ``text_encoder/model.onnx``: ``unet_mnist.text_encoder.onnx`` unchanged (input ``input_ids``,
   output ``last_hidden_state``: the names optimum feeds and reads) and a ``config.json`` with its
   sizes. It is the zoo's own small causal transformer (``text_encoder.py``), not CLIP.
-- ``tokenizer/``: the zoo's word-level tokenizer (``mnist_data.Tokenizer``: ``<bos> words <eos>
-  <pad>...``, lower-cased, split on whitespace, unknown words ``<unk>``) rebuilt as a Hugging
-  Face ``PreTrainedTokenizerFast`` (``tokenizers``' WordLevel model), so the pipeline's
+- ``tokenizer/``: the zoo's word-level tokenizer (``mnist_data.Tokenizer``, its vocabulary from
+  ``unet_mnist.json``: ``<bos> words <eos> <pad>...``, lower-cased, split on whitespace, unknown
+  words ``<unk>``) rebuilt as a Hugging Face ``PreTrainedTokenizerFast`` (``tokenizers``'
+  WordLevel model), so the pipeline's
   ``tokenizer(prompt, padding="max_length", max_length=10)`` gives the ids the zoo was trained on.
 - ``scheduler/scheduler_config.json``: the ``DDIMScheduler`` the zoo samples with
   (``qcompiler.diffusion.sampler.SamplerConfig.scheduler``: the training schedule,
@@ -22,8 +23,8 @@ from the bundled files, deterministically (the same bytes on every run), in the 
   identity (``scaling_factor`` 1, one block so the pipeline's ``vae_scale_factor`` is 1): the
   decoder passes the latent through; the encoder returns the image as the latent mean and
   log-variance −30 (the floor diffusers clamps to, so a sample is the image itself).
-- ``prompts.txt``: the zoo's caption prompts, one full cycle (prompt i asks for digit i mod 10
-  under template (i // 10) mod 8); ``--prompts N`` takes the first N of a pipeline's
+- ``prompts.txt``: the zoo's caption prompts (``unet_mnist.json``'s ``prompts``, one full cycle:
+  prompt i asks for digit i mod 10 under template (i // 10) mod 8); ``--prompts N`` takes the first N of a pipeline's
   ``prompts.txt`` (cycled), so N prompts here are the ones the zoo always used.
 - ``model_index.json``: ``StableDiffusionPipeline`` with these components, no safety checker.
 
@@ -42,7 +43,6 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from qcompiler.models.mnist_data import NUM_CLASSES, TEMPLATES, Tokenizer, caption
 from qcompiler.models.text_encoder import TEXT_DEPTH, TEXT_DIM, TEXT_HEADS, TEXT_MLP
 
 HERE = Path(__file__).parent
@@ -112,12 +112,6 @@ def hf_tokenizer(vocabulary: list[str], max_length: int):
                                    eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", padding_side="right")
 
 
-def zoo_prompts() -> list[str]:
-    """One full cycle of the zoo's caption prompts: prompt i = digit i mod 10, template (i // 10) mod T."""
-    return [caption(i % NUM_CLASSES, (i // NUM_CLASSES) % len(TEMPLATES))
-            for i in range(NUM_CLASSES * len(TEMPLATES))]
-
-
 def build(out: Path, source: Path = HERE, name: str = NAME) -> Path:
     """Write the pipeline folder ``out`` (replaced if it exists) from ``source/<name>.*``."""
     import diffusers
@@ -147,7 +141,7 @@ def build(out: Path, source: Path = HERE, name: str = NAME) -> Path:
             "_class_name": "IdentityVAE", "_comment": "pixel-space diffusion: the latent is the image",
             "scaling_factor": 1.0, "shift_factor": None, "block_out_channels": [1], "latent_channels": 1,
             "in_channels": 1, "out_channels": 1, "force_upcast": False})
-    (staging / "prompts.txt").write_text("\n".join(zoo_prompts()) + "\n")
+    (staging / "prompts.txt").write_text("\n".join(record["prompts"]) + "\n")
     _json(staging / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,

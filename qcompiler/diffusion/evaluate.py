@@ -63,14 +63,14 @@ def real_heldout_features(classifier: metrics.Classifier) -> np.ndarray:
 
 def sample_model(denoiser_path: str | os.PathLike, samples: int, config: SamplerConfig, seed: int = 0,
                  text_source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 1, 32, 32), prompted labels (N,)) for prompts_for(N), seeds seed..seed+N−1.
+    """(images (N, 1, 32, 32), prompted labels (N,)) for prompts_for(N, float denoiser), seeds seed..seed+N−1.
 
     ``text_source`` names the float denoiser whose conditioner (text encoder, JSON) to use
     (default: the denoiser itself).
     """
     denoiser = OnnxDenoiser(denoiser_path)
     condition = conditioner_for(text_source or denoiser_path, denoiser.condition_input)
-    captions, labels = prompts_for(samples)
+    captions, labels = prompts_for(samples, text_source or denoiser_path)
     images = sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + samples)), config,
                     desc=f"sampling {Path(denoiser_path).name}")
     return images, labels

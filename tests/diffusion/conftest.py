@@ -27,7 +27,7 @@ def tiny_denoiser(tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     from qcompiler.models.export_unet import export_models
-    from qcompiler.models.mnist_data import MAX_LENGTH, Tokenizer
+    from qcompiler.models.mnist_data import MAX_LENGTH, Tokenizer, prompt_metadata
     from qcompiler.models.text_encoder import TextEncoder
     from qcompiler.diffusion.sampler import DEFAULT_SCHEDULER_CONFIG
 
@@ -38,7 +38,7 @@ def tiny_denoiser(tmp_path_factory):
     export_models(text_encoder, UNet2DConditionModel(**TINY_UNET), len(tokenizer.vocabulary), folder, "tiny")
     (folder / "tiny.json").write_text(json.dumps({
         "scheduler_config": DEFAULT_SCHEDULER_CONFIG, "vocabulary": list(tokenizer.vocabulary),
-        "max_length": MAX_LENGTH}))
+        "max_length": MAX_LENGTH, **prompt_metadata()}))
     return folder / "tiny.onnx"
 
 
@@ -54,6 +54,7 @@ def tiny_dit(tmp_path_factory):
     """
     from qcompiler.diffusion.sampler import DEFAULT_SCHEDULER_CONFIG
     from qcompiler.models.export_dit import export_model
+    from qcompiler.models.mnist_data import prompt_metadata
     from qcompiler.models.train_dit import ClassToImage
 
     folder = tmp_path_factory.mktemp("tiny_dit")
@@ -63,7 +64,8 @@ def tiny_dit(tmp_path_factory):
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape))
     export_model(model, folder, "tiny_dit", layers=1)
-    (folder / "tiny_dit.json").write_text(json.dumps({"scheduler_config": DEFAULT_SCHEDULER_CONFIG, "null_class": 10}))
+    (folder / "tiny_dit.json").write_text(json.dumps({"scheduler_config": DEFAULT_SCHEDULER_CONFIG, "null_class": 10,
+                                                         **prompt_metadata()}))
     return folder / "tiny_dit.onnx"
 
 
