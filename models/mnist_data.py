@@ -88,7 +88,7 @@ class Tokenizer(WordTokenizer):
         super().__init__(tuple(vocabulary), max_length)
 
     @classmethod
-    def from_templates(cls) -> "Tokenizer":
+    def from_templates(cls) -> Tokenizer:
         """Vocabulary = special tokens, then every word of every caption, sorted (deterministic)."""
         words = {w for label in range(NUM_CLASSES) for t in range(len(TEMPLATES))
                  for w in caption(label, t).split()}
@@ -100,11 +100,13 @@ def prompt_metadata() -> dict:
 
     ``prompts``: one full cycle of the captions, prompt i asking for digit i mod 10 under template
     (i // 10) mod T, so the first n ≥ 10 cover every digit equally often up to the remainder;
-    ``prompt_labels``: each prompt's digit; ``class_names``: the digits' words (for the DiT).
+    ``prompt_labels``: each prompt's digit; ``class_names``: the digits' words (for the DiT);
+    ``classifier``: the MNIST classifier that scores the images (``train_classifier``), beside the JSON.
     """
     count = NUM_CLASSES * len(TEMPLATES)
     return {"prompts": [caption(i % NUM_CLASSES, (i // NUM_CLASSES) % len(TEMPLATES)) for i in range(count)],
-            "prompt_labels": [i % NUM_CLASSES for i in range(count)], "class_names": list(DIGIT_WORDS)}
+            "prompt_labels": [i % NUM_CLASSES for i in range(count)], "class_names": list(DIGIT_WORDS),
+            "classifier": "mnist_classifier.onnx"}
 
 
 def random_captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:

@@ -34,7 +34,7 @@ def measure(denoiser: Path, samples: int, steps: int, guidance_scales: list[floa
     by_label = condition_input_of(denoiser) == "class_labels"   # the DiT: the template does not matter
     tag = f"sample {denoiser.stem}"
 
-    classifier = metrics.Classifier()
+    classifier = metrics.Classifier.for_denoiser(denoiser)
     real = real_heldout_features(classifier)
     results = {}
     for index, scale in enumerate(guidance_scales):

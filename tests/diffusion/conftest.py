@@ -8,6 +8,7 @@ weights: these fixtures test the plumbing (shapes, names, determinism), never im
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,13 +22,22 @@ TINY_UNET = dict(
 )
 
 
+def _zoo_prompts() -> dict:
+    """The zoo's prompt list, labels and class names, and its bundled classifier (an absolute path)."""
+    import qcompiler.models
+    from qcompiler.models.mnist_data import prompt_metadata
+
+    classifier = Path(qcompiler.models.__file__).parent / "mnist_classifier.onnx"
+    return {**prompt_metadata(), "classifier": str(classifier)}
+
+
 @pytest.fixture(scope="session")
 def tiny_denoiser(tmp_path_factory):
     """Path of ``tiny.onnx`` with ``tiny.text_encoder.onnx`` and ``tiny.json`` beside it."""
     from diffusers import UNet2DConditionModel
 
     from qcompiler.models.export_unet import export_models
-    from qcompiler.models.mnist_data import MAX_LENGTH, Tokenizer, prompt_metadata
+    from qcompiler.models.mnist_data import MAX_LENGTH, Tokenizer
     from qcompiler.models.text_encoder import TextEncoder
     from qcompiler.diffusion.sampler import DEFAULT_SCHEDULER_CONFIG
 
@@ -38,7 +48,7 @@ def tiny_denoiser(tmp_path_factory):
     export_models(text_encoder, UNet2DConditionModel(**TINY_UNET), len(tokenizer.vocabulary), folder, "tiny")
     (folder / "tiny.json").write_text(json.dumps({
         "scheduler_config": DEFAULT_SCHEDULER_CONFIG, "vocabulary": list(tokenizer.vocabulary),
-        "max_length": MAX_LENGTH, **prompt_metadata()}))
+        "max_length": MAX_LENGTH, **_zoo_prompts()}))
     return folder / "tiny.onnx"
 
 
@@ -54,7 +64,6 @@ def tiny_dit(tmp_path_factory):
     """
     from qcompiler.diffusion.sampler import DEFAULT_SCHEDULER_CONFIG
     from qcompiler.models.export_dit import export_model
-    from qcompiler.models.mnist_data import prompt_metadata
     from qcompiler.models.train_dit import ClassToImage
 
     folder = tmp_path_factory.mktemp("tiny_dit")
@@ -65,7 +74,7 @@ def tiny_dit(tmp_path_factory):
             parameter.add_(0.05 * torch.randn(parameter.shape))
     export_model(model, folder, "tiny_dit", layers=1)
     (folder / "tiny_dit.json").write_text(json.dumps({"scheduler_config": DEFAULT_SCHEDULER_CONFIG, "null_class": 10,
-                                                         **prompt_metadata()}))
+                                                         **_zoo_prompts()}))
     return folder / "tiny_dit.onnx"
 
 
