@@ -93,7 +93,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
 
     @classmethod
-    def for_denoiser(cls, denoiser_path: str | os.PathLike) -> "TextEncoder":
+    def for_denoiser(cls, denoiser_path: str | os.PathLike) -> TextEncoder:
         """The text encoder that ships beside a float denoiser, with the vocabulary from its JSON."""
         tokenizer = WordTokenizer(tuple(_metadata(denoiser_path, "vocabulary")),
                                   int(_metadata(denoiser_path, "max_length")))

@@ -11,7 +11,12 @@ from onnx import TensorProto, helper
 
 from qcompiler.diffusion.collect import collect
 from qcompiler.diffusion.conditioning import ClassLabels, class_of, conditioner_for
-from qcompiler.diffusion.sampler import OnnxDenoiser, condition_input_of, config_for, sample
+from qcompiler.diffusion.sampler import (
+    OnnxDenoiser,
+    condition_input_of,
+    config_for,
+    sample,
+)
 from qcompiler.diffusion.text import TextEncoder, prompts_for
 from qcompiler.errors import QCompileError
 from qcompiler.models.mnist_data import DIGIT_WORDS

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("optimum.onnxruntime")
 pytest.importorskip("diffusers")
 
-from qcompiler.models import BUNDLED_DEFAULT as UNET  # noqa: E402
+from qcompiler.models import BUNDLED_DEFAULT as UNET
 
 #: Float32 images from the same noise, scheduler and models differ only by ORT summation order over a
 #: different batch and diffusers' (x/2 + 0.5)·2 − 1 round trip: ~1e-7 measured; 1e-5 flags any real change.
@@ -62,7 +62,12 @@ def test_tokenizer_gives_the_zoo_ids(zoo):
 
 def test_pipeline_images_equal_the_zoo_sampler(zoo):
     from qcompiler.diffusion.evaluate import sample_model
-    from qcompiler.diffusion.pipeline import GenerationSettings, generate, load_pipeline, open_pipeline
+    from qcompiler.diffusion.pipeline import (
+        GenerationSettings,
+        generate,
+        load_pipeline,
+        open_pipeline,
+    )
     from qcompiler.diffusion.prompts import prompts_from
     from qcompiler.diffusion.sampler import config_for
 
