@@ -143,7 +143,7 @@ class Sampler:
         self.model, self.samples = model, samples
         self.config = config_for(model, steps=25, guidance_scale=4.0)
         self._sample, self._quality, self.metrics = sample_model, quality, metrics
-        self.classifier = metrics.Classifier()
+        self.classifier = metrics.Classifier.for_denoiser(model)
         self.real = real_heldout_features(self.classifier)
         cache = work / f"{model.stem}.float{samples}.npz"
         if not cache.exists():

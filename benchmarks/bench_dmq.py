@@ -135,7 +135,7 @@ class Scorer:
         else:
             self.images, self.labels = sample_model(float_model, samples, self.config, 0)
             np.savez(cache, images=self.images, labels=self.labels)
-        self.classifier = metrics.Classifier(None)
+        self.classifier = metrics.Classifier.for_denoiser(float_model)
         self.real = real_heldout_features(self.classifier)
         self.reference = quality(self.images, self.labels, self.classifier, self.real)
         self.floats = {"accuracy": float(self.reference["accuracy"]), "frechet": float(self.reference["frechet"])}

@@ -167,7 +167,7 @@ def sample_images(path: Path, float_path: Path, samples: int, config, seed: int,
 
     denoiser = OnnxDenoiser(path, threads=threads)
     condition = conditioner_for(float_path, denoiser.condition_input)
-    captions, labels = prompts_for(samples)
+    captions, labels = prompts_for(samples, float_path)
     images = sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + samples)), config)
     return images, labels
 
@@ -243,7 +243,7 @@ def drop_experiment(args, proto, batches, stats, gemm_inputs, graph_inputs: set[
     from qcompiler.diffusion.sampler import config_for
 
     config = config_for(args.model, steps=args.steps, guidance_scale=args.guidance)
-    classifier = Classifier()
+    classifier = Classifier.for_denoiser(args.model)
     t0 = time.perf_counter()
     print(f"[bench_outliers] float: sampling {args.samples} images ...", flush=True)
     reference, labels = sample_images(args.model, args.model, args.samples, config, args.seed, args.threads)

@@ -54,7 +54,7 @@ class Scorer:
         from qcompiler.diffusion.evaluate import real_heldout_features
 
         self.model, self.samples, self.work, self.metrics = model, samples, work, metrics
-        self.classifier = metrics.Classifier()
+        self.classifier = metrics.Classifier.for_denoiser(model)
         self.real = real_heldout_features(self.classifier)
         self.floats: dict[str, tuple] = {}
 

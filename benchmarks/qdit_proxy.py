@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     picks = candidate_pool(errors, config, args.candidates)
 
     sampler_config = config_for(model_path, steps=25, guidance_scale=4.0)
-    classifier = metrics.Classifier()
+    classifier = metrics.Classifier.for_denoiser(model_path)
     real = real_heldout_features(classifier)
     float_images, labels = sample_model(model_path, args.samples, sampler_config)
     float_features = classifier(float_images)[1]

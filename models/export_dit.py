@@ -7,7 +7,8 @@ Writes, into the chosen folder (the package folder by default):
   ``class_labels`` (B,) int64 (digits 0..9; 10 is the null class, the unconditional input of
   classifier-free guidance); output ``noise_pred`` (B, 1, 32, 32), the predicted epsilon.
 - ``dit_mnist.json``: training record (seed, steps, time, loss), DiT, scheduler and training
-  configs, parameter count, ORT-vs-torch difference, SHA-256, and what ``qcompiler.patterns``
+  configs, parameter count, the prompt list and class names (``mnist_data.prompt_metadata``),
+  ORT-vs-torch difference, SHA-256, and what ``qcompiler.patterns``
   finds in the graph (linears, attention) so a change of exporter that hides them shows up.
 
 Exported from the EMA weights with the legacy exporter (``dynamo=False``) at opset 18 with a
@@ -93,6 +94,7 @@ def export_model(model: nn.Module, out_dir: Path, name: str = "dit_mnist", seed:
 
 def export_trained(trainer, out_dir: Path, name: str = "dit_mnist") -> dict:
     """Export ``trainer``'s EMA weights and write ``<name>.json`` (and ``<name>.loss.png``)."""
+    from qcompiler.models.mnist_data import prompt_metadata
     from qcompiler.models.train_dit import DIT_CONFIG, NULL_CLASS
     from qcompiler.models.train_unet import SCHEDULER_CONFIG
 
@@ -113,6 +115,7 @@ def export_trained(trainer, out_dir: Path, name: str = "dit_mnist") -> dict:
         "dit_parameters": sum(p.numel() for p in ema.parameters()),
         "conditioning": "class_labels", "num_classes": 10, "null_class": NULL_CLASS,
         "timestep_dtype": "float32", "class_labels_dtype": "int64", "torch": torch.__version__, **record,
+        **prompt_metadata(),
     }
     if "quality" in previous and previous.get("onnx_sha256") == record["onnx_sha256"]:
         record["quality"] = previous["quality"]   # same weights: sample_unet's figures still hold

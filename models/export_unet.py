@@ -10,7 +10,8 @@ Writes, into the chosen folder (the package folder by default):
 - ``unet_mnist.text_encoder.onnx``: input ``input_ids`` (B, 10) int64 (``mnist_data.Tokenizer``),
   output ``last_hidden_state`` (B, 10, 64), the cross-attention context.
 - ``unet_mnist.json``: training record (seed, steps, time, loss), the UNet, scheduler and
-  training configs, the tokenizer vocabulary, ORT-vs-torch differences and SHA-256 of both files.
+  training configs, the tokenizer vocabulary, the prompt list (``mnist_data.prompt_metadata``),
+  ORT-vs-torch differences and SHA-256 of both files.
 
 Both are exported from the EMA weights with the legacy exporter (``dynamo=False``) at opset 18
 and a dynamic batch axis. ``dynamo=True`` at opset 21 would give real GroupNormalization and
@@ -110,6 +111,7 @@ def export_trained(trainer, out_dir: Path, name: str = "unet_mnist") -> dict:
     """Export ``trainer``'s EMA weights and write ``<name>.json`` (and ``<name>.loss.png``)."""
     from dataclasses import asdict
 
+    from qcompiler.models.mnist_data import prompt_metadata
     from qcompiler.models.train_unet import SCHEDULER_CONFIG, UNET_CONFIG
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ def export_trained(trainer, out_dir: Path, name: str = "unet_mnist") -> dict:
         "unet_parameters": sum(p.numel() for p in ema.unet.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in ema.text_encoder.parameters()),
         "vocabulary": list(trainer.tokenizer.vocabulary), "max_length": trainer.tokenizer.max_length,
-        "timestep_dtype": "float32", "torch": torch.__version__, **record,
+        "timestep_dtype": "float32", "torch": torch.__version__, **record, **prompt_metadata(),
     }
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"[unet] exported {name}.onnx ({record['onnx_bytes']:,} bytes) at step {trainer.step}; "

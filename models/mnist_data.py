@@ -21,10 +21,11 @@ The empty caption ``""`` (classifier-free guidance's unconditional prompt) is ``
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from qcompiler.diffusion.text import WordTokenizer
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -80,35 +81,32 @@ def load_split() -> dict[str, np.ndarray]:
             "x_test": images[heldout], "y_test": labels[heldout]}
 
 
-@dataclass(frozen=True)
-class Tokenizer:
-    """Word-level tokenizer over the caption vocabulary: ``<bos> words <eos> <pad>...``."""
+class Tokenizer(WordTokenizer):
+    """The zoo's word-level tokenizer (``qcompiler.diffusion.text.WordTokenizer``) over the caption vocabulary."""
 
-    vocabulary: tuple[str, ...]
-    max_length: int = MAX_LENGTH
+    def __init__(self, vocabulary: tuple[str, ...], max_length: int = MAX_LENGTH):
+        super().__init__(tuple(vocabulary), max_length)
 
     @classmethod
-    def from_templates(cls) -> "Tokenizer":
+    def from_templates(cls) -> Tokenizer:
         """Vocabulary = special tokens, then every word of every caption, sorted (deterministic)."""
         words = {w for label in range(NUM_CLASSES) for t in range(len(TEMPLATES))
                  for w in caption(label, t).split()}
         return cls(SPECIAL_TOKENS + tuple(sorted(words)))
 
-    @property
-    def pad_id(self) -> int:
-        return self.vocabulary.index("<pad>")
 
-    def encode(self, text: str) -> np.ndarray:
-        """int64 ids of length ``max_length``; ValueError if the caption does not fit."""
-        index = {w: i for i, w in enumerate(self.vocabulary)}
-        words = text.lower().split()
-        ids = [index["<bos>"]] + [index.get(w, index["<unk>"]) for w in words] + [index["<eos>"]]
-        if len(ids) > self.max_length:
-            raise ValueError(f"caption {text!r} has {len(words)} words; at most {self.max_length - 2} fit")
-        return np.array(ids + [self.pad_id] * (self.max_length - len(ids)), dtype=np.int64)
+def prompt_metadata() -> dict:
+    """What a sampler needs to prompt the zoo, as data for ``<model>.json`` (``qcompiler.diffusion.text``).
 
-    def encode_batch(self, texts: list[str]) -> np.ndarray:
-        return np.stack([self.encode(t) for t in texts])
+    ``prompts``: one full cycle of the captions, prompt i asking for digit i mod 10 under template
+    (i // 10) mod T, so the first n ≥ 10 cover every digit equally often up to the remainder;
+    ``prompt_labels``: each prompt's digit; ``class_names``: the digits' words (for the DiT);
+    ``classifier``: the MNIST classifier that scores the images (``train_classifier``), beside the JSON.
+    """
+    count = NUM_CLASSES * len(TEMPLATES)
+    return {"prompts": [caption(i % NUM_CLASSES, (i // NUM_CLASSES) % len(TEMPLATES)) for i in range(count)],
+            "prompt_labels": [i % NUM_CLASSES for i in range(count)], "class_names": list(DIGIT_WORDS),
+            "classifier": "mnist_classifier.onnx"}
 
 
 def random_captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:

@@ -2,7 +2,7 @@
 
 Run ``python -m qcompiler.models.sample_unet --samples 200`` after ``train_unet`` exported
 ``unet_mnist.onnx``, or ``... --denoiser models/dit_mnist.onnx --guidance 4 2`` for the
-class-conditional DiT (``train_dit``). It samples ``prompts_for(N)`` (every digit equally
+class-conditional DiT (``train_dit``). It samples ``prompts_for(N, model)`` (every digit equally
 often, the caption templates in turn) from seeds 0..N−1 with DDIM and classifier-free guidance
 on ONNX Runtime, through the denoiser's conditioner (``qcompiler.diffusion.conditioning``: the
 text encoder for the UNet, the prompted digit's label for the DiT), scores them with the
@@ -34,7 +34,7 @@ def measure(denoiser: Path, samples: int, steps: int, guidance_scales: list[floa
     by_label = condition_input_of(denoiser) == "class_labels"   # the DiT: the template does not matter
     tag = f"sample {denoiser.stem}"
 
-    classifier = metrics.Classifier()
+    classifier = metrics.Classifier.for_denoiser(denoiser)
     real = real_heldout_features(classifier)
     results = {}
     for index, scale in enumerate(guidance_scales):

@@ -28,7 +28,7 @@ def _calibration(folder: Path) -> Path:
     """4 files (timesteps 961…81) of 2 rows each: unconditional and conditional, like ``collect`` writes."""
     folder.mkdir()
     text = TextEncoder.for_denoiser(UNET)
-    captions, labels = prompts_for(1)
+    captions, labels = prompts_for(1, UNET)
     context = np.concatenate([text.empty()[None] if text.empty().ndim == 2 else text.empty(), text(captions)])
     rng = np.random.default_rng(0)
     for step, t in enumerate((961, 641, 321, 81)):

@@ -7,8 +7,10 @@ denoiser's feeds at every step, both guidance halves, as .npz files with ``__tim
 ``__step__`` and ``__prompt__`` metadata; --max-files bounds the disk use, spread uniformly over
 the steps. --prompts is a text file (one prompt per line) or a number of built-in prompts.
 
-On a bundled zoo denoiser ONNX: the DDIM sampler with the MNIST caption prompts (--prompts N),
-``<stem>.json`` and ``<stem>.text_encoder.onnx`` read from beside the model (docs/diffusion.md).
+On a bare denoiser ONNX (the zoo's DiT, or its UNet outside its pipeline folder): the DDIM
+sampler with the prompts, scheduler and tokenizer vocabulary or class names of ``<stem>.json``
+and the text encoder ``<stem>.text_encoder.onnx`` beside the model (--prompts N: its first N
+prompts; docs/diffusion.md).
 """
 
 from __future__ import annotations
@@ -18,23 +20,23 @@ from pathlib import Path
 
 from qcompiler.errors import QCompileError, require
 
-ZOO_STEPS, ZOO_GUIDANCE, ZOO_BATCH, PIPELINE_BATCH = 25, 4.0, 16, 4
+DENOISER_STEPS, DENOISER_GUIDANCE, DENOISER_BATCH, PIPELINE_BATCH = 25, 4.0, 16, 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("denoiser", help="a pipeline folder (model_index.json, unet/ or transformer/, ...) or a "
-                        "zoo denoiser ONNX (inputs sample, timestep, and encoder_hidden_states or class_labels)")
+                        "bare denoiser ONNX with its JSON (inputs sample, timestep, and encoder_hidden_states or class_labels)")
     parser.add_argument("--prompts", default="64", help="a text file with one prompt per line, or a number of "
                         "built-in prompts (default 64)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's own; zoo 25)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's own; bare denoiser 25)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's "
-                        "own; zoo 4)")
+                        "own; bare denoiser 4)")
     parser.add_argument("--height", type=int, help="image height in pixels (pipelines; default: the pipeline's)")
     parser.add_argument("--width", type=int, help="image width in pixels (pipelines; default: the pipeline's)")
     parser.add_argument("--max-files", type=int, help="write at most this many files, spread uniformly over the "
                         "steps (pipelines; default: every step of every batch)")
     parser.add_argument("--batch-size", type=int, help=f"prompts per denoiser call (default {PIPELINE_BATCH} for a "
-                        f"pipeline, {ZOO_BATCH} for the zoo)")
+                        f"pipeline, {DENOISER_BATCH} for a bare denoiser)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     parser.add_argument("-o", "--output", required=True, help="folder for the .npz files (emptied of .npz first)")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     _check_positive(args)
     if Path(args.denoiser).is_dir():
         return _run_pipeline(args)
-    return _run_zoo(args)
+    return _run_denoiser(args)
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -58,7 +60,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from qcompiler.diffusion.prompts import prompts_from
 
     folder = open_pipeline(args.denoiser)  # checked before anything is loaded or written
-    prompts = prompts_from(args.prompts)
+    prompts = prompts_from(args.prompts, folder.root)
     for module in ("torch", "diffusers", "optimum.onnxruntime"):
         require(module, "qcompile collect on a pipeline")
     from qcompiler.diffusion.pipeline_collect import collect_pipeline
@@ -73,13 +75,13 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_zoo(args: argparse.Namespace) -> int:
+def _run_denoiser(args: argparse.Namespace) -> int:
     for module in ("torch", "diffusers"):  # the DDIM sampler's scheduler and tensors
         require(module, "qcompile collect")
     if not Path(args.denoiser).is_file():
         raise QCompileError(f"{args.denoiser}: no such model file or pipeline folder")
     if not str(args.prompts).isdigit() or int(args.prompts) < 1:
-        raise QCompileError(f"{args.prompts}: a zoo denoiser takes --prompts N (a positive number); prompt files "
+        raise QCompileError(f"{args.prompts}: a bare denoiser takes --prompts N (the first N of its JSON's prompts); prompt files "
                             "need a pipeline folder")
     if args.max_files is not None or args.height is not None or args.width is not None:
         raise QCompileError("--max-files, --height and --width apply to a pipeline folder, not to "
@@ -87,9 +89,9 @@ def _run_zoo(args: argparse.Namespace) -> int:
     from qcompiler.diffusion.collect import collect
     from qcompiler.diffusion.sampler import config_for
 
-    config = config_for(args.denoiser, steps=args.steps or ZOO_STEPS,
-                        guidance_scale=ZOO_GUIDANCE if args.guidance is None else args.guidance,
-                        batch_size=args.batch_size or ZOO_BATCH)
+    config = config_for(args.denoiser, steps=args.steps or DENOISER_STEPS,
+                        guidance_scale=DENOISER_GUIDANCE if args.guidance is None else args.guidance,
+                        batch_size=args.batch_size or DENOISER_BATCH)
     result = collect(args.denoiser, args.output, int(args.prompts), config, args.seed)
     print(f"wrote {result.files} files ({result.samples} samples, {len(result.timesteps)} timesteps "
           f"{result.timesteps[0]}..{result.timesteps[-1]}) to {result.folder}")

@@ -11,7 +11,7 @@ project's calibration format (``qcompiler.calibration.readers``):
   (2B,) int64 (class-conditioned DiT; the null class on unconditional rows): exactly the
   denoiser's feeds, rows 0..B−1 unconditional (empty prompt), rows B..2B−1 conditional;
 - ``__timestep__`` (2B,) int64: the timestep of every row;
-- ``__label__`` (2B,) int64: the prompted digit, −1 on unconditional rows;
+- ``__label__`` (2B,) int64: the prompt's label (``prompt_labels``), −1 on unconditional rows;
 - ``__step__`` (2B,) int64: the DDIM step index (0 = the noisiest).
 
 Files are named ``b{batch:03d}_s{step:03d}.npz``, so file-name order walks every timestep of
@@ -77,7 +77,7 @@ def collect(denoiser_path: str | os.PathLike, out_dir: str | os.PathLike, prompt
         stale.unlink()
     denoiser = OnnxDenoiser(denoiser_path)
     condition = conditioner_for(denoiser_path, denoiser.condition_input)
-    captions, labels = prompts_for(prompts)
+    captions, labels = prompts_for(prompts, denoiser_path)
     recorder = _Recorder(folder, labels, config.batch_size)
     sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + prompts)),
            config, hook=recorder)

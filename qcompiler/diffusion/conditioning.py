@@ -8,10 +8,11 @@ context rows the denoiser's conditioning input takes, and gives the unconditiona
 - ``TextEncoder`` (``text.py``) for a denoiser with ``encoder_hidden_states`` (the UNet):
   captions -> (B, L, D) float32 through the ONNX text encoder beside the float model; the
   unconditional context is the encoding of ``""``.
-- ``ClassLabels`` for a denoiser with ``class_labels`` (the DiT): each prompt names one digit,
-  as a word ("seven") or a numeral ("7"), and maps to that label (B,) int64; the empty prompt
-  ``""`` maps to the null class (``null_class`` in ``<denoiser>.json``, default 10, the extra
-  row of the DiT's label-embedding table that training's label dropout uses).
+- ``ClassLabels`` for a denoiser with ``class_labels`` (the DiT): each prompt names one class of
+  ``class_names`` (from ``<denoiser>.json``), by its name ("seven") or its index as a numeral
+  ("7"), and maps to that label (B,) int64; the empty prompt ``""`` maps to the null class
+  (``null_class`` in the JSON, default ``len(class_names)``: the extra row of a DiT's
+  label-embedding table that training's label dropout uses).
 
 ``conditioner_for(path)`` picks one from the denoiser's inputs (``sampler.condition_input``).
 """
@@ -19,16 +20,13 @@ context rows the denoiser's conditioning input takes, and gives the unconditiona
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from qcompiler.errors import QCompileError
-from qcompiler.models.mnist_data import DIGIT_WORDS, NUM_CLASSES
-
-#: The null class of a class-conditioned denoiser without a JSON saying otherwise.
-DEFAULT_NULL_CLASS = NUM_CLASSES
 
 
 class Conditioner(Protocol):
@@ -39,39 +37,43 @@ class Conditioner(Protocol):
         """The unconditional context: one row, without the batch axis."""
 
 
-def digit_of(prompt: str) -> int | None:
-    """The digit a prompt names (word or numeral), None for an empty prompt; ValueError if none or several."""
+def class_of(prompt: str, class_names: Sequence[str]) -> int | None:
+    """The class a prompt names (name or index numeral), None for an empty prompt; ValueError if none or several."""
     words = prompt.lower().replace(",", " ").replace(".", " ").split()
     if not words:
         return None
-    found = {DIGIT_WORDS.index(w) for w in words if w in DIGIT_WORDS}
-    found |= {int(w) for w in words if len(w) == 1 and w.isdigit()}
+    names = [name.lower() for name in class_names]
+    found = {names.index(w) for w in words if w in names}
+    found |= {int(w) for w in words if w.isdigit() and int(w) < len(names)}
     if len(found) != 1:
-        what = f"several digits {sorted(found)}" if found else "no digit"
-        raise ValueError(f"prompt {prompt!r} names {what}; a class-conditioned denoiser needs exactly one")
+        what = f"several classes {sorted(found)}" if found else "no class"
+        raise ValueError(f"prompt {prompt!r} names {what} of {list(class_names)}; a class-conditioned denoiser "
+                         "needs exactly one")
     return found.pop()
 
 
 class ClassLabels:
-    """Prompts -> int64 digit labels; ``""`` -> the null class."""
+    """Prompts -> int64 class labels; ``""`` -> the null class."""
 
-    def __init__(self, null_class: int = DEFAULT_NULL_CLASS):
-        self.null_class = int(null_class)
+    def __init__(self, class_names: Sequence[str], null_class: int | None = None):
+        self.class_names = tuple(class_names)
+        self.null_class = len(self.class_names) if null_class is None else int(null_class)
 
     @classmethod
     def for_denoiser(cls, denoiser_path: str | os.PathLike) -> ClassLabels:
         from qcompiler.diffusion.sampler import model_metadata
+        from qcompiler.diffusion.text import _metadata
 
-        return cls(model_metadata(denoiser_path).get("null_class", DEFAULT_NULL_CLASS))
+        return cls(_metadata(denoiser_path, "class_names"), model_metadata(denoiser_path).get("null_class"))
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         labels = []
         for prompt in prompts:
             try:
-                digit = digit_of(prompt)
+                label = class_of(prompt, self.class_names)
             except ValueError as exc:
                 raise QCompileError(str(exc)) from None
-            labels.append(self.null_class if digit is None else digit)
+            labels.append(self.null_class if label is None else label)
         return np.array(labels, dtype=np.int64)
 
     def empty(self) -> np.ndarray:

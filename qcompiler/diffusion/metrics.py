@@ -61,20 +61,30 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 
 class Classifier:
-    """The bundled MNIST classifier under ORT: ``pixels`` (N, 1, 32, 32) in [-1, 1] -> logits, features."""
+    """An image classifier ONNX under ORT: ``pixels`` (N, C, H, W) in [-1, 1] -> ``logits``, ``features``.
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    The zoo's is ``models/mnist_classifier.onnx``; a float denoiser's JSON names its own
+    (``classifier``, relative to the JSON; ``for_denoiser``).
+    """
+
+    def __init__(self, path: str | os.PathLike):
         from qcompiler.runtimes.ort import make_session
 
-        if path is None:
-            import qcompiler.models
-
-            path = Path(qcompiler.models.__file__).parent / "mnist_classifier.onnx"
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"classifier {self.path} is missing; rebuild it with "
-                                    "`python -m qcompiler.models.train_classifier --seed 0`")
+            raise FileNotFoundError(f"classifier {self.path} is missing")
         self.session = make_session(self.path)
+
+    @classmethod
+    def for_denoiser(cls, denoiser_path: str | os.PathLike) -> Classifier:
+        """The classifier named by ``<denoiser>.json``'s ``classifier``; FileNotFoundError when it names none."""
+        from qcompiler.diffusion.sampler import model_metadata
+
+        name = model_metadata(denoiser_path).get("classifier")
+        if name is None:
+            raise FileNotFoundError(f"{Path(denoiser_path).with_suffix('.json')}: names no 'classifier' for the "
+                                    "accuracy and Fréchet figures; pass --classifier ONNX")
+        return cls(Path(denoiser_path).parent / name)
 
     def __call__(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(logits (N, 10), penultimate features (N, D)) of ``images``, in batches."""

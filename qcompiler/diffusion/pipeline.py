@@ -12,8 +12,13 @@ optimum (its ``unet_session=`` / ``transformer_session=`` argument) wrapped in a
 running it, and that may run another model file (a quantized denoiser) in its place. No
 library module is patched.
 
-``generate`` draws image i from its own seed (``torch.Generator().manual_seed(seed + i)``,
-one generator per prompt), so an image depends on its prompt and seed only, and a float and a
+``generate`` draws image i from its own seed: its starting latents are
+``numpy.random.default_rng(seed + i)``'s standard normal of the latent shape (C, H/f, W/f)
+(``sampler.initial_noise``, the same draw as the zoo's DDIM sampler), handed to the pipeline as
+``latents=``, which it scales by its scheduler's initial sigma as it would its own draw; any
+other randomness comes from ``torch.Generator().manual_seed(seed + i)``, one per prompt.
+Pipelines that pack latents into tokens (Flux: ``_pack_latents``) draw their starting noise
+from those generators. So an image depends on its prompt and seed only, and a float and a
 quantized pipeline start from the same noise.
 """
 
@@ -142,6 +147,21 @@ class GenerationSettings:
             height=self.height or size, width=self.width or size, batch_size=self.batch_size, seed=self.seed)
 
 
+def initial_latents(pipe, settings: GenerationSettings, seeds: list[int]):
+    """Starting latents (B, C, H/f, W/f) float32 as a torch tensor, one seeded draw per image; None to let
+    a pipeline that packs its latents (``_pack_latents``) draw them from its generators."""
+    import torch
+
+    from qcompiler.diffusion.sampler import initial_noise
+
+    if hasattr(pipe, "_pack_latents"):
+        return None
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    shape = (int(denoiser.config.in_channels), settings.height // factor, settings.width // factor)
+    return torch.from_numpy(initial_noise(seeds, shape))
+
+
 def generate(pipe, prompts: list[str], settings: GenerationSettings, first: int = 0,
              before_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Images (N, C, H, W) float32 in [-1, 1], one per prompt; ``before_batch(start, stop)`` before each call.
@@ -156,9 +176,10 @@ def generate(pipe, prompts: list[str], settings: GenerationSettings, first: int 
         stop = min(start + settings.batch_size, first + len(prompts))
         if before_batch is not None:
             before_batch(start, stop)
-        generators = [torch.Generator().manual_seed(settings.seed + i) for i in range(start, stop)]
+        seeds = [settings.seed + i for i in range(start, stop)]
         out = pipe(prompt=prompts[start - first:stop - first], num_inference_steps=settings.steps,
                    guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-                   generator=generators, output_type="np")
+                   generator=[torch.Generator().manual_seed(s) for s in seeds],
+                   latents=initial_latents(pipe, settings, seeds), output_type="np")
         images.append(np.asarray(out.images, np.float32))  # (b, H, W, C) in [0, 1]
     return (np.concatenate(images).transpose(0, 3, 1, 2) * 2.0 - 1.0).astype(np.float32)

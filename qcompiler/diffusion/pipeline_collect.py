@@ -7,7 +7,8 @@ in the project's calibration format (``qcompiler.calibration.readers``), the sam
 zoo's ``collect``:
 
 - the denoiser's feeds, exactly as the pipeline fed them (e.g. ``sample`` (2B, C, h, w),
-  ``timestep``, ``encoder_hidden_states`` (2B, L, D)); with classifier-free guidance rows
+  ``timestep``, ``encoder_hidden_states`` (2B, L, D)), except that a one-value ``timestep`` fed to
+  a per-row timestep input of shape (1,) is stored repeated per row; with classifier-free guidance rows
   0..B−1 are the unconditional half and rows B..2B−1 the prompted half (diffusers' order);
 - ``__timestep__`` (rows,) int64, ``__step__`` (rows,) int64 (0 = the noisiest), and
   ``__prompt__`` (rows,) int64: the prompt's index, −1 on unconditional rows.
@@ -81,6 +82,10 @@ class _Recorder:
             prompt = self.prompts if rows == n else np.full(rows, -1, np.int64)
         t = np.rint(np.asarray(arrays["timestep"], np.float64).reshape(-1)).astype(np.int64)
         timestep = np.broadcast_to(t if t.size in (1, rows) else t[:1], (rows,)).copy()
+        if arrays["timestep"].shape == (1,) and rows > 1:
+            # A denoiser with a per-row timestep input (batch,) that optimum feeds one value for the
+            # whole batch: stored per row, so every calibration array shares the leading batch axis.
+            arrays["timestep"] = np.broadcast_to(arrays["timestep"], (rows,)).copy()
         np.savez(self.folder / f"b{self.batch:03d}_s{step:03d}.npz", **arrays, __timestep__=timestep,
                  __step__=np.full(rows, step, np.int64), __prompt__=prompt)
         self.files += 1

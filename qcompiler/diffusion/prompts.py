@@ -1,8 +1,10 @@
 """Prompts for a pipeline's calibration and evaluation: a text file (one per line) or N built-in ones.
 
-``--prompts`` takes either a number N (the first N of ``GENERIC_PROMPTS``, cycled when N is
-larger, so two runs with the same N use the same prompts) or a UTF-8 text file with one prompt
-per line (blank lines skipped). The built-in list is deliberately generic (objects, scenes,
+``--prompts`` takes either a number N (the first N of the pipeline's own prompt list,
+``PIPELINE_PROMPTS`` in its folder, when it ships one, else of ``GENERIC_PROMPTS``; cycled when
+N is larger, so two runs with the same N use the same prompts) or a UTF-8 text file with one
+prompt per line (blank lines skipped). A pipeline whose text encoder knows a small vocabulary
+(the zoo's MNIST captions) ships its prompts that way. The built-in list is deliberately generic (objects, scenes,
 styles): calibration needs the activations a text encoder produces for ordinary captions, not
 any one subject. Both are checked before any model is loaded: a file that is empty, binary or
 not UTF-8 is a ``QCompileError`` naming it.
@@ -13,6 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qcompiler.errors import QCompileError
+
+#: A pipeline folder's own prompt list (one per line), the source of ``--prompts N`` when present.
+PIPELINE_PROMPTS = "prompts.txt"
 
 GENERIC_PROMPTS = (
     "a photograph of a red apple on a wooden table",
@@ -63,9 +68,12 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def prompts_from(value: int | str | Path) -> list[str]:
-    """The prompt list for ``--prompts``: N built-in prompts or the lines of a file."""
+def prompts_from(value: int | str | Path, pipeline_root: str | Path | None = None) -> list[str]:
+    """The prompt list for ``--prompts``: the lines of a file, or N prompts (the pipeline's own list when
+    ``pipeline_root/prompts.txt`` exists, else the built-in one)."""
     spec = parse_prompts(value) if isinstance(value, str) else value
-    if isinstance(spec, int):
-        return [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(spec)]
-    return read_prompt_file(spec)
+    if not isinstance(spec, int):
+        return read_prompt_file(spec)
+    own = None if pipeline_root is None else Path(pipeline_root) / PIPELINE_PROMPTS
+    source = read_prompt_file(own) if own is not None and own.is_file() else GENERIC_PROMPTS
+    return [source[i % len(source)] for i in range(spec)]

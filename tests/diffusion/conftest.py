@@ -8,6 +8,7 @@ weights: these fixtures test the plumbing (shapes, names, determinism), never im
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,15 @@ TINY_UNET = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
 )
+
+
+def _zoo_prompts() -> dict:
+    """The zoo's prompt list, labels and class names, and its bundled classifier (an absolute path)."""
+    import qcompiler.models
+    from qcompiler.models.mnist_data import prompt_metadata
+
+    classifier = Path(qcompiler.models.__file__).parent / "mnist_classifier.onnx"
+    return {**prompt_metadata(), "classifier": str(classifier)}
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +48,7 @@ def tiny_denoiser(tmp_path_factory):
     export_models(text_encoder, UNet2DConditionModel(**TINY_UNET), len(tokenizer.vocabulary), folder, "tiny")
     (folder / "tiny.json").write_text(json.dumps({
         "scheduler_config": DEFAULT_SCHEDULER_CONFIG, "vocabulary": list(tokenizer.vocabulary),
-        "max_length": MAX_LENGTH}))
+        "max_length": MAX_LENGTH, **_zoo_prompts()}))
     return folder / "tiny.onnx"
 
 
@@ -63,7 +73,8 @@ def tiny_dit(tmp_path_factory):
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape))
     export_model(model, folder, "tiny_dit", layers=1)
-    (folder / "tiny_dit.json").write_text(json.dumps({"scheduler_config": DEFAULT_SCHEDULER_CONFIG, "null_class": 10}))
+    (folder / "tiny_dit.json").write_text(json.dumps({"scheduler_config": DEFAULT_SCHEDULER_CONFIG, "null_class": 10,
+                                                         **_zoo_prompts()}))
     return folder / "tiny_dit.onnx"
 
 

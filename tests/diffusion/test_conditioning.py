@@ -10,29 +10,36 @@ import pytest
 from onnx import TensorProto, helper
 
 from qcompiler.diffusion.collect import collect
-from qcompiler.diffusion.conditioning import ClassLabels, conditioner_for, digit_of
-from qcompiler.diffusion.sampler import OnnxDenoiser, condition_input_of, config_for, sample
+from qcompiler.diffusion.conditioning import ClassLabels, class_of, conditioner_for
+from qcompiler.diffusion.sampler import (
+    OnnxDenoiser,
+    condition_input_of,
+    config_for,
+    sample,
+)
 from qcompiler.diffusion.text import TextEncoder, prompts_for
 from qcompiler.errors import QCompileError
+from qcompiler.models.mnist_data import DIGIT_WORDS
 
 
-def test_digit_of_reads_words_and_numerals():
-    captions, labels = prompts_for(80)
-    assert [digit_of(c) for c in captions] == labels.tolist()
-    assert digit_of("") is None and digit_of("  ") is None
-    with pytest.raises(ValueError, match="no digit"):
-        digit_of("a handwritten digit")
-    with pytest.raises(ValueError, match=r"several digits \[3, 7\]"):
-        digit_of("a three or a 7")
+def test_class_of_reads_names_and_numerals(tiny_dit):
+    captions, labels = prompts_for(80, tiny_dit)
+    assert [class_of(c, DIGIT_WORDS) for c in captions] == labels.tolist()
+    assert class_of("", DIGIT_WORDS) is None and class_of("  ", DIGIT_WORDS) is None
+    with pytest.raises(ValueError, match="no class"):
+        class_of("a handwritten digit", DIGIT_WORDS)
+    with pytest.raises(ValueError, match=r"several classes \[3, 7\]"):
+        class_of("a three or a 7", DIGIT_WORDS)
+    assert class_of("a Cat", ("dog", "cat")) == 1 and class_of("class 0", ("dog", "cat")) == 0
 
 
-def test_class_labels_map_prompts_and_the_empty_prompt_to_the_null_class():
-    condition = ClassLabels(null_class=10)
-    captions, labels = prompts_for(12)
+def test_class_labels_map_prompts_and_the_empty_prompt_to_the_null_class(tiny_dit):
+    condition = ClassLabels(DIGIT_WORDS)
+    captions, labels = prompts_for(12, tiny_dit)
     np.testing.assert_array_equal(condition(captions), labels)
     assert condition(captions).dtype == np.int64
     assert condition.empty().shape == () and int(condition.empty()) == 10
-    with pytest.raises(QCompileError, match="no digit"):
+    with pytest.raises(QCompileError, match="no class"):
         condition(["a picture"])
 
 
@@ -68,7 +75,7 @@ def test_sampler_drives_a_class_conditioned_denoiser(tiny_dit):
     denoiser = OnnxDenoiser(tiny_dit)
     assert denoiser.condition_input == "class_labels"
     condition = conditioner_for(tiny_dit)
-    labels, config = condition(prompts_for(3)[0]), config_for(tiny_dit, steps=2)
+    labels, config = condition(prompts_for(3, tiny_dit)[0]), config_for(tiny_dit, steps=2)
     images = sample(denoiser, labels, condition.empty(), [0, 1, 2], config)
     assert images.shape == (3, 1, 32, 32) and images.dtype == np.float32 and np.isfinite(images).all()
     # Deterministic per seed, independent of the batch it is drawn in.
@@ -89,7 +96,7 @@ def test_collector_writes_class_labels_and_timesteps(tiny_dit, tmp_path):
     result = collect(tiny_dit, tmp_path, prompts=3, config=config)
     files = sorted(tmp_path.glob("*.npz"))
     assert result.files == len(files) == 6 and result.timesteps == (667, 334, 1)
-    _, labels = prompts_for(3)
+    _, labels = prompts_for(3, tiny_dit)
     for path in files:
         data = np.load(path)
         assert {k for k in data.files if not k.startswith("__")} == {"sample", "timestep", "class_labels"}

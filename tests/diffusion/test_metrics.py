@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +69,14 @@ def test_frechet_distance_survives_singular_covariances():
 def test_accuracy():
     logits = np.eye(10)[[1, 2, 3, 4]]
     assert metrics.accuracy(logits, np.array([1, 2, 0, 4])) == 0.75
+
+
+def test_the_classifier_is_the_one_the_denoiser_json_names(tmp_path):
+    import qcompiler.models
+
+    bundled = Path(qcompiler.models.__file__).parent / "mnist_classifier.onnx"
+    (tmp_path / "d.json").write_text(json.dumps({"classifier": str(bundled)}))
+    assert metrics.Classifier.for_denoiser(tmp_path / "d.onnx").path == bundled
+    (tmp_path / "e.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"e\.json: names no 'classifier'"):
+        metrics.Classifier.for_denoiser(tmp_path / "e.onnx")

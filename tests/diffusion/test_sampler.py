@@ -12,7 +12,7 @@ from qcompiler.diffusion.text import TextEncoder, prompts_for
 
 def _setup(path, steps=2, batch_size=16):
     text = TextEncoder.for_denoiser(path)
-    captions, _ = prompts_for(3)
+    captions, _ = prompts_for(3, path)
     return OnnxDenoiser(path), text(captions), text.empty(), config_for(path, steps=steps, batch_size=batch_size)
 
 

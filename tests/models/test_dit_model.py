@@ -69,7 +69,7 @@ def test_dit_two_step_sample_follows_the_label():
     denoiser = OnnxDenoiser(DIT)
     assert denoiser.condition_input == "class_labels" and denoiser.timestep_dtype == np.float32
     condition = conditioner_for(DIT)
-    labels = condition(prompts_for(2)[0])
+    labels = condition(prompts_for(2, DIT)[0])
     images = sample(denoiser, labels, condition.empty(), [0, 1], config_for(DIT, steps=2))
     assert images.shape == (2, 1, 32, 32) and np.isfinite(images).all()
 

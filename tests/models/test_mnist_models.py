@@ -62,7 +62,7 @@ def test_unet_inputs_and_a_two_step_sample():
     assert shapes["sample"][1:] == [1, 32, 32] and shapes["encoder_hidden_states"][1:] == [10, 64]
     assert denoiser.timestep_dtype == np.float32
     text = TextEncoder.for_denoiser(UNET)
-    images = sample(denoiser, text(prompts_for(4)[0]), text.empty(), [0, 1, 2, 3], config_for(UNET, steps=2))
+    images = sample(denoiser, text(prompts_for(4, UNET)[0]), text.empty(), [0, 1, 2, 3], config_for(UNET, steps=2))
     assert images.shape == (4, 1, 32, 32) and np.isfinite(images).all()
 
 
@@ -72,6 +72,6 @@ def test_start_token_column_is_the_same_for_every_prompt():
     # cannot depend on the caption, as with Stable Diffusion's CLIP text encoder.
     from qcompiler.diffusion.text import TextEncoder, prompts_for
 
-    contexts = TextEncoder.for_denoiser(UNET)(prompts_for(20)[0] + [""])
+    contexts = TextEncoder.for_denoiser(UNET)(prompts_for(20, UNET)[0] + [""])
     np.testing.assert_allclose(contexts[:, 0], np.broadcast_to(contexts[0, 0], contexts[:, 0].shape), atol=1e-6)
     assert not np.allclose(contexts[0, -1], contexts[1, -1])
