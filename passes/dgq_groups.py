@@ -25,8 +25,11 @@ calibration set exceed them far more often. One row in ``holdout_every`` of each
 batch is held out (``calibration.holdout``); on the rest, per channel-grouped tensor, K-means
 groups are fitted and widened toward the tensor range by each margin m:
     [min_g + m·(min_T − min_g), max_g + m·(max_T − max_g)]      (m = 0: DGQ; m = 1: per-tensor)
-and scored by Σ(x − x̂)² on the held-out rows, clipping included, against the per-tensor grid.
-The tensor keeps groups (with the best m, applied to the ranges of all the data) only if they
+and scored on the held-out rows by Σ_c ‖Ŵ_c‖²·Σ(x_c − x̂_c)², clipping included (the error of the
+GEMM outputs, ‖Ŵ_c‖² summed over the tensor's readers), against the per-tensor grid. Each margin
+is scored with the groups' own zero points and with one shared zero point (``quant.shared_zero_point``:
+δ = 0 in the target's affine, so one Div at run time and a Conv's zero padding stays exact); the
+shared one is used unless free zero points beat it by ``min_gain_db``. The tensor keeps groups (with the best m, applied to the ranges of all the data) only if they
 beat per-tensor by ``min_gain_db`` (an affine costs elementwise ops at run time); otherwise it
 gets no plan and ``insert_activation_qdq`` quantizes it per tensor. Pixel (token) plans are
 not validated. With too little data to split, every tensor keeps its DGQ plan (noted).
@@ -64,6 +67,8 @@ class DgqGroupsConfig:
     holdout_every: int = 4
     margins: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5)
     min_gain_db: float = 1.0
+    #: Score each input channel's error by its readers' ‖Ŵ_c‖² (the GEMM output error), not equally.
+    weigh_by_weights: bool = True
     #: Held-out rows scored per tensor (spread over the held-out batches).
     holdout_rows: int = 512
 
@@ -235,11 +240,12 @@ class DgqGroups(Pass):
         axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
         fit = ctx.statistics({name: axis for name, (_, axis) in targets.items()}, progress=False, batches=split.fit)
         rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
+        energy = self._channel_energy(ctx, targets) if self.config.weigh_by_weights else {}
         chosen: dict[str, tuple[float, bool] | None] = {}
         for name in targets:
             low, high = _finite(fit[name].channel_min), _finite(fit[name].channel_max)
             labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
-            scores = score_grids(rows[name], low, high, labels, self.config.margins, spec)
+            scores = score_grids(rows[name], low, high, labels, self.config.margins, spec, energy.get(name))
             chosen[name] = scores.choose(self.config.min_gain_db)
             log.debug("%s: held-out gain %.2f dB, choice %s", name, scores.gain_db(), chosen[name])
         kept = [c for c in chosen.values() if c is not None]
@@ -248,6 +254,18 @@ class DgqGroups(Pass):
                      f"shared zero point), each beating per-tensor by ≥ {self.config.min_gain_db} dB; the "
                      "others are quantized per tensor")
         return chosen
+
+    @staticmethod
+    def _channel_energy(ctx: CompileContext, targets: dict) -> dict[str, np.ndarray]:
+        """Per tensor: Σ over its quantized GEMM readers of ‖Ŵ_c‖² per input channel c."""
+        from qcompiler.lowering.channel_affine import input_channel_energy
+
+        energy: dict[str, np.ndarray] = {}
+        for node in quantized_gemms(ctx.graph):
+            name = node.inputs[0].name
+            if name in targets:
+                energy[name] = energy.get(name, 0.0) + input_channel_energy(node)
+        return energy
 
     def _plan(self, tensor: gs.Tensor, channel_axis: int | None, stats, axis: str, groups: int, spec: QuantSpec,
               margin: float = 0.0, shared: bool = False) -> GroupPlan:

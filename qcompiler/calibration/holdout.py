@@ -63,10 +63,14 @@ def split_holdout(batches: Sequence[CalibrationBatch], every: int = 4) -> Holdou
     return None
 
 
-def grid_error(rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmax: int) -> float:
-    """Σ (x − x̂)² of ``rows`` (n, C) on the asymmetric grid (scale, zero point) per channel, clipping included."""
+def grid_error(rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmax: int,
+               channel_weights: np.ndarray | None = None) -> float:
+    """Σ (x − x̂)² of ``rows`` (n, C) on the asymmetric grid (scale, zero point) per channel, clipping
+    included; with ``channel_weights`` (C,) each channel's sum is weighted (e.g. by ‖Ŵ_c‖², which
+    makes it the GEMM output's error for independent errors)."""
     codes = np.clip(np.rint(rows / scale + zero_point), 0, qmax)
-    return float(np.square((codes - zero_point) * scale - rows, dtype=np.float64).sum())
+    per_channel = np.square((codes - zero_point) * scale - rows, dtype=np.float64).sum(axis=0)
+    return float(per_channel.sum() if channel_weights is None else per_channel @ channel_weights)
 
 
 def widen(group_min: np.ndarray, group_max: np.ndarray, tensor_min: float, tensor_max: float,
@@ -108,22 +112,24 @@ def _gain_db(reference: float, error: float) -> float:
 
 
 def score_grids(rows: np.ndarray, low: np.ndarray, high: np.ndarray, labels: np.ndarray,
-                margins: Sequence[float], spec: QuantSpec) -> GridScores:
+                margins: Sequence[float], spec: QuantSpec, channel_weights: np.ndarray | None = None) -> GridScores:
     """Held-out error of the groups ``labels`` (ranges from the fit channels' ``low``/``high``) at each
-    margin, with free or shared zero points, against one per-tensor grid over [min low, max high]."""
+    margin, with free or shared zero points, against one per-tensor grid over [min low, max high];
+    ``channel_weights`` as in ``grid_error``."""
     rows = np.asarray(rows, np.float32)
     count = int(labels.max()) + 1
     group_min = np.array([low[labels == g].min() for g in range(count)])
     group_max = np.array([high[labels == g].max() for g in range(count)])
     scale, zero_point = scale_zero_point(low.min(), high.max(), spec)
-    tensor_error = grid_error(rows, scale, zero_point.astype(np.float32), spec.qmax)
+    tensor_error = grid_error(rows, scale, zero_point.astype(np.float32), spec.qmax, channel_weights)
     free, shared = [], []
     for margin in margins:
         widened = widen(group_min, group_max, low.min(), high.max(), margin)
         scales, zero_points = scale_zero_point(*widened, spec)
-        free.append(grid_error(rows, scales[labels], zero_points[labels].astype(np.float32), spec.qmax))
+        free.append(grid_error(rows, scales[labels], zero_points[labels].astype(np.float32), spec.qmax,
+                               channel_weights))
         sigma, z = shared_zero_point(*widened, spec)
-        shared.append(grid_error(rows, sigma[labels], np.float32(z), spec.qmax))
+        shared.append(grid_error(rows, sigma[labels], np.float32(z), spec.qmax, channel_weights))
     return GridScores(tuple(margins), tensor_error, tuple(free), tuple(shared))
 
 

@@ -141,6 +141,14 @@ def _float_weight(node: gs.Node) -> np.ndarray:
     return dequantized_weight(node).astype(np.float64) * alpha
 
 
+def input_channel_energy(node: gs.Node) -> np.ndarray:
+    """Σ over everything but the input channel c of Ŵ²: how much an error on input channel c moves
+    the GEMM's outputs (E‖ΔY‖² = Σ_c E[Δx_c²]·‖Ŵ_c‖² for independent errors)."""
+    weight = _float_weight(node)
+    moved = np.moveaxis(weight, weight_in_axis(node), 0)
+    return np.square(moved).reshape(moved.shape[0], -1).sum(axis=1)
+
+
 def output_correction(node: gs.Node, shift: np.ndarray) -> np.ndarray:
     """δ·Ŵ per output channel: Σ_c δ_c Ŵ[c, n] (Conv: summed over the kernel taps too)."""
     weight = _float_weight(node)
