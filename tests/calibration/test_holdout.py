@@ -93,3 +93,13 @@ def test_shared_zero_point_holds_every_group_range_with_one_code_for_zero(seed):
     assert 0 <= z <= 255 and np.all(sigma >= own * (1 - 1e-6))
     # Every range fits on its grid around z (to float rounding): nothing calibrated is clipped.
     assert np.all(np.rint(high / sigma) + z <= 255 + 1e-6) and np.all(np.rint(low / sigma) + z >= -1e-6)
+
+
+def test_channel_weights_weigh_each_channels_error():
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((32, 4)).astype(np.float32)
+    scale, zero = scale_zero_point(-1.0, 1.0, QuantSpec(bits=4))  # clips the tails: large errors too
+    per_channel = [grid_error(rows[:, [c]], scale, zero.astype(np.float32), 15) for c in range(4)]
+    weights = np.array([0.0, 1.0, 2.0, 10.0])
+    assert grid_error(rows, scale, zero.astype(np.float32), 15, weights) == pytest.approx(
+        float(np.dot(per_channel, weights)), rel=1e-9)

@@ -265,3 +265,16 @@ def test_auto_padded_conv_is_not_matched_and_says_why():
     ctx, _ = compile_affine(padded_conv(auto_pad="SAME_UPPER"), feeds((2, 4, 6, 6), outlier=conv_outliers))
     record = next(r for r in ctx.records if r.pass_name == "ort" and "group_axis" in r.details)
     assert record.lowering == SIMULATED and "auto_pad" in record.details["reason"]
+
+
+def test_input_channel_energy_sums_squared_weights_over_everything_but_the_input_channel():
+    from qcompiler.lowering.channel_affine import input_channel_energy
+    from qcompiler.lowering.channel_groups import dequantized_weight
+
+    for model, node_name, axis in ((padded_conv(), "conv", 1), (ln_linear_model(), "fc0", 0)):
+        ctx = CompileContext(model, QuantSettings(), [])
+        QuantizeWeights().call(ctx)
+        node = gemm(ctx, node_name)
+        weight = np.moveaxis(dequantized_weight(node).astype(np.float64), axis, 0)
+        expected = np.square(weight).reshape(weight.shape[0], -1).sum(axis=1)
+        np.testing.assert_allclose(input_channel_energy(node), expected, rtol=1e-6)
