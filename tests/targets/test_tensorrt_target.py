@@ -273,3 +273,16 @@ def test_the_shifted_grid_is_the_uint8_grid_and_keeps_zero_on_it():
     w_hat = weights.inputs[0].values.astype(np.float64) * weights.inputs[1].values[None, :]
     # float rounding of X − c and of the c·ΣŴ correction only: far below the s/2 of an off-grid 0
     np.testing.assert_allclose(got[:, :2], want[:, :2], rtol=0, atol=1e-3 * scale * np.abs(w_hat).sum(axis=0).max())
+
+
+def test_qdit_is_refused_before_any_work_naming_its_pass(tmp_path, capsys):
+    from qcompiler.cli.main import main
+
+    model_path = tmp_path / "model.onnx"
+    onnx.save(ln_linear_model(), model_path)
+    out = tmp_path / "out.onnx"
+    code = main([str(model_path), "--recipe", "qdit", "--target", "tensorrt", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    # no calibration given: the refusal comes first, before the calibration check
+    assert code == 2 and err.count("\n") == 0 and "pass 'qdit_groups'" in err and "run time" in err, err
+    assert not out.exists()
