@@ -113,8 +113,15 @@ def measure(model: str, recipe: str, wbits: int, data, work: Path) -> dict:
     from qcompiler.quant import sqnr_db
     from qcompiler.targets.tensorrt_rules import check
 
+    from qcompiler.targets import get_target
+
     source, calib, held = data
     row: dict = {"model": model, "recipe": recipe, "bits": f"W{wbits}A8"}
+    try:  # a recipe the target refuses before any work: no compile needed to say so
+        get_target("tensorrt").check_recipe(recipe_for(recipe))
+    except QCompileError as error:
+        row["tensorrt_refused"] = str(error)
+        return row
     paths, reports = {}, {}
     for target in ("ort", "tensorrt"):
         paths[target] = work / f"{model}.{recipe}.w{wbits}a8.{target}.onnx"
