@@ -95,6 +95,7 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     graph = graph if graph is not None else to_graph(float_model)
     check_acyclic(graph, source)
     target.check_model(float_model, source)
+    target.check_recipe(recipe)
     settings = QuantSettings(wbits=options.wbits or recipe.wbits, abits=options.abits or recipe.abits,
                              block_size=options.block_size, device=options.device)
     batches = _calibration(calibration, float_model, options.calib_limit)

@@ -5,10 +5,12 @@ the TensorRT-target model with the rule checker, runs both in ONNX Runtime (CPU)
 and compares their output SQNR vs float. Recipes that need no replacement must stay within 1 dB of
 the ORT target (the issue's bar; the symmetric grids lose at most a level or, for a covering range,
 one bit on the activations that no producer can shift). The cases cover every recipe at least once
-and both weight widths on every model, not the full product (benchmarks/gpu_check.py measures that):
-a UNet compile takes ~15 s here, osplus on the UNet minutes (its t* search), so osplus runs on the
-DiT and MiniLM.
-Measured figures for every recipe × bits: benchmarks/results/gpu_check.md.
+and both weight widths on every model, not the full product (benchmarks/bench_tensorrt_target.py
+measures that: benchmarks/results/tensorrt_target.md): a UNet compile takes ~15 s here, osplus on the
+UNet minutes (its t* search), so osplus runs on the DiT and MiniLM.
+The rule checker itself runs on every recipe × bits on both bundled denoisers
+(``test_every_recipe_lowers_to_a_model_that_passes_the_rules``): TensorRT target only, one batch of
+two rows and each recipe's searches cut short (``QUICK_SEARCH``), so each case costs seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import qcompiler
 from qcompiler.api import CompileOptions
 from qcompiler.models import BUNDLED_DEFAULT as UNET
 from qcompiler.quant import sqnr_db
-from qcompiler.recipes import Step, get_recipe
+from qcompiler.errors import QCompileError
+from qcompiler.recipes import Step, available_recipes, get_recipe
 from qcompiler.runtimes.ort import make_session
 from qcompiler.targets.tensorrt_rules import check
 
@@ -107,3 +110,44 @@ def test_tensorrt_target_passes_the_rules_and_tracks_the_ort_target(model, recip
     assert trt >= ort - 1.0, found["sqnr"]
     if wbits == 4:
         assert found["report"]["integer_kernels"]["op_types"]["GEMM int4 weight-only"] > 0
+
+
+#: Searches and training cut to a few steps: these cases check the lowered graph, not its accuracy.
+QUICK_SEARCH = {"learned_scales": {"iterations": 2, "samples": 2, "batch_size": 2, "progress": False},
+                "pow2_skip_scales": {"samples": 2, "progress": False},
+                "shift_scale": {"grid": 3, "rows": 64, "batches": 1, "progress": False},
+                "tdq": {"fit_iterations": 5, "tune_iterations": 0, "rows_per_timestep": 4}}
+#: Recipes the TensorRT target refuses before any work, and the pass its one-line refusal names.
+REFUSED = {"qdit": "qdit_groups"}
+ALL_RECIPES = sorted(available_recipes())
+
+
+def _quick(name: str):
+    recipe = get_recipe(name)
+    chosen = {step.pass_name: QUICK_SEARCH[step.pass_name] for step in recipe.steps if step.pass_name in QUICK_SEARCH}
+    return recipe.with_settings(chosen) if chosen else recipe
+
+
+@pytest.mark.parametrize("wbits", [8, 4], ids=["w8a8", "w4a8"])
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+@pytest.mark.parametrize("model", ["unet", "dit"])
+def test_every_recipe_lowers_to_a_model_that_passes_the_rules(model, recipe, wbits, tmp_path):
+    source = UNET if model == "unet" else DIT
+    if not source.exists():
+        pytest.skip(f"{source.name} not present")
+    calib = (_unet_feeds(0) if model == "unet" else _dit_feeds(0))[:1]
+    calib = [{k: v[:2] for k, v in batch.items()} for batch in calib]
+    out = tmp_path / "out.onnx"
+    options = CompileOptions(wbits=wbits, target="tensorrt", progress=False, write_report=False)
+    if recipe in REFUSED:
+        with pytest.raises(QCompileError, match=f"pass '{REFUSED[recipe]}'") as error:
+            qcompiler.quantize(source, _quick(recipe), calib, out, options)
+        assert "\n" not in str(error.value) and not out.exists()
+        return
+    result = qcompiler.quantize(source, _quick(recipe), calib, out, options)
+    assert check(out) == []
+    held = {k: v for k, v in (_unet_feeds(1) if model == "unet" else _dit_feeds(1))[0].items()}
+    got = make_session(str(out), threads=2).run(None, held)[0]
+    assert np.all(np.isfinite(got))
+    if wbits == 4:  # int4 MatMul weights are blocked DequantizeLinear (weight-only GEMMs) at opset 21
+        assert result.report["integer_kernels"]["op_types"]["GEMM int4 weight-only"] > 0

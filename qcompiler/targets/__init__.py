@@ -30,6 +30,10 @@ class Target:
         """Raise QCompileError naming a node of the input model that this target cannot run at all
         (checked before any work); the default accepts every model."""
 
+    def check_recipe(self, recipe) -> None:
+        """Raise QCompileError naming the pass of ``recipe`` whose own lowering this target cannot run
+        (checked before any work); the default accepts every recipe."""
+
     def lower(self, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 

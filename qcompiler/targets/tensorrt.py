@@ -17,7 +17,9 @@ ONNX parser's Q/DQ support, NVIDIA ModelOpt's ONNX placement) and what this targ
 - what TensorRT cannot run is replaced by a near equivalent and listed in ``fallbacks``
   (``targets.tensorrt_groups``): DGQ groups (symmetric affine or per-tensor), per-timestep ranges
   (static), log2 attention (float), sub-8-bit activations (8 bits over the same range);
-  anything else the rules reject (``targets.tensorrt_rules``) is refused with one line naming the node.
+  anything else the rules reject (``targets.tensorrt_rules``) is refused with one line naming the node;
+- refused before any work (``check_recipe``): recipes whose pass lowers its own GEMMs with run-time
+  scales (``qdit``: dynamic per-token groups on MatMulInteger).
 ONNX Runtime runs the output too (CPU tests compare it with the ORT target); ``runtimes.tensorrt``
 builds a strongly typed engine from it where ``tensorrt`` imports.
 """
@@ -39,6 +41,14 @@ from qcompiler.targets import Target
 from qcompiler.targets.tensorrt_groups import lower_group_plans, remove_log2_attention
 
 
+#: Passes that lower their own GEMMs to ops with run-time scales, and why TensorRT has no near equivalent.
+RUNTIME_SCALE_PASSES = {
+    "qdit_groups": "it lowers every Linear to a batched MatMulInteger whose per-token, per-group activation scales "
+                   "are computed at run time; TensorRT takes constant Q/DQ scales only and blocked weights only as "
+                   "int4 weight-only, so nothing near keeps Q-DiT's groups (use --target ort)",
+}
+
+
 @dataclass(frozen=True)
 class TensorRTTargetConfig:
     #: Check the lowered graph against ``tensorrt_rules`` (refuse, naming the node, on any violation).
@@ -56,6 +66,12 @@ class TensorRTTarget(Target):
             if node.domain not in ("", "ai.onnx"):
                 raise QCompileError(f"{source}: node '{node.name}' is {node.domain}:{node.op_type}, which TensorRT's "
                                     "ONNX parser has no layer for; export the model with standard ONNX ops")
+
+    def check_recipe(self, recipe) -> None:
+        for step in recipe.steps:
+            if step.pass_name in RUNTIME_SCALE_PASSES:
+                raise QCompileError(f"recipe '{recipe.name}' cannot target '{self.name}': pass '{step.pass_name}': "
+                                    f"{RUNTIME_SCALE_PASSES[step.pass_name]}")
 
     def lower(self, ctx: CompileContext) -> PassResult:
         notes = []

@@ -3,11 +3,12 @@
 DGQ channel groups (g(c) per channel c of a GEMM input X, calibrated range [m_g, M_g] per group,
 widened to hold 0 as DGQ's grids are)
 become one symmetric per-tensor grid and an exact per-channel affine, the symmetric form of
-``lowering.channel_affine``: with μ_g = (m_g + M_g)/2, s_g = (M_g − m_g)/(2·127), s = max_g s_g,
+``lowering.channel_affine``: with each group's own uint8 grid s_g = (M_g − m_g)/255, z_g = round(−m_g/s_g)
+moved to zero point 0 by μ_g = s_g·(128 − z_g) (``lowering.symmetric.int8_grid``), s = max_g s_g,
 r_c = s_g(c)/s ≤ 1 and μ_c = μ_g(c),
-    X' = (X − μ)/r,   q = clamp(round(X'/s), −127, 127)  (z = 0),   X̂ = r·s·q + μ,
+    X' = (X − μ)/r,   q = clamp(round(X'/s), −128, 127)  (z = 0),   X̂ = r·s·q + μ,
     Σ_c X̂_c·W[c, n] + b_n = Σ_c s·q_c·W'[c, n] + b'_n,   W' = diag(r)·W (re-quantized),  b' = b + μ·Ŵ.
-Each group keeps 255 levels over its own range (DGQ's asymmetric grid has 256), TensorRT runs one
+Each group keeps DGQ's own 256 levels over its range, 0 among them (q = z_g − 128); TensorRT runs one
 int8 GEMM per GEMM. The affine (X − μ)/r is absorbed by a LayerNorm that writes X when the GEMMs are
 its only readers, else it is an explicit Sub and Mul (pointwise ops TensorRT fuses with the Q before
 the GEMM); a padded Conv reads an explicit Pad(X, 0) first, so its border still reads X = 0.
@@ -34,7 +35,7 @@ from qcompiler.grids import GroupPlan, WeightRule, quantized_gemms
 from qcompiler.lowering import channel_affine as affine_ops
 from qcompiler.lowering.channel_groups import Builder, affine_reason
 from qcompiler.lowering.qdq import insert_tensor_qdq
-from qcompiler.lowering.symmetric import set_inputs
+from qcompiler.lowering.symmetric import int8_grid, set_inputs
 from qcompiler.quant import QuantSpec, scale_zero_point
 
 AFFINE = "symmetric per-tensor affine (one int8 GEMM)"
@@ -127,8 +128,7 @@ def _affine(ctx: CompileContext, plan: GroupPlan, x: gs.Tensor, able: list[gs.No
     # activation takes outside the calibrated rows) stays within s_g/2 instead of clipping to m_g.
     low = np.minimum(plan.group_min.astype(np.float64), 0.0)
     high = np.maximum(plan.group_max.astype(np.float64), 0.0)
-    centre = (low + high) / 2.0
-    group_scale = np.maximum((high - low) / 2.0, 1e-12) / 127.0
+    group_scale, centre = int8_grid(low, high)
     scale = float(group_scale.max())
     ratio, shift = group_scale[plan.labels] / scale, centre[plan.labels]
     b = Builder(ctx, target, x.name, f"DGQ channel groups (K={plan.groups}) of '{x.name}' as one symmetric grid "

@@ -184,7 +184,7 @@ def test_dgq_channel_groups_become_one_symmetric_grid_within_1_db_of_ort():
             assert lowered == {"symmetric per-tensor affine (one int8 GEMM)"}
     want, = _run(reference, {"x": held})
     ort, trt = sqnr_db(want, outputs["ort"]), sqnr_db(want, outputs["tensorrt"])
-    # The symmetric group grid has 255 levels to DGQ's 256 over the same range: ~0.03 dB, far inside 1 dB.
+    # The same 256 levels per group as DGQ's grids; only W' = diag(r)·W is re-quantized: far inside 1 dB.
     assert trt >= ort - 1.0, (ort, trt)
 
 
@@ -247,3 +247,42 @@ def test_an_input_no_producer_can_shift_gets_an_explicit_sub():
     got, = _run(_bypass_activation_qdq(model), {"x": data[1]})
     want, = _run(reference, {"x": data[1]})
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+
+
+def test_the_shifted_grid_is_the_uint8_grid_and_keeps_zero_on_it():
+    # c = s·(128 − z): the int8 code of X − c is the uint8 code of X − 128, so X = 0 is still a grid
+    # point. A centred shift would move 0 up to s/2 off the grid, an error of (s/2)·Σ|Ŵ| per output.
+    from qcompiler.lowering.symmetric import int8_grid
+
+    step, shift = int8_grid(-1.3, 4.1)
+    zero = round(1.3 / step)
+    assert step == pytest.approx(5.4 / 255, rel=1e-6) and shift == pytest.approx(step * (128 - zero), rel=1e-6)
+    assert int8_grid(-128.0, 127.0) == (1.0, 0.0)  # already centred on int8: no shift
+    rng = np.random.default_rng(4)
+    data = [(rng.standard_normal((2, 4, 16)) + 2.0).astype(np.float32) for _ in range(2)]
+    ctx, reference = _compile(graphs.linear_model(), data, TensorRTTarget)
+    model = ctx.model()
+    assert [r.details["shift_into"] for r in ctx.records if r.role == "activation"] == \
+        ["an explicit Sub before the QuantizeLinear"]
+    x = data[1].copy()
+    x[:, :2] = 0.0  # whole rows of exact zeros (padding, ReLU/GELU outputs)
+    got, = _run(model, {"x": x})
+    want, = _run(reference, {"x": x})
+    scale = next(float(np.reshape(n.inputs[1].values, -1)[0]) for n in ctx.graph.nodes if n.op == "QuantizeLinear")
+    weights = next(n for n in ctx.graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant))
+    w_hat = weights.inputs[0].values.astype(np.float64) * weights.inputs[1].values[None, :]
+    # float rounding of X − c and of the c·ΣŴ correction only: far below the s/2 of an off-grid 0
+    np.testing.assert_allclose(got[:, :2], want[:, :2], rtol=0, atol=1e-3 * scale * np.abs(w_hat).sum(axis=0).max())
+
+
+def test_qdit_is_refused_before_any_work_naming_its_pass(tmp_path, capsys):
+    from qcompiler.cli.main import main
+
+    model_path = tmp_path / "model.onnx"
+    onnx.save(ln_linear_model(), model_path)
+    out = tmp_path / "out.onnx"
+    code = main([str(model_path), "--recipe", "qdit", "--target", "tensorrt", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    # no calibration given: the refusal comes first, before the calibration check
+    assert code == 2 and err.count("\n") == 0 and "pass 'qdit_groups'" in err and "run time" in err, err
+    assert not out.exists()
