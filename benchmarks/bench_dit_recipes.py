@@ -29,18 +29,20 @@ from bench_diffusion import run_model  # noqa: E402
 from diffusion_rows import Row  # noqa: E402
 
 CLIP = ("--set", "quantize_weights.clip_search=true")
+RECIPES = ("minmax", "smoothquant", "osplus", "dgq", "dmq", "ptq4dit", "qdit")
+ALL_ROLES = ("--set", 'salience_balance.roles=["modulated", "attention_output", "other"]')
 
 
 def _recipes() -> list[str]:
     from qcompiler.recipes import available_recipes
 
-    return [name for name in ("minmax", "smoothquant", "ptq4dit", "qdit") if name in available_recipes()]
+    return [name for name in RECIPES if name in available_recipes()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--settings", nargs="+", default=["w8a8", "w4a8"])
-    parser.add_argument("--recipes", nargs="+", default=None, help="default: minmax smoothquant ptq4dit qdit")
+    parser.add_argument("--settings", nargs="+", default=["w8a8", "w6a8", "w4a8"])
+    parser.add_argument("--recipes", nargs="+", default=None, help="default: " + " ".join(RECIPES))
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--check-samples", type=int, default=4)
@@ -58,6 +60,7 @@ def rows_for(settings: list[str], recipes: list[str], ablation: bool) -> list[Ro
     if not ablation:
         return rows
     rows += [Row("ptq4dit", w, a, "csb-only", ("--set", "salience_balance.spearman=false")) for w, a in bits]
+    rows += [Row("ptq4dit", w, a, "all-layers", ALL_ROLES) for w, a in bits]  # fc2 and the rest balanced too
     rows += [Row("minmax", w, a, "clip-search", CLIP) for w, a in bits if w < 8]
     if "qdit" in recipes:
         from qdit_rows import qdit_variants
@@ -74,7 +77,8 @@ def _psnr(results: list[dict], recipe: str, setting: str, variant: str = "") -> 
 def comparisons(results: list[dict]) -> str:
     """Final-image PSNR differences between the rows that the DiT recipes are judged by."""
     pairs = [("ptq4dit", "", "smoothquant", ""), ("ptq4dit", "", "minmax", ""),
-             ("ptq4dit", "", "ptq4dit", "csb-only"), ("ptq4dit", "", "smoothquant", "clip-search"),
+             ("ptq4dit", "", "ptq4dit", "csb-only"),
+             ("ptq4dit", "all-layers", "smoothquant", ""), ("ptq4dit", "all-layers", "ptq4dit", ""), ("ptq4dit", "", "smoothquant", "clip-search"),
              ("ptq4dit", "", "minmax", "clip-search"), ("qdit", "", "ptq4dit", ""), ("qdit", "", "minmax", ""),
              ("qdit", "", "qdit", "uniform-128"), ("qdit", "", "qdit", "static")]
     lines = ["## Comparisons (final-image PSNR vs float, dB; from the rows above)", "",

@@ -58,6 +58,10 @@ class TensorRTTarget(Target):
                                     "ONNX parser has no layer for; export the model with standard ONNX ops")
 
     def lower(self, ctx: CompileContext) -> PassResult:
+        if ctx.dynamic_group_plans:
+            raise QCompileError(f"target '{self.name}': qdit's run-time per-token, per-group activation scales are "
+                                f"not expressible on TensorRT (constant per-tensor scales only; "
+                                f"{len(ctx.dynamic_group_plans)} Linears planned); use --target ort")
         notes = []
         replaced = remove_log2_attention(ctx, self.name)
         if replaced:
