@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--cached-only", action="store_true", help="only the rows already measured in --work")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="KEY",
+                        help="only these row keys (e.g. qdit.w4a8 qdit-static.w4a8): to measure rows in parallel "
+                             "processes sharing --work; a final run without it assembles every cached row")
     parser.add_argument("--work", type=Path, default=Path("build/bench_dit"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args(argv)
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.recipes = args.recipes or _recipes()
     rows = rows_for(args.settings, args.recipes, not args.no_ablation)
+    if args.rows:
+        rows = [row for row in rows if row.key() in args.rows]
     if args.cached_only:
         rows = [row for row in rows if (args.work / "dit" / "rows" / f"{row.key()}.s{args.samples}.json").exists()]
     results = run_model("dit", args, rows)
