@@ -1,9 +1,10 @@
 """The DiT recipes on the zoo's class-conditional DiT: final-image quality, integer kernels and latency vs float.
 
 Rows (one ``bench_diffusion`` run on ``models/dit_mnist.onnx``: same seeds, labels, sampler and measurements):
-- main: every ``--recipes`` at every ``--settings`` (default minmax, smoothquant, ptq4dit, qdit; W8A8 and
-  W4A8); osplus, dgq and dmq on this model: ``diffusion.md``;
-- ablation: ptq4dit with CSB alone (``salience_balance.spearman=false``: s̃(X) = max over timesteps) at
+- main: every ``--recipes`` at every ``--settings`` (default minmax, smoothquant, osplus, dgq, dmq, ptq4dit,
+  qdit at W8A8, W6A8 and W4A8);
+- ablation: ptq4dit with CSB alone (``salience_balance.spearman=false``: s̃(X) = max over timesteps) and
+  ptq4dit balancing every Linear (``roles`` + ``other``: fc2 and the embeddings too, as smoothquant does) at
   every setting; at W4, minmax with the MSE clip search of the int4 weight scales that ptq4dit uses, so
   the weight quantizer's share of a W4 difference is visible; at W4, qdit with one group size (128) for
   every layer and qdit with static ranges.
@@ -11,7 +12,10 @@ Rows (one ``bench_diffusion`` run on ``models/dit_mnist.onnx``: same seeds, labe
 Writes ``dit_recipes.json``, ``dit_recipes.md`` (with a comparison section computed from the rows) and
 ``dit_recipes.png`` to ``--out``. Rows are cached in ``--work`` (``dit/rows/*.json``) as in bench_diffusion.
 
-Usage: python benchmarks/bench_dit_recipes.py [--settings w8a8 w4a8] [--samples 32] [--work build/bench_dit]
+Latency (unless ``--no-latency``): the float model and the main rows, interleaved, ``--runs`` calls each.
+
+Usage: python benchmarks/bench_dit_recipes.py [--settings w8a8 w6a8 w4a8] [--samples 16] [--work build/bench_dit]
+       [--rows KEY ...]  (rows measured in parallel processes share --work; a run without --rows assembles them)
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diffusion import run_model  # noqa: E402
+from bench_diffusion import MODELS, calibration, measure_latency, models_dir, run_model  # noqa: E402
 from diffusion_rows import Row  # noqa: E402
 
 CLIP = ("--set", "quantize_weights.clip_search=true")
@@ -105,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [row for row in rows if row.key() in args.rows]
     if args.cached_only:
         rows = [row for row in rows if (args.work / "dit" / "rows" / f"{row.key()}.s{args.samples}.json").exists()]
+    latency, args.no_latency = not args.no_latency, True
     results = run_model("dit", args, rows)
+    if latency:  # the float model and the main rows only (ablations share their kernels), interleaved
+        main_rows = [r for r in results if "deployed" in r and not r.get("variant")]  # the float row first
+        measure_latency(main_rows, models_dir() / f"{MODELS['dit']}.onnx", calibration(MODELS["dit"], args.work / "dit"), args.runs)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": shlex.join(sys.argv),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "samples": args.samples, "steps": 25, "guidance": 4.0}
