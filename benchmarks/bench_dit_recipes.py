@@ -86,7 +86,7 @@ def comparisons(results: list[dict]) -> str:
     pairs = [("ptq4dit", "", "smoothquant", ""), ("ptq4dit", "", "minmax", ""),
              ("ptq4dit", "", "ptq4dit", "csb-only"),
              ("ptq4dit", "all-layers", "smoothquant", ""), ("ptq4dit", "all-layers", "ptq4dit", ""), ("ptq4dit", "", "smoothquant", "clip-search"),
-             ("ptq4dit", "", "minmax", "clip-search"), ("qdit", "", "ptq4dit", ""), ("qdit", "", "minmax", ""),
+             ("ptq4dit", "", "minmax", "clip-search"), ("qdit", "", "ptq4dit", ""), ("qdit", "", "minmax", ""), ("ptq4dit", "", "osplus", ""),
              ("qdit", "", "qdit", "uniform-128"), ("qdit", "", "qdit", "static")]
     lines = ["## Comparisons (final-image PSNR vs float, dB; from the rows above)", "",
              "| setting | row | vs row | Δ PSNR dB |", "|---|---|---|---|"]
@@ -96,6 +96,17 @@ def comparisons(results: list[dict]) -> str:
             if a is not None and b is not None:
                 name = lambda r, v: f"{r} {v}".strip()  # noqa: E731
                 lines.append(f"| {setting} | {name(recipe, variant)} | {name(other, other_variant)} | {a - b:+.2f} |")
+    lines += ["", "Per setting, the best main row other than the named recipe:", "",
+              "| setting | row | PSNR dB | best other main row | its PSNR dB | Δ dB |", "|---|---|---|---|---|---|"]
+    for setting in dict.fromkeys(r["setting"] for r in results if r.get("setting") != "float"):
+        main = {r["recipe"]: r["psnr_db"] for r in results
+                if r.get("setting") == setting and not r.get("variant") and "psnr_db" in r}
+        for recipe in ("ptq4dit", "qdit"):
+            others = {k: v for k, v in main.items() if k != recipe}
+            if recipe in main and others:
+                best = max(others, key=others.get)
+                lines.append(f"| {setting} | {recipe} | {main[recipe]:.2f} | {best} | {others[best]:.2f} "
+                             f"| {main[recipe] - others[best]:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args.recipes = args.recipes or _recipes()
     rows = rows_for(args.settings, args.recipes, not args.no_ablation)
     if args.rows:
-        rows = [row for row in rows if row.key() in args.rows]
+        by_key = {row.key(): row for row in rows}
+        rows = [by_key[key] for key in args.rows if key in by_key]  # in the order given
     if args.cached_only:
         rows = [row for row in rows if (args.work / "dit" / "rows" / f"{row.key()}.s{args.samples}.json").exists()]
     latency, args.no_latency = not args.no_latency, True
