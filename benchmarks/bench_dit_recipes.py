@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-samples", type=int, default=4)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--latency-batch", type=int, default=None,
+                        help="time calls on the first N samples of the calibration batch (default: all 32)")
     parser.add_argument("--cached-only", action="store_true", help="only the rows already measured in --work")
     parser.add_argument("--rows", nargs="+", default=None, metavar="KEY",
                         help="only these row keys (e.g. qdit.w4a8 qdit-static.w4a8): to measure rows in parallel "
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_model("dit", args, rows)
     if latency:  # the float model and the main rows only (ablations share their kernels), interleaved
         main_rows = [r for r in results if "deployed" in r and not r.get("variant")]  # the float row first
-        measure_latency(main_rows, models_dir() / f"{MODELS['dit']}.onnx", calibration(MODELS["dit"], args.work / "dit"), args.runs)
+        measure_latency(main_rows, models_dir() / f"{MODELS['dit']}.onnx", calibration(MODELS["dit"], args.work / "dit"), args.runs,
+                        args.latency_batch)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": shlex.join(sys.argv),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "samples": args.samples, "steps": 25, "guidance": 4.0}

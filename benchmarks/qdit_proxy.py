@@ -32,6 +32,9 @@ def parse_args(argv):
     parser.add_argument("--setting", default="w4a8")
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--calib-limit", type=int, default=None,
+                        help="calibration samples for the candidates' compiles (only the patch Conv's static range "
+                             "needs them; the same for every candidate)")
     parser.add_argument("--lowering", default="simulate", choices=("integer", "simulate"),
                         help="the candidates' ORT lowering (--dynamic-groups): simulate computes the same numbers "
                              "as integer to float rounding, about twice as fast on ORT's CPU at these widths")
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
         recipe = get_recipe("qdit").with_settings({"qdit_groups": {"sizes": tuple(sizes)}})
         out = args.work / f"candidate{index}.onnx"
         qcompiler.quantize(str(model_path), recipe, str(args.calib), out,
-                           CompileOptions(wbits=wbits, abits=abits, progress=False, dynamic_groups=args.lowering))
+                           CompileOptions(wbits=wbits, abits=abits, progress=False, dynamic_groups=args.lowering,
+                                          calib_limit=args.calib_limit))
         images, _ = sample_model(out, args.samples, sampler_config, text_source=model_path)
         scored = quality(images, labels, classifier, real)
         rows.append({"candidate": index, "proxy": float(errors[np.arange(len(choice)), choice].sum()),
