@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 
 from qcompiler.context import CompileContext, QuantSettings
-from qcompiler.errors import PassError
+from qcompiler.errors import PassError, QCompileError
 from qcompiler.lowering.dynamic_groups import activation_params, reference
 from qcompiler.passes import QditGroups
 from qcompiler.passes.qdit_groups import PAPER_SIZES, evolve, scaled_sizes
-from qcompiler.errors import QCompileError
 from qcompiler.targets.ort import OrtTarget
 from qcompiler.targets.tensorrt import TensorRTTarget
 from tests import fold_graphs, graphs
@@ -42,7 +41,7 @@ def _lowered(model, shapes, mode="integer", **config):
 @pytest.mark.parametrize("dynamic, mode", [(True, "integer"), (False, "integer"), (True, "simulate")])
 def test_lowering_matches_the_numpy_reference(dynamic, mode):
     model = graphs.linear_model(k=16, n=8, bias=False)
-    ctx, result = _lowered(model, {"x": (2, 4, 16)}, mode, sizes=(128,), dynamic=dynamic)
+    ctx, _ = _lowered(model, {"x": (2, 4, 16)}, mode, sizes=(128,), dynamic=dynamic)
     ops = [n.op for n in ctx.graph.nodes]
     assert ops.count("MatMulIntegerToFloat") == (mode == "integer")
     x = ctx.calibration[0].feeds["x"]
