@@ -195,8 +195,9 @@ def measure_row(row: Row, model: Path, calib: Path, work: Path, sampler: Sampler
     return result
 
 
-def measure_latency(rows: list[dict], model: Path, calib: Path, runs: int) -> None:
-    """Median ms of one denoiser call on the first calibration batch, rows interleaved per round.
+def measure_latency(rows: list[dict], model: Path, calib: Path, runs: int, batch_rows: int | None = None) -> None:
+    """Median ms of one denoiser call on the first calibration batch (its first ``batch_rows`` samples
+    when given), rows interleaved per round.
 
     The first row is the float model, so ``latency_vs_float`` compares side by side in one run.
     """
@@ -208,7 +209,7 @@ def measure_latency(rows: list[dict], model: Path, calib: Path, runs: int) -> No
     sessions = [make_session(row["deployed"], threads=1) for row in rows]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
     batch = load_calibration(calib, onnx.load(str(model), load_external_data=False))[0]
-    feeds = [{k: v for k, v in batch.feeds.items() if k in n} for n in names]
+    feeds = [{k: v[:batch_rows] for k, v in batch.feeds.items() if k in n} for n in names]
     times: list[list[float]] = [[] for _ in rows]
     for round_index in range(runs + 1):
         for offset in range(len(rows)):

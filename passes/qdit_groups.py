@@ -5,9 +5,10 @@ Per Linear (X·W, W [K, N]), a group size g from Q-DiT's set {32, 64, 128, 192, 
 with ``hidden`` the model's most common Linear input width and 1152 DiT-XL's (zoo DiT: 96, so the set is
 {3, 6, 12, 16, 24} for every layer, fc2's K = 384 included). Weights: symmetric int``wbits`` per group and
 output column; activations: asymmetric int``abits`` per token and group, ranges computed at run time
-(``dynamic``; ``dynamic = false``: one calibrated range per group). Lowered by
-``qcompiler.lowering.dynamic_groups``: one batched MatMulInteger per Linear (exact integer sums),
-per-token-group and per-group-column scales on its int32 partial sums.
+(``dynamic``; ``dynamic = false``: one calibrated range per group). The pass only decides: one
+``DynamicGroupPlan`` per Linear on ``ctx.dynamic_group_plans`` (``quantize_weights`` leaves those
+weights float); the target lowers them (ORT: ``qcompiler.lowering.dynamic_groups``, one MatMulInteger
+per Linear with the run-time per-token-group scales on its int32 partial sums).
 
 Search (Q-DiT's evolutionary search; its fitness is FID on 800 samples, too costly here): a
 configuration c assigns each layer one of the five sizes; it is valid when the mean paper-scale
@@ -32,14 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompiler.context import CompileContext, QuantRecord
+from qcompiler.context import CompileContext
 from qcompiler.errors import QCompileError
 from qcompiler.folding import find_scale_groups
-from qcompiler.graph import constant_value
-from qcompiler.lowering.dynamic_groups import lower_linear, reference
+from qcompiler.grids import DynamicGroupPlan
+from qcompiler.lowering.dynamic_groups import reference
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.passes.shift_scale import matmul_weights, sample_inputs
-from qcompiler.patterns import match_linear
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +178,14 @@ class QditGroups(Pass):
         static = self._static_ranges(ctx, groups) if not self.config.dynamic else {}
         chosen = [candidates[i][c] for i, c in enumerate(choice)]
         for (group, unit), size, paper in zip(units, chosen, choice):
-            self._lower(ctx, group, unit, size, PAPER_SIZES[paper], static.get(group.name))
-        ctx.graph.cleanup().toposort()
+            ctx.dynamic_group_plans[unit.node.name] = self._plan(ctx, group, unit, size, PAPER_SIZES[paper],
+                                                                 static.get(group.name))
         mean = float(np.mean([PAPER_SIZES[c] for c in choice]))
         notes.insert(0, f"{len(units)} Linears group-wise (hidden {hidden}: sizes {scaled_sizes(hidden, hidden)} "
                         f"for the paper's {list(PAPER_SIZES)}); chosen {_counts(chosen)}"
                         f", mean paper-scale size {mean:.0f} (budget {self.config.budget:g})")
         notes.append(f"sizes={[PAPER_SIZES[c] for c in choice]}")  # paper-scale, graph order: replay with `sizes`
-        return PassResult(True, tuple(notes))
+        return PassResult(False, tuple(notes))  # plans only: the target lowers them
 
     def _search(self, ctx, groups, units, candidates):
         errors = error_table(ctx, groups, units, candidates, self.config)
@@ -196,13 +196,8 @@ class QditGroups(Pass):
         stats = ctx.statistics({g.name: -1 for g in groups}, progress=False)
         return {name: (stat.channel_min, stat.channel_max) for name, stat in stats.items()}
 
-    def _lower(self, ctx, group, unit, size: int, paper: int, channel_range) -> None:
-        unit = match_linear(unit.node)
-        node, settings = unit.node, ctx.settings
-        weight = matmul_weights(unit)
-        bias = None
-        if node.op == "Gemm" and len(node.inputs) > 2:
-            bias = float(node.attrs.get("beta", 1.0)) * constant_value(node.inputs[2]).astype(np.float32)
+    def _plan(self, ctx, group, unit, size: int, paper: int, channel_range) -> DynamicGroupPlan:
+        settings = ctx.settings
         static = None
         if channel_range is not None:  # one range per group: the min/max of its channels, widened to hold 0
             low = np.minimum(channel_range[0].reshape(-1, size).min(axis=1), 0.0)
@@ -210,11 +205,4 @@ class QditGroups(Pass):
             scale = np.maximum((high - low) / (2**settings.abits - 1), 1e-12).astype(np.float32)
             zero = np.clip(np.rint(-low / scale), 0, 2**settings.abits - 1).astype(np.float32)
             static = (scale.reshape(1, -1, 1), zero.reshape(1, -1, 1))
-        name, tensor = node.name, group.name
-        lower_linear(ctx, node, weight, bias, size, settings.abits, settings.wbits, self.name, static)
-        kind = "static" if static is not None else "dynamic per-token"
-        ctx.records.append(QuantRecord(name, f"{name}/weight", "weight", f"int{settings.wbits} sym groups(g={size})",
-                                       "MatMulInteger (batched over groups)", self.name,
-                                       {"group_size": size, "paper_group_size": paper}))
-        ctx.records.append(QuantRecord(name, tensor, "activation", f"int{settings.abits} asym {kind} groups(g={size})",
-                                       "run-time scales on int32 sums", self.name, {"group_size": size}))
+        return DynamicGroupPlan(unit.node.name, group.name, size, paper, settings.abits, settings.wbits, static)

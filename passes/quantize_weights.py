@@ -81,8 +81,8 @@ class QuantizeWeights(Pass):
         changed = 0
         # tqdm shows itself on a terminal only; an SD-1.5 UNet's 282 weights take ~12 s.
         for unit in tqdm(units, desc="quantizing weights", unit="weight", leave=False, disable=None):
-            if unit.node.name in self.config.exclude_nodes:
-                continue
+            if unit.node.name in self.config.exclude_nodes or unit.node.name in ctx.dynamic_group_plans:
+                continue  # excluded, or planned group-wise by qdit_groups (the target quantizes those)
             if ctx.settings.wbits == 4 and isinstance(unit, Linear) and unit.node.op == "MatMul":
                 self._lower_matmul_nbits(ctx, unit)
             else:

@@ -43,6 +43,8 @@ class CompileOptions:
     #: The lowering target (``qcompiler.targets``) and its DGQ channel-group form.
     target: str = "ort"
     channel_groups: str = "affine"
+    #: The ORT target's Q-DiT group lowering: "integer" (one integer GEMM (MatMulIntegerToFloat) per Linear) or "simulate".
+    dynamic_groups: str = "integer"
     #: Allow the output path to be the input model's own path (the input is replaced atomically).
     force: bool = False
     #: ORT intra-op threads for calibration (None: ORT's default, one per core).
@@ -148,12 +150,16 @@ def _target(options: CompileOptions):
 
     if options.target == "ort":
         try:
-            return get_target("ort", OrtTargetConfig(channel_groups=options.channel_groups, device=options.device))
+            return get_target("ort", OrtTargetConfig(channel_groups=options.channel_groups,
+                                                     dynamic_groups=options.dynamic_groups, device=options.device))
         except ValueError as exc:
             raise QCompileError(str(exc)) from None
     if options.channel_groups != "affine":
         raise QCompileError(f"--channel-groups {options.channel_groups} is an ONNX Runtime lowering; target "
                             f"'{options.target}' lowers DGQ groups its own way (drop the option)")
+    if options.dynamic_groups != "integer":
+        raise QCompileError(f"--dynamic-groups {options.dynamic_groups} is an ONNX Runtime lowering; target "
+                            f"'{options.target}' has none (drop the option)")
     return get_target(options.target)
 
 

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.graph import NameScope, to_graph, to_model, to_skeleton
-from qcompiler.grids import GroupPlan, OutputGrid, WeightRule
+from qcompiler.grids import DynamicGroupPlan, GroupPlan, OutputGrid, WeightRule
 from qcompiler.skeleton import fresh_map
 
 #: Arrays below this size stay in memory when a pass asks to ``spill`` them.
@@ -74,6 +74,8 @@ class CompileContext:
         # Decisions the quantizing passes hand to the target's lowering stage (qcompiler/grids.py).
         #: DGQ group plans by tensor name (``dgq_groups``); None until that pass has run.
         self.group_plans: dict[str, GroupPlan] | None = None
+        #: Q-DiT group-wise GEMMs by Linear node name (``qdit_groups``); their weights stay float until lowering.
+        self.dynamic_group_plans: dict[str, DynamicGroupPlan] = {}
         #: Per-tensor grids of quantized Conv outputs (``insert_activation_qdq``), by tensor name.
         self.output_grids: dict[str, OutputGrid] = {}
         #: How each GEMM's weight grid was chosen (``quantize_weights``), by GEMM node name.

@@ -8,6 +8,8 @@ hand-over between the two:
 - ``OutputGrid`` (``ctx.output_grids``, written by ``insert_activation_qdq``): the per-tensor grid
   of a quantized Conv's output. Not every runtime needs it; ORT fuses DQ → Conv → Q into
   QLinearConv only when the output is quantized, so the ORT target inserts it.
+- ``DynamicGroupPlan`` (``ctx.dynamic_group_plans``, written by ``qdit_groups``): Q-DiT's group-wise
+  weights and per-token, per-group activations of one Linear (ranges at run time or calibrated).
 - ``WeightRule`` (``ctx.weight_rules``, written by ``quantize_weights``): how a GEMM's weight grid
   was chosen, so a lowering that rescales the weight rows (DGQ's channel affine) can re-derive
   the grid by the same rule.
@@ -91,6 +93,25 @@ class OutputGrid:
     calibrated_min: float
     calibrated_max: float
     samples: int
+
+
+@dataclass(frozen=True, eq=False)
+class DynamicGroupPlan:
+    """One Linear's Q-DiT grid: input channels in groups of ``group`` (``paper_group`` at DiT-XL scale);
+    weights symmetric int``wbits`` per (group, output column); activations asymmetric int``abits`` per
+    (token, group), ranges computed at run time, or ``static`` (s, z), each (1, G, 1), from calibration."""
+
+    node: str
+    tensor: str
+    group: int
+    paper_group: int
+    abits: int
+    wbits: int
+    static: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def details(self) -> dict[str, Any]:
+        return {"group_size": self.group, "paper_group_size": self.paper_group,
+                "ranges": "calibrated per group" if self.static is not None else "run time per token and group"}
 
 
 @dataclass(frozen=True, eq=False)

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "affine folded into W and b, one integer GEMM (default); split = K integer GEMMs "
                              "(bit-exact reference); fold = shared zero point, ratios in W; simulate = QDQ "
                              "before float GEMMs")
+    parser.add_argument("--dynamic-groups", default="integer", choices=("integer", "simulate"),
+                        help="qdit group lowering: integer = one integer GEMM (MatMulIntegerToFloat) per Linear, run-time per-token, "
+                             "per-group scales on its int32 sums (default); simulate = fake-quantized float GEMMs")
     parser.add_argument("--per-timestep", action="store_true",
                         help="DGQ: group ranges per calibrated timestep (diffusion; simulated lowering)")
     parser.add_argument("--tdq", action="store_true",
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
                              device=args.device, target=args.target, channel_groups=args.channel_groups,
-                             force=args.force, threads=args.threads, cluster=cluster_config(args))
+                             dynamic_groups=args.dynamic_groups, force=args.force, threads=args.threads, cluster=cluster_config(args))
     if pipeline is not None:
         from qcompiler.diffusion.pipeline_compile import REPORT_NAME, compile_pipeline
 

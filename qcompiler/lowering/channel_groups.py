@@ -42,7 +42,7 @@ class Builder:
         return self.ctx.constant(self.ctx.names.make(self.base, self.pass_name, suffix), np.asarray(value))
 
     def op(self, op: str, inputs: list, dtype, attrs: dict | None = None, outputs: list | None = None,
-           count: int = 1):
+           count: int = 1, domain: str | None = None):
         """Append ``op``; numpy inputs become constants. Returns its output (or ``count`` outputs)."""
         names = self.ctx.names
         inputs = [self.const(f"{op}_input{i}", x) if isinstance(x, (np.ndarray, np.generic)) else x
@@ -53,6 +53,8 @@ class Builder:
         node = gs.Node(op, names.make(self.base, self.pass_name, op), attrs=attrs or {}, inputs=inputs,
                        outputs=outputs)
         node.doc_string = f"qcompile {self.pass_name}: {self.why}"
+        if domain:
+            node.domain = domain
         self.ctx.graph.nodes.append(node)
         return outputs if count > 1 else outputs[0]
 

@@ -8,6 +8,8 @@ What ORT fuses into integer kernels, and so what this target emits:
 - DQ → MatMul → Add(b): the bias gets the activation's rank (2-D: MatMul+Add → Gemm), so ORT's
   MatMulAddFusion leaves the integer MatMul alone (``lowering.matmul_bias``);
 - int4 MatMul weights: MatMulNBits (chosen by ``quantize_weights``; see docs/architecture.md);
+- Q-DiT plans (``ctx.dynamic_group_plans``): per-token, per-group run-time scales around one
+  MatMulInteger per Linear (``lowering.dynamic_groups``; ``dynamic_groups="simulate"``: float);
 - DGQ group plans (``ctx.group_plans``): ``channel_groups="affine"`` (default) gives one per-tensor
   DequantizeLinear over DGQ's own codes and folds the affine into the GEMM's weight and bias
   (``lowering.channel_affine``), so every GEMM keeps one integer kernel; "split" (K partial
@@ -26,6 +28,7 @@ from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.errors import QCompileError
 from qcompiler.graph import constant_value
 from qcompiler.grids import quantized_gemms
+from qcompiler.lowering import dynamic_groups
 from qcompiler.lowering.matmul_bias import keep_matmul_bias_apart
 from qcompiler.lowering.qdq import insert_tensor_qdq, quantize_gemm_bias
 from qcompiler.pass_manager import PassResult
@@ -37,9 +40,14 @@ from qcompiler.targets.ort_groups import CHANNEL_GROUP_MODES, lower_group_plans
 class OrtTargetConfig:
     #: DGQ channel groups: "affine" (one GEMM, DGQ's codes), "split", "fold" or "simulate".
     channel_groups: str = "affine"
+    #: Q-DiT group plans: "integer" (one integer GEMM (MatMulIntegerToFloat) per Linear) or "simulate" (float MatMul on X̂).
+    dynamic_groups: str = "integer"
     device: str = "cpu"
 
     def __post_init__(self):
+        if self.dynamic_groups not in dynamic_groups.MODES:
+            raise ValueError(f"OrtTargetConfig: dynamic_groups must be one of {dynamic_groups.MODES}, "
+                             f"got {self.dynamic_groups!r}")
         if self.channel_groups not in CHANNEL_GROUP_MODES:
             raise ValueError(f"OrtTargetConfig: channel_groups must be one of {CHANNEL_GROUP_MODES}, "
                              f"got {self.channel_groups!r}")
@@ -64,6 +72,8 @@ class OrtTarget(Target):
         notes = []
         if ctx.group_plans:
             notes.append(lower_group_plans(ctx, self.config.channel_groups, self.name))
+        if ctx.dynamic_group_plans:
+            notes.append(dynamic_groups.lower_dynamic_group_plans(ctx, self.config.dynamic_groups, self.name))
         outputs = self._quantize_conv_outputs(ctx)
         matmuls = [node for node in quantized_gemms(ctx.graph) if node.op == "MatMul"]
         ranked, gemms = keep_matmul_bias_apart(ctx, matmuls, self.name)
@@ -73,7 +83,7 @@ class OrtTarget(Target):
         ctx.weight_rules = {name: replace(rule, source=None) for name, rule in ctx.weight_rules.items()}
         notes.append(f"{outputs} Conv outputs quantized for QLinearConv; {biases} Gemm biases in int32 for QGemm; "
                      f"{ranked} MatMul biases kept apart from MatMulAddFusion, {gemms} MatMul+Add as Gemm")
-        changed = bool(ctx.group_plans) or outputs > 0 or biases > 0 or ranked > 0 or gemms > 0
+        changed = bool(ctx.group_plans) or bool(ctx.dynamic_group_plans) or outputs > 0 or biases > 0 or ranked > 0 or gemms > 0
         return PassResult(changed, tuple(notes))
 
     def _quantize_conv_outputs(self, ctx: CompileContext) -> int:

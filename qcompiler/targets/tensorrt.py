@@ -74,6 +74,10 @@ class TensorRTTarget(Target):
                                     f"{RUNTIME_SCALE_PASSES[step.pass_name]}")
 
     def lower(self, ctx: CompileContext) -> PassResult:
+        if ctx.dynamic_group_plans:
+            raise QCompileError(f"target '{self.name}': qdit's run-time per-token, per-group activation scales are "
+                                f"not expressible on TensorRT (constant per-tensor scales only; "
+                                f"{len(ctx.dynamic_group_plans)} Linears planned); use --target ort")
         notes = []
         replaced = remove_log2_attention(ctx, self.name)
         if replaced:

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from qcompiler.context import CompileContext, QuantSettings
-from qcompiler.errors import PassError
+from qcompiler.errors import PassError, QCompileError
 from qcompiler.lowering.dynamic_groups import activation_params, reference
 from qcompiler.passes import QditGroups
 from qcompiler.passes.qdit_groups import PAPER_SIZES, evolve, scaled_sizes
+from qcompiler.targets.ort import OrtTarget
+from qcompiler.targets.tensorrt import TensorRTTarget
 from tests import fold_graphs, graphs
 from tests.passes.helpers import context, run_model
 
@@ -27,17 +29,21 @@ def test_search_respects_the_budget_and_finds_the_known_optimum():
     assert all(np.mean([PAPER_SIZES[c] for c in p]) >= 160 for p in population)
 
 
-def _lowered(model, shapes, **config):
+def _lowered(model, shapes, mode="integer", **config):
+    """The pass (plans only) then the ORT target's lowering of its plans."""
     ctx = context(model, shapes)
     result = QditGroups(QditGroups.Config(**config)).call(ctx)
+    assert not result.modified and len(ctx.dynamic_group_plans) > 0  # the pass decides, the target lowers
+    OrtTarget(OrtTarget.Config(dynamic_groups=mode)).lower(ctx)
     return ctx, result
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_lowering_matches_the_numpy_reference(dynamic):
+@pytest.mark.parametrize("dynamic, mode", [(True, "integer"), (False, "integer"), (True, "simulate")])
+def test_lowering_matches_the_numpy_reference(dynamic, mode):
     model = graphs.linear_model(k=16, n=8, bias=False)
-    ctx, result = _lowered(model, {"x": (2, 4, 16)}, sizes=(128,), dynamic=dynamic)
-    assert result.modified and "MatMulInteger" in {n.op for n in ctx.graph.nodes}
+    ctx, _ = _lowered(model, {"x": (2, 4, 16)}, mode, sizes=(128,), dynamic=dynamic)
+    ops = [n.op for n in ctx.graph.nodes]
+    assert ops.count("MatMulIntegerToFloat") == (mode == "integer")
     x = ctx.calibration[0].feeds["x"]
     weight = next(i for i in model.graph.initializer if i.name == "W")
     from onnx import numpy_helper
@@ -72,7 +78,7 @@ def test_searched_block_runs_integer_and_close_to_float():
                            crossovers=2)
     assert any(note.startswith("search:") for note in result.notes)
     ops = [n.op for n in ctx.graph.nodes]
-    assert ops.count("MatMulInteger") == 6 and "MatMul" in ops  # q, k, v, o, fc1, fc2; attention stays float
+    assert ops.count("MatMulIntegerToFloat") == 6 and "MatMul" in ops  # q, k, v, o, fc1, fc2; attention stays float
     feeds = ctx.calibration[0].feeds
     expected, got = run_model(model, feeds), run_model(ctx.model(), feeds)
     # W8A8 with groups of ≤ 8 channels: a few tenths of a percent of the output's range.
@@ -84,3 +90,10 @@ def test_no_linear_is_no_match_and_search_needs_calibration():
     assert not QditGroups().call(ctx).modified
     with pytest.raises(PassError, match="calibration"):
         QditGroups().requires(CompileContext(fold_graphs.block_model(), QuantSettings()))
+
+
+def test_tensorrt_refuses_run_time_group_scales():
+    ctx = context(graphs.linear_model(k=16, n=8, bias=False), {"x": (2, 4, 16)})
+    QditGroups(QditGroups.Config(uniform=128)).call(ctx)
+    with pytest.raises(QCompileError, match="not expressible on TensorRT"):
+        TensorRTTarget().lower(ctx)
