@@ -18,8 +18,8 @@ ONNX parser's Q/DQ support, NVIDIA ModelOpt's ONNX placement) and what this targ
   (``targets.tensorrt_groups``): DGQ groups (symmetric affine or per-tensor), per-timestep ranges
   (static), log2 attention (float), sub-8-bit activations (8 bits over the same range);
   anything else the rules reject (``targets.tensorrt_rules``) is refused with one line naming the node;
-- refused before any work (``check_recipe``): recipes whose pass lowers its own GEMMs with run-time
-  scales (``qdit``: dynamic per-token groups on MatMulInteger).
+- refused before any work (``check_recipe``): recipes whose plans need run-time activation scales
+  (``qdit``: dynamic per-token, per-group ranges).
 ONNX Runtime runs the output too (CPU tests compare it with the ORT target); ``runtimes.tensorrt``
 builds a strongly typed engine from it where ``tensorrt`` imports.
 """
@@ -43,8 +43,8 @@ from qcompiler.targets.tensorrt_groups import lower_group_plans, remove_log2_att
 
 #: Passes that lower their own GEMMs to ops with run-time scales, and why TensorRT has no near equivalent.
 RUNTIME_SCALE_PASSES = {
-    "qdit_groups": "it lowers every Linear to a batched MatMulInteger whose per-token, per-group activation scales "
-                   "are computed at run time; TensorRT takes constant Q/DQ scales only and blocked weights only as "
+    "qdit_groups": "its plans quantize every Linear's input per token and channel group with scales "
+                   "computed at run time; TensorRT takes constant Q/DQ scales only and blocked weights only as "
                    "int4 weight-only, so nothing near keeps Q-DiT's groups (use --target ort)",
 }
 
