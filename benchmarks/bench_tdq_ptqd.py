@@ -42,6 +42,7 @@ def parse_args(argv):
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("build/bench_tdq_ptqd"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--rows", nargs="+", default=None, help="only these row labels (default: all)")
     parser.add_argument("--cached-only", action="store_true", help="write the tables from the rows already measured")
     return parser.parse_args(argv)
 
@@ -114,6 +115,8 @@ def run_model(name: str, args) -> list[dict]:
     results = []
     for setting in args.settings:
         for label, row, derived in rows_for(setting):
+            if args.rows is not None and label not in args.rows:
+                continue
             cached = work / "rows" / f"{setting}.{label.replace(' ', '')}.s{args.samples}.json"
             if not cached.exists() and args.cached_only:
                 continue
