@@ -140,6 +140,10 @@ def run_model(name: str, args) -> list[dict]:
                           **extra, **{s: scorer.score(path, s) for s in samplings}}
                 cached.write_text(json.dumps(result))
             results.append(json.loads(cached.read_text()))
+            report = work / f"{row.key()}.onnx.report.json"
+            if "tdq" in label and report.exists():
+                results[-1]["tdq_notes"] = [n for p in json.loads(report.read_text())["passes"] if p["name"] == "tdq"
+                                            for n in p["notes"]]
             print(f"[bench] {name} {setting} {label}: " + ", ".join(
                 f"{s} {results[-1][s]['psnr_db']:.2f} dB" for s in SAMPLINGS if s in results[-1]), flush=True)
     return results
@@ -176,10 +180,43 @@ def write_tables(results: list[dict], meta: dict, out: Path) -> None:
                 p = r["ptqd"]
                 lines.append(f"| {r['setting']} | {r['row']} | {p['k_min']:+.4f} / {p['k_mean']:+.4f} / {p['k_max']:+.4f} | "
                              f"{p['residual_variance_min']:.3g} / {p['residual_variance_max']:.3g} |")
-        lines.append("")
+        lines += tdq_lines(rows) + ptqd_by_t_lines(rows) + [""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "tdq_ptqd.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     (out / "tdq_ptqd.md").write_text("\n".join(lines) + "\n")
+
+
+def tdq_lines(rows: list[dict]) -> list[str]:
+    """TDQ against the lookup (dgq+tdq vs dgq --per-timestep) at calibrated and unseen timesteps, and its notes."""
+    lines = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        by = {r["row"]: r for r in rows if r["setting"] == setting}
+        for base, lookup in (("dgq+tdq", "dgq --per-timestep"), ("minmax+tdq", "minmax")):
+            if base in by and lookup in by:
+                cells = [f"{s}: {by[base][s]['psnr_db']:.2f} vs {by[lookup][s]['psnr_db']:.2f} dB "
+                         f"({by[base][s]['psnr_db'] - by[lookup][s]['psnr_db']:+.2f})"
+                         for s in ("25 steps", "15 steps (unseen t)") if s in by[base] and s in by[lookup]]
+                lines.append(f"- {setting} {base} vs {lookup}: " + "; ".join(cells))
+        for label in ("minmax+tdq", "dgq+tdq"):
+            for note in by.get(label, {}).get("tdq_notes", []):
+                lines.append(f"- {setting} {label} (compile): {note}")
+    return ["", "TDQ (final-image PSNR vs float; calibrated timesteps = 25 steps, unseen = 15 steps):", ""] + lines if lines else []
+
+
+def ptqd_by_t_lines(rows: list[dict]) -> list[str]:
+    """k_t and the corrected residual variance at every calibrated timestep, per PTQD row."""
+    ptqd = [r for r in rows if "ptqd" in r]
+    if not ptqd:
+        return []
+    steps = sorted({int(t) for r in ptqd for t in r["ptqd"]["k_by_t"]})
+    steps = steps[:4] + steps[4::5] if len(steps) > 12 else steps  # the last steps, then a sparser spread
+    lines = ["", "PTQD k_t / residual variance by timestep (a selection):", "",
+             "| setting | row | " + " | ".join(f"t={t}" for t in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for r in ptqd:
+        k, v = r["ptqd"]["k_by_t"], r["ptqd"]["variance_by_t"]
+        lines.append(f"| {r['setting']} | {r['row']} | " + " | ".join(
+            f"{k[str(t)] if str(t) in k else k[t]:+.4f} / {v[str(t)] if str(t) in v else v[t]:.2g}" for t in steps) + " |")
+    return lines
 
 
 def main(argv=None) -> int:

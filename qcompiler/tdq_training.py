@@ -142,11 +142,12 @@ def fake_quant_error(torch, values, low, high, labels, spec: QuantSpec):
     return error / values.pow(2).sum(dim=(2, 3)).clamp(min=1e-12)
 
 
-def _padded(arrays: list[np.ndarray], width: int, fill=0) -> np.ndarray:
-    """Stack arrays whose last axis differs, padded with ``fill`` to ``width``."""
-    out = np.full((len(arrays), *arrays[0].shape[:-1], width), fill, dtype=arrays[0].dtype)
+def _padded(arrays: list[np.ndarray], fill=0) -> np.ndarray:
+    """Stack arrays of the same rank whose shapes differ, each axis padded with ``fill`` to the largest."""
+    shape = np.max([a.shape for a in arrays], axis=0)
+    out = np.full((len(arrays), *shape), fill, dtype=arrays[0].dtype)
     for i, a in enumerate(arrays):
-        out[i, ..., : a.shape[-1]] = a
+        out[(i, *(slice(0, n) for n in a.shape))] = a
     return out
 
 
@@ -200,11 +201,10 @@ def _train_batch(torch, samples, spec, num_train_timesteps, settings) -> list[Ti
         rows = np.clip(np.rint(samples[0].timesteps), 0, num_train_timesteps - 1).astype(np.int64)
         base_low = torch.from_numpy(np.stack([b[0][rows] for b in bases]).astype(np.float32))
         base_high = torch.from_numpy(np.stack([b[1][rows] for b in bases]).astype(np.float32))
-        width_n = max(s.values.shape[-1] for s in samples)
         with_extremes = [np.concatenate([s.values, s.low[:, None], s.high[:, None]], axis=1).astype(np.float32)
                          for s in samples]
-        values = torch.from_numpy(_padded(with_extremes, width_n))
-        labels = torch.from_numpy(_padded([s.labels.astype(np.int64) for s in samples], width_n))
+        values = torch.from_numpy(_padded(with_extremes))  # zero rows/indices: no error
+        labels = torch.from_numpy(_padded([s.labels.astype(np.int64) for s in samples]))
         reference = fake_quant_error(torch, values, base_low, base_high, labels, spec).detach().clamp(min=1e-12)
         optimizer = torch.optim.Adam([w1, b1, w2, b2], lr=settings.tune_lr)
         for _ in range(settings.tune_iterations):
