@@ -171,6 +171,19 @@ def test_a_tuned_correction_that_raises_held_out_error_is_dropped(monkeypatch):
     np.testing.assert_allclose(plan.timestep_scales, untuned.timestep_scales, rtol=1e-6)
 
 
+def test_zero_padding_of_rows_and_indices_adds_no_quantization_error():
+    """Activations trained together are padded to the most rows and indices; X = 0 is exact on every grid."""
+    from qcompiler.tdq_training import _padded, fake_quant_error
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((3, 5, 4)).astype(np.float32), rng.standard_normal((3, 8, 6)).astype(np.float32)
+    low, high = torch.full((2, 3, 1), -1.5), torch.full((2, 3, 1), 2.0)
+    padded = fake_quant_error(torch, torch.from_numpy(_padded([a, b])), low, high,
+                              torch.zeros((2, 6), dtype=torch.int64), SPEC)
+    alone = fake_quant_error(torch, torch.from_numpy(a[None]), low[:1], high[:1], torch.zeros((1, 4), dtype=torch.int64), SPEC)
+    np.testing.assert_allclose(padded[0].numpy(), alone[0].numpy(), rtol=1e-6)
+
+
 def test_dgq_groups_get_a_table_per_group():
     ctx = compiled(groups=4)
     plan = ctx.group_plans["h"]
