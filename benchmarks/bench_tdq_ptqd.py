@@ -93,7 +93,11 @@ def rows_for(setting: str) -> list[tuple[str, Row, str | None]]:
             ("minmax+tdq", Row("minmax", w, a, "tdq", ("--tdq", *one)), None),
             ("dgq", Row("dgq", w, a, "", one), None), ("dgq+ptqd", Row("dgq", w, a, "", one), "ptqd"),
             ("dgq+tdq", Row("dgq", w, a, "tdq", ("--tdq", *one)), None),
-            ("dgq --per-timestep", Row("dgq", w, a, "per-timestep", ("--per-timestep", *one)), None)]
+            ("dgq --per-timestep", Row("dgq", w, a, "per-timestep", ("--per-timestep", *one)), None),
+            # The tdq/per-timestep rows leave Conv outputs float (no QLinearConv to requantize for):
+            # minmax the same way separates that from the ranges.
+            ("minmax, Conv outputs float", Row("minmax", w, a, "convout-float",
+                                               ("--set", "insert_activation_qdq.quantize_conv_outputs=false", *one)), None)]
 
 
 def ptqd_summary(estimates: dict) -> dict:
