@@ -187,7 +187,8 @@ def write_tables(results: list[dict], meta: dict, out: Path) -> None:
         lines += tdq_lines(rows) + ptqd_by_t_lines(rows) + [""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "tdq_ptqd.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
-    (out / "tdq_ptqd.md").write_text("\n".join(lines) + "\n")
+    notes = out / "tdq_ptqd.notes.md"  # the hand-written reading of the measured rows, kept across runs
+    (out / "tdq_ptqd.md").write_text("\n".join(lines) + "\n" + (notes.read_text() if notes.exists() else ""))
 
 
 def tdq_lines(rows: list[dict]) -> list[str]:
