@@ -196,7 +196,8 @@ def tdq_lines(rows: list[dict]) -> list[str]:
     lines = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         by = {r["row"]: r for r in rows if r["setting"] == setting}
-        for base, lookup in (("dgq+tdq", "dgq --per-timestep"), ("minmax+tdq", "minmax")):
+        for base, lookup in (("dgq+tdq", "dgq --per-timestep"), ("minmax+tdq", "minmax, Conv outputs float"),
+                             ("minmax+tdq", "minmax"), ("dgq+tdq", "dgq")):
             if base in by and lookup in by:
                 cells = [f"{s}: {by[base][s]['psnr_db']:.2f} vs {by[lookup][s]['psnr_db']:.2f} dB "
                          f"({by[base][s]['psnr_db'] - by[lookup][s]['psnr_db']:+.2f})"
