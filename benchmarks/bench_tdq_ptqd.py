@@ -42,6 +42,7 @@ def parse_args(argv):
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("build/bench_tdq_ptqd"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--rows", nargs="+", default=None, help="only these row labels (default: all)")
     parser.add_argument("--cached-only", action="store_true", help="write the tables from the rows already measured")
     return parser.parse_args(argv)
 
@@ -92,7 +93,11 @@ def rows_for(setting: str) -> list[tuple[str, Row, str | None]]:
             ("minmax+tdq", Row("minmax", w, a, "tdq", ("--tdq", *one)), None),
             ("dgq", Row("dgq", w, a, "", one), None), ("dgq+ptqd", Row("dgq", w, a, "", one), "ptqd"),
             ("dgq+tdq", Row("dgq", w, a, "tdq", ("--tdq", *one)), None),
-            ("dgq --per-timestep", Row("dgq", w, a, "per-timestep", ("--per-timestep", *one)), None)]
+            ("dgq --per-timestep", Row("dgq", w, a, "per-timestep", ("--per-timestep", *one)), None),
+            # The tdq/per-timestep rows leave Conv outputs float (no QLinearConv to requantize for):
+            # minmax the same way separates that from the ranges.
+            ("minmax, Conv outputs float", Row("minmax", w, a, "convout-float",
+                                               ("--set", "insert_activation_qdq.quantize_conv_outputs=false", *one)), None)]
 
 
 def ptqd_summary(estimates: dict) -> dict:
@@ -114,6 +119,8 @@ def run_model(name: str, args) -> list[dict]:
     results = []
     for setting in args.settings:
         for label, row, derived in rows_for(setting):
+            if args.rows is not None and label not in args.rows:
+                continue
             cached = work / "rows" / f"{setting}.{label.replace(' ', '')}.s{args.samples}.json"
             if not cached.exists() and args.cached_only:
                 continue
@@ -137,6 +144,10 @@ def run_model(name: str, args) -> list[dict]:
                           **extra, **{s: scorer.score(path, s) for s in samplings}}
                 cached.write_text(json.dumps(result))
             results.append(json.loads(cached.read_text()))
+            report = work / f"{row.key()}.onnx.report.json"
+            if "tdq" in label and report.exists():
+                results[-1]["tdq_notes"] = [n for p in json.loads(report.read_text())["passes"] if p["name"] == "tdq"
+                                            for n in p["notes"]]
             print(f"[bench] {name} {setting} {label}: " + ", ".join(
                 f"{s} {results[-1][s]['psnr_db']:.2f} dB" for s in SAMPLINGS if s in results[-1]), flush=True)
     return results
@@ -173,10 +184,45 @@ def write_tables(results: list[dict], meta: dict, out: Path) -> None:
                 p = r["ptqd"]
                 lines.append(f"| {r['setting']} | {r['row']} | {p['k_min']:+.4f} / {p['k_mean']:+.4f} / {p['k_max']:+.4f} | "
                              f"{p['residual_variance_min']:.3g} / {p['residual_variance_max']:.3g} |")
-        lines.append("")
+        lines += tdq_lines(rows) + ptqd_by_t_lines(rows) + [""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "tdq_ptqd.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
-    (out / "tdq_ptqd.md").write_text("\n".join(lines) + "\n")
+    notes = out / "tdq_ptqd.notes.md"  # the hand-written reading of the measured rows, kept across runs
+    (out / "tdq_ptqd.md").write_text("\n".join(lines) + "\n" + (notes.read_text() if notes.exists() else ""))
+
+
+def tdq_lines(rows: list[dict]) -> list[str]:
+    """TDQ against the lookup (dgq+tdq vs dgq --per-timestep) at calibrated and unseen timesteps, and its notes."""
+    lines = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        by = {r["row"]: r for r in rows if r["setting"] == setting}
+        for base, lookup in (("dgq+tdq", "dgq --per-timestep"), ("minmax+tdq", "minmax, Conv outputs float"),
+                             ("minmax+tdq", "minmax"), ("dgq+tdq", "dgq")):
+            if base in by and lookup in by:
+                cells = [f"{s}: {by[base][s]['psnr_db']:.2f} vs {by[lookup][s]['psnr_db']:.2f} dB "
+                         f"({by[base][s]['psnr_db'] - by[lookup][s]['psnr_db']:+.2f})"
+                         for s in ("25 steps", "15 steps (unseen t)") if s in by[base] and s in by[lookup]]
+                lines.append(f"- {setting} {base} vs {lookup}: " + "; ".join(cells))
+        for label in ("minmax+tdq", "dgq+tdq"):
+            for note in by.get(label, {}).get("tdq_notes", []):
+                lines.append(f"- {setting} {label} (compile): {note}")
+    return ["", "TDQ (final-image PSNR vs float; calibrated timesteps = 25 steps, unseen = 15 steps):", ""] + lines if lines else []
+
+
+def ptqd_by_t_lines(rows: list[dict]) -> list[str]:
+    """k_t and the corrected residual variance at every calibrated timestep, per PTQD row."""
+    ptqd = [r for r in rows if "ptqd" in r]
+    if not ptqd:
+        return []
+    steps = sorted({int(t) for r in ptqd for t in r["ptqd"]["k_by_t"]})
+    steps = steps[:4] + steps[4::5] if len(steps) > 12 else steps  # the last steps, then a sparser spread
+    lines = ["", "PTQD k_t / residual variance by timestep (a selection):", "",
+             "| setting | row | " + " | ".join(f"t={t}" for t in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for r in ptqd:
+        k, v = r["ptqd"]["k_by_t"], r["ptqd"]["variance_by_t"]
+        lines.append(f"| {r['setting']} | {r['row']} | " + " | ".join(
+            f"{k[str(t)] if str(t) in k else k[t]:+.4f} / {v[str(t)] if str(t) in v else v[t]:.2g}" for t in steps) + " |")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,21 @@
 """Pass ``tdq`` (TDQ, temporal dynamic quantization): activation ranges predicted from the timestep.
 
 Per quantized GEMM input X (its K groups from ``dgq_groups`` when planned, else one group), a
-small MLP maps the timestep embedding to each group's range (``qcompiler/tdq_training.py``):
+small MLP maps the timestep embedding to a correction of the per-timestep lookup's range
+(``qcompiler/tdq_training.py``):
     emb(t) = [sin(ω_i t), cos(ω_i t)],  ω_i = π·2^i/(2T)           (T = num_train_timesteps)
-    (u, v) = W2·SiLU(W1·emb(t) + b1) + b2,   lo_g(t) = lo_g·e^{u_g},  hi_g(t) = hi_g·e^{v_g}
+    (u, v) = W2·SiLU(W1·emb(t) + b1) + b2,   lo_g(t) = L_lo,g(t)·e^{u_g},  hi_g(t) = L_hi,g(t)·e^{v_g}
     s_g(t) = (hi_g(t) − lo_g(t))/(2^b − 1),   z_g(t) = round(−lo_g(t)/s_g(t))
-with [lo_g, hi_g] the static (all-timestep) range, so an untrained MLP (W2 = 0) is the static grid.
-Training on the calibration activations grouped by timestep (seeded Adam, one CPU thread):
-fit the per-timestep min/max ranges (the ``dgq --per-timestep`` lookup), then tune on the relative
-quantization error Σ_t ‖X_t − X̂_t‖²/‖X_t‖² of sampled rows (straight-through rounding).
+L(t) is the lookup envelope: at a calibrated t the group's min/max there (the ``dgq --per-timestep``
+lookup), between two calibrated timesteps the envelope of both, beyond the ends the end ranges.
+W2 = b2 = 0 at the start, so the untuned MLP reproduces the lookup exactly at the calibrated t.
+Tuning (seeded Adam, one CPU thread) lowers the relative quantization error of the sampled
+training rows plus each index's extremes at the calibrated t, with a penalty λ·mean(u² + v²).
+The calibration rows are split by trajectory (every 4th prompt held out; each file of a collected
+set holds one timestep of every trajectory, so a split by file would hold out timesteps): per
+activation the tuned correction is kept only if it lowers the full-tensor relative error of the
+held-out rows summed over the calibrated timesteps, else the table is the envelope. The deployed
+envelope is that of every row's ranges.
 Deploy: the MLP evaluated at every t in [0, T) gives tables S[t], Z[t] (T × K) that the target
 gathers by the model's timestep input at run time, so timesteps the calibration never saw (another
 step count) get their own parameters; the MLP is not in the graph.
@@ -31,7 +38,7 @@ from qcompiler.errors import PassError
 from qcompiler.grids import GroupPlan, quantized_gemms
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.quant import QuantSpec, scale_zero_point
-from qcompiler.tdq_training import TimestepSamples, TrainSettings, train_mlps
+from qcompiler.tdq_training import TimestepMlp, TimestepSamples, TrainSettings, lookup_envelope, train_mlps
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class TdqConfig(TrainSettings):
 
     #: Rows (positions) per timestep and activation kept for the tuning loss.
     rows_per_timestep: int = 32
+    #: One calibration trajectory in this many is held out to accept or reject each tuned correction.
+    heldout_every: int = 4
     timestep_input: str = "timestep"
     #: T of the table; None: the model JSON's scheduler_config.num_train_timesteps, else 1000.
     num_train_timesteps: int | None = None
@@ -50,8 +59,9 @@ class TdqConfig(TrainSettings):
     def __post_init__(self):
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise ValueError(f"TdqConfig: embedding_dim must be even and ≥ 2, got {self.embedding_dim}")
-        if min(self.hidden, self.rows_per_timestep) < 1 or min(self.fit_iterations, self.tune_iterations) < 0:
-            raise ValueError("TdqConfig: hidden and rows_per_timestep must be ≥ 1, iterations ≥ 0")
+        if min(self.hidden, self.rows_per_timestep) < 1 or self.tune_iterations < 0 or self.heldout_every < 2:
+            raise ValueError("TdqConfig: hidden and rows_per_timestep must be ≥ 1, tune_iterations ≥ 0, "
+                             "heldout_every ≥ 2")
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)})
@@ -100,26 +110,46 @@ class Tdq(Pass):
             return PassResult(False, ("no quantized GEMM input", *notes))
         T = train_timesteps(ctx, self.config.num_train_timesteps)
         started = time.perf_counter()
-        samples = self._samples(ctx, plans)
+        train, heldout = self._split(ctx)
+        samples = self._samples(ctx, plans, train)
         captured = time.perf_counter()
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
-        parameters = 0
         names = list(plans)
-        mlps = train_mlps([samples[n] for n in names], [plans[n].group_min for n in names],
-                          [plans[n].group_max for n in names], spec, T, self.config.train_settings())
-        for name, mlp in zip(names, mlps):
+        mlps = dict(zip(names, train_mlps([samples[n] for n in names], spec, T, self.config.train_settings())))
+        trained = time.perf_counter()
+        kept = self._validate(ctx, plans, mlps, samples, heldout, spec) if self.config.tune_iterations else {}
+        parameters = 0
+        for name, mlp in mlps.items():
             plan = plans[name]
             plan.timesteps = np.arange(T, dtype=np.float64)
             plan.timestep_scales, plan.timestep_zero_points = mlp.table(spec)
             plan.timestep_input, plan.timestep_method = self.config.timestep_input, "tdq"
             parameters += mlp.parameters
-        trained = time.perf_counter()
-        calibrated = samples[next(iter(plans))].timesteps.size
+        calibrated = samples[names[0]].timesteps.size
         notes.append(f"{len(plans)} activations ({len(new)} per-tensor, {len(plans) - len(new)} DGQ-grouped): "
-                     f"MLPs of {parameters} parameters in all, trained on {calibrated} calibrated timesteps, "
-                     f"tabled at t = 0..{T - 1} (simulated lowering: run-time scales); samples {captured - started:.1f} s, "
-                     f"training {trained - captured:.1f} s")
+                     f"MLPs of {parameters} parameters in all on {calibrated} calibrated timesteps, tabled at "
+                     f"t = 0..{T - 1} (simulated lowering: run-time scales); tuned correction kept for "
+                     f"{sum(kept.values())} of {len(kept)} (held-out error), the lookup envelope elsewhere; "
+                     f"samples {captured - started:.1f} s, training {trained - captured:.1f} s, "
+                     f"check {time.perf_counter() - trained:.1f} s")
         return PassResult(False, tuple(notes))
+
+    def _split(self, ctx: CompileContext) -> tuple[list, list]:
+        """(training parts, held-out parts) of the calibration regrouped by timestep: every
+        ``heldout_every``-th trajectory held out (nothing when tuning is off)."""
+        from qcompiler.lowering.timestep_ranges import split_by_timestep
+
+        by_t = split_by_timestep(ctx.calibration, self.config.timestep_input)
+        train, heldout = [], []
+        for parts in by_t.values():
+            for part in parts:
+                mask = heldout_rows(part, self.config.heldout_every) if self.config.tune_iterations else None
+                if mask is None or not mask.any() or mask.all():
+                    train.append(part)
+                    continue
+                train.append(select_rows(part, ~mask, "train"))
+                heldout.append(select_rows(part, mask, "held out"))
+        return train, heldout
 
     def _per_tensor_plans(self, ctx: CompileContext, plans: dict, notes: list[str]) -> dict[str, GroupPlan]:
         """A one-group plan for every quantized GEMM input that has neither a plan nor a QDQ yet."""
@@ -148,22 +178,21 @@ class Tdq(Pass):
                                   low, high, spec.bits, 0.0, 0.0)
         return new
 
-    def _samples(self, ctx: CompileContext, plans: dict[str, GroupPlan]) -> dict[str, TimestepSamples]:
+    def _samples(self, ctx: CompileContext, plans: dict[str, GroupPlan], parts: list) -> dict[str, TimestepSamples]:
         """Per plan, per calibrated timestep: per-index min/max over every row, and sampled rows."""
         from qcompiler.calibration.capture import stream_tensors
         from qcompiler.calibration.statistics import StatsConfig
-        from qcompiler.lowering.timestep_ranges import split_by_timestep
+        from qcompiler.lowering.timestep_ranges import batch_timesteps
 
-        by_t = split_by_timestep(ctx.calibration, self.config.timestep_input)
-        timesteps = np.array(list(by_t), dtype=np.float64)
-        index_of = {id(part): i for i, parts in enumerate(by_t.values()) for part in parts}
-        ordered = [part for parts in by_t.values() for part in parts]
+        step_of = [float(batch_timesteps(part, self.config.timestep_input)[0]) for part in parts]
+        timesteps = np.array(sorted(set(step_of)), dtype=np.float64)
+        index_of = {id(part): int(np.searchsorted(timesteps, t)) for part, t in zip(parts, step_of)}
         rng = np.random.default_rng(self.config.seed)
         low: dict[str, list] = {name: [None] * timesteps.size for name in plans}
         high: dict[str, list] = {name: [None] * timesteps.size for name in plans}
         rows: dict[str, list] = {name: [[] for _ in timesteps] for name in plans}
         config = StatsConfig(progress=False, threads=ctx.threads)
-        for batch, values in stream_tensors(ctx.skeleton(), ordered, list(plans), config, desc="tdq samples"):
+        for batch, values in stream_tensors(ctx.skeleton(), parts, list(plans), config, desc="tdq samples"):
             i = index_of[id(batch)]
             for name, value in values.items():
                 flat = grouped_layout(np.asarray(value, np.float32), plans[name])
@@ -180,3 +209,79 @@ class Tdq(Pass):
             out[name] = TimestepSamples(timesteps, np.stack(low[name]), np.stack(high[name]),
                                         np.stack([r[:count] for r in per_t]), plan.labels)
         return out
+
+    def _validate(self, ctx: CompileContext, plans: dict[str, GroupPlan], mlps: dict[str, TimestepMlp],
+                  samples: dict[str, TimestepSamples], heldout: list, spec: QuantSpec) -> dict[str, bool]:
+        """Keep each tuned correction only if it lowers the held-out rows' full-tensor relative error
+        Σ_t ‖X_t − X̂_t‖²/‖X_t‖² (else ``reset``: the envelope); then rebase every table on the
+        envelope of all rows' ranges (training and held out). {activation: tuned kept}."""
+        from qcompiler.calibration.capture import stream_tensors
+        from qcompiler.calibration.statistics import StatsConfig
+        from qcompiler.lowering.timestep_ranges import batch_timesteps
+
+        if not heldout:
+            log.info("tdq: no held-out trajectories (fewer than %d per batch): tuned corrections dropped",
+                     self.config.heldout_every)
+            for mlp in mlps.values():
+                mlp.reset()
+            return dict.fromkeys(mlps, False)
+        low = {n: samples[n].low.copy() for n in plans}
+        high = {n: samples[n].high.copy() for n in plans}
+        timesteps = samples[next(iter(plans))].timesteps
+        # err[name][candidate][t] and the held-out ‖X_t‖², candidate 0 = envelope, 1 = tuned.
+        err = {n: np.zeros((2, timesteps.size)) for n in plans}
+        norm = {n: np.zeros(timesteps.size) for n in plans}
+        grids = {}
+        for n, mlp in mlps.items():
+            tuned = mlp.ranges(timesteps)
+            envelope = (mlp.base_low[np.rint(timesteps).astype(np.int64)], mlp.base_high[np.rint(timesteps).astype(np.int64)])
+            grids[n] = [scale_zero_point(*r, spec) for r in (envelope, tuned)]
+        config = StatsConfig(progress=False, threads=ctx.threads)
+        for batch, values in stream_tensors(ctx.skeleton(), heldout, list(plans), config, desc="tdq held-out check"):
+            t = float(batch_timesteps(batch, self.config.timestep_input)[0])
+            i = int(np.searchsorted(timesteps, t))
+            if i >= timesteps.size or timesteps[i] != t:
+                continue
+            for name, value in values.items():
+                flat = grouped_layout(np.asarray(value, np.float32), plans[name])
+                low[name][i] = np.minimum(low[name][i], flat.min(axis=0))
+                high[name][i] = np.maximum(high[name][i], flat.max(axis=0))
+                norm[name][i] += float(np.square(flat, dtype=np.float64).sum())
+                for c, (scale, zero_point) in enumerate(grids[name]):
+                    s, z = scale[i][plans[name].labels], zero_point[i][plans[name].labels].astype(np.float32)
+                    q = (np.clip(np.rint(flat / s) + z, spec.qmin, spec.qmax) - z) * s
+                    err[name][c, i] += float(np.square(q - flat, dtype=np.float64).sum())
+            del values
+        kept = {}
+        T = next(iter(mlps.values())).num_train_timesteps
+        for name, mlp in mlps.items():
+            relative = (err[name] / np.maximum(norm[name], 1e-30)).sum(axis=1)
+            kept[name] = bool(relative[1] < relative[0])
+            log.debug("tdq %s: held-out relative error envelope %.4g, tuned %.4g", name, *relative)
+            if not kept[name]:
+                mlp.reset()
+            merged = TimestepSamples(timesteps, low[name], high[name], samples[name].values, plans[name].labels)
+            mlp.base_low, mlp.base_high = lookup_envelope(timesteps, *merged.group_ranges(), T)
+        return kept
+
+
+def heldout_rows(batch, every: int) -> np.ndarray | None:
+    """Rows of one trajectory in ``every`` (a prompt's unconditional and conditional rows together
+    when the batch is [unconditional; conditional] halves); None for a single-row batch."""
+    from qcompiler.passes.ptqd import paired_halves
+
+    n = batch.batch_size
+    if n < 2:
+        return None
+    trajectory = np.arange(n) % (n // 2) if paired_halves(batch) else np.arange(n)
+    return trajectory % every == every - 1
+
+
+def select_rows(batch, mask: np.ndarray, what: str):
+    from qcompiler.calibration.readers import CalibrationBatch
+
+    rows = np.flatnonzero(mask)
+    n = batch.batch_size
+    pick = lambda v: v[rows] if np.ndim(v) >= 1 and len(v) == n else v  # noqa: E731
+    return CalibrationBatch({k: pick(v) for k, v in batch.feeds.items()},
+                            {k: pick(v) for k, v in batch.metadata.items()}, f"{batch.source} ({what})")

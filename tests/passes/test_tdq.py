@@ -14,7 +14,7 @@ from qcompiler.passes.dgq_groups import DgqGroupsConfig
 from qcompiler.passes.tdq import TdqConfig
 from qcompiler.quant import QuantSpec, dequantize, fake_quantize, quantize, scale_zero_point
 from qcompiler.targets.ort import OrtTarget
-from qcompiler.tdq_training import TimestepSamples, TrainSettings, timestep_embedding, train_mlp
+from qcompiler.tdq_training import TimestepSamples, TrainSettings, lookup_envelope, timestep_embedding, train_mlp
 from tests import graphs
 from tests.lowering.test_timestep_ranges import K, timestep_model
 from qcompiler.runtimes.ort import make_session
@@ -24,7 +24,7 @@ T = 1000
 CALIBRATED = (1.0, 201.0, 401.0, 601.0, 801.0, 961.0)
 SPEC = QuantSpec(bits=8, symmetric=False)
 ROWS = 16
-FAST = TdqConfig(fit_iterations=300, tune_iterations=50, num_train_timesteps=T)
+FAST = TdqConfig(tune_iterations=50, num_train_timesteps=T)
 
 
 def batches(timesteps=CALIBRATED, seed: int = 0):
@@ -65,8 +65,8 @@ def test_table_equals_the_mlp_evaluated_at_each_timestep():
     gain = 1 + t / 100
     values = rng.standard_normal((t.size, 32, 3)) * gain[:, None, None]
     samples = TimestepSamples(t, values.min(axis=1), values.max(axis=1), values, np.array([0, 0, 1]))
-    mlp = train_mlp(samples, values.min(axis=(0, 1))[[0, 2]], values.max(axis=(0, 1))[[0, 2]], SPEC, T,
-                    TrainSettings(fit_iterations=100, tune_iterations=20))
+    mlp = train_mlp(samples, SPEC, T, TrainSettings(tune_iterations=20))
+    assert np.abs(mlp.w2).max() > 0  # tuned: the table is not the envelope alone
     scales, zero_points = mlp.table(SPEC)
     assert scales.shape == zero_points.shape == (T, 2)
     # An independent forward in torch, one timestep at a time, of the same weights.
@@ -74,7 +74,7 @@ def test_table_equals_the_mlp_evaluated_at_each_timestep():
         emb = torch.from_numpy(timestep_embedding(np.array([step]), mlp.embedding_dim, T)).double()
         h = torch.nn.functional.silu(emb @ torch.from_numpy(mlp.w1).double().T + torch.from_numpy(mlp.b1).double())
         out = (h @ torch.from_numpy(mlp.w2).double().T + torch.from_numpy(mlp.b2).double()).numpy()[0]
-        low, high = mlp.low_ref * np.exp(out[:2]), mlp.high_ref * np.exp(out[2:])
+        low, high = mlp.base_low[step] * np.exp(out[:2]), mlp.base_high[step] * np.exp(out[2:])
         scale, zero_point = scale_zero_point(low, high, SPEC)
         np.testing.assert_allclose(scales[step], scale, rtol=1e-6)
         np.testing.assert_array_equal(zero_points[step], zero_point)
@@ -128,6 +128,60 @@ def test_tdq_beats_static_ranges_and_the_nearest_lookup_between_calibrated_times
     assert output_error(tdq, 1.0) < 1.2 * output_error(lookup, 1.0)  # calibrated: the fit reproduces the lookup
     for t in (300.0, 500.0, 700.0, 900.0):  # not calibrated
         assert output_error(tdq, t) < output_error(lookup, t)
+
+
+def test_lookup_envelope_is_the_calibrated_range_there_and_covers_both_neighbours_between():
+    t = np.array([10.0, 20.0, 40.0])
+    low, high = np.array([[-1.0], [-3.0], [-2.0]]), np.array([[5.0], [1.0], [4.0]])
+    env_low, env_high = lookup_envelope(t, low, high, 50)
+    assert env_low.shape == (50, 1)
+    for j, step in enumerate((10, 20, 40)):
+        assert env_low[step, 0] == low[j, 0] and env_high[step, 0] == high[j, 0]
+    assert (env_low[15, 0], env_high[15, 0]) == (-3.0, 5.0)
+    assert (env_low[30, 0], env_high[30, 0]) == (-3.0, 4.0)
+    assert (env_low[0, 0], env_high[0, 0], env_low[49, 0], env_high[49, 0]) == (-1.0, 5.0, -2.0, 4.0)
+
+
+def test_untuned_table_reproduces_the_per_timestep_lookup_at_calibrated_timesteps():
+    ctx = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T))
+    lookup = CompileContext(timestep_model(), QuantSettings(), batches())
+    QuantizeWeights().call(lookup)
+    DgqGroups(DgqGroupsConfig(groups=1, per_timestep=True)).call(lookup)
+    ours, theirs = ctx.group_plans["h"], lookup.group_plans["h"]
+    for i, t in enumerate(CALIBRATED):
+        np.testing.assert_allclose(ours.timestep_scales[int(t)], theirs.timestep_scales[i], rtol=1e-6)
+        np.testing.assert_array_equal(ours.timestep_zero_points[int(t)], theirs.timestep_zero_points[i])
+
+
+def test_a_tuned_correction_that_raises_held_out_error_is_dropped(monkeypatch):
+    """A tuning that narrows every range to a third clips the held-out rows: the check resets it."""
+    import qcompiler.passes.tdq as tdq_pass
+
+    untuned = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"]
+    trained = tdq_pass.train_mlps
+
+    def narrowing(*args, **kwargs):
+        mlps = trained(*args, **kwargs)
+        for mlp in mlps:
+            mlp.b2 = np.full_like(mlp.b2, -np.log(3.0))
+        return mlps
+
+    monkeypatch.setattr(tdq_pass, "train_mlps", narrowing)
+    plan = compiled().group_plans["h"]
+    np.testing.assert_allclose(plan.timestep_scales, untuned.timestep_scales, rtol=1e-6)
+
+
+def test_zero_padding_of_rows_and_indices_adds_no_quantization_error():
+    """Activations trained together are padded to the most rows and indices; X = 0 is exact on every grid."""
+    from qcompiler.tdq_training import _padded, fake_quant_error
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((3, 5, 4)).astype(np.float32), rng.standard_normal((3, 8, 6)).astype(np.float32)
+    low, high = torch.full((2, 3, 1), -1.5), torch.full((2, 3, 1), 2.0)
+    padded = fake_quant_error(torch, torch.from_numpy(_padded([a, b])), low, high,
+                              torch.zeros((2, 6), dtype=torch.int64), SPEC)
+    alone = fake_quant_error(torch, torch.from_numpy(a[None]), low[:1], high[:1], torch.zeros((1, 4), dtype=torch.int64), SPEC)
+    np.testing.assert_allclose(padded[0].numpy(), alone[0].numpy(), rtol=1e-6)
 
 
 def test_dgq_groups_get_a_table_per_group():
