@@ -32,7 +32,8 @@ is scored with the groups' own zero points and with one shared zero point (``qua
 shared one is used unless free zero points beat it by ``min_gain_db``. The tensor keeps groups (with the best m, applied to the ranges of all the data) only if they
 beat per-tensor by ``min_gain_db`` (an affine costs elementwise ops at run time); otherwise it
 gets no plan and ``insert_activation_qdq`` quantizes it per tensor. Pixel (token) plans are
-not validated. With too little data to split, every tensor keeps its DGQ plan (noted).
+not validated, nor are plans with per-timestep ranges (their gain comes from t, which a static score
+does not see) or K = 1. With too little data to split, every tensor keeps its DGQ plan (noted).
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ class DgqGroups(Pass):
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
         axes = {name: self._axis(tensor, axis, stats[name], notes) for name, (tensor, axis) in targets.items()}
         grids: dict[str, tuple[float, bool] | None] = {name: (0.0, False) for name in targets}
-        if self.config.validate:
+        # Per-timestep ranges gain from t, which a static held-out score cannot see; one group is the
+        # per-tensor range itself. Neither is validated.
+        if self.config.validate and not self.config.per_timestep and groups > 1:
             channel_grouped = {name: targets[name] for name, a in axes.items() if a == "channel"}
             grids.update(self._validated_grids(ctx, channel_grouped, groups, spec, notes))
         for name, (tensor, axis) in targets.items():
