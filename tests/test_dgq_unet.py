@@ -47,8 +47,12 @@ def test_every_weight_gemm_is_lowered_and_runs_on_integer_kernels(compiled):
     assert report["quantized_gemms"] == 136
     lowered = {r["node"]: r["lowering"] for r in report["quantized"]
                if r["role"] == "activation" and r["pass"] == "ort" and "group_axis" in r}
-    assert len(lowered) == 136 and set(lowered.values()) == {AFFINE}
-    assert report["integer_kernels"]["integer_gemms"] == 136  # one kernel per GEMM (affine lowering)
+    # Inputs whose groups beat one per-tensor grid on held-out rows are affine-lowered; the others
+    # (dropped by dgq_groups's validation) are quantized per tensor: every GEMM is one integer kernel.
+    assert 0 < len(lowered) <= 136 and set(lowered.values()) == {AFFINE}
+    notes = next(p for p in report["passes"] if p["name"] == "dgq_groups")["notes"]
+    assert any("held-out validation" in note for note in notes)
+    assert report["integer_kernels"]["integer_gemms"] == 136  # one kernel per GEMM
 
 
 def test_outputs_track_float_and_per_timestep_ranges_are_finer(compiled):
