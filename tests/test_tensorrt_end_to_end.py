@@ -116,7 +116,7 @@ def test_tensorrt_target_passes_the_rules_and_tracks_the_ort_target(model, recip
 QUICK_SEARCH = {"learned_scales": {"iterations": 2, "samples": 2, "batch_size": 2, "progress": False},
                 "pow2_skip_scales": {"samples": 2, "progress": False},
                 "shift_scale": {"grid": 3, "rows": 64, "batches": 1, "progress": False},
-                "tdq": {"fit_iterations": 5, "tune_iterations": 0, "rows_per_timestep": 4}}
+                "tdq": {"tune_iterations": 0, "rows_per_timestep": 4}}
 #: Recipes the TensorRT target refuses before any work, and the pass its one-line refusal names.
 REFUSED = {"qdit": "qdit_groups"}
 ALL_RECIPES = sorted(available_recipes())
