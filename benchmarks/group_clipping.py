@@ -25,8 +25,8 @@ from qcompiler.calibration.holdout import split_holdout
 from qcompiler.calibration.readers import load_calibration
 from qcompiler.calibration.reductions import collect_ranges
 from qcompiler.calibration.statistics import StatsConfig
-from qcompiler.passes.dgq_groups import _finite, group_ranges, kmeans_labels
-from qcompiler.quant import QuantSpec, scale_zero_point
+from qcompiler.passes.dgq_groups import _finite, kmeans_labels
+from qcompiler.quant import QuantSpec, group_ranges, scale_zero_point
 
 
 def gemm_inputs(proto: onnx.ModelProto) -> dict[str, int | None]:

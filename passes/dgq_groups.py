@@ -49,7 +49,7 @@ from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.grids import GroupPlan, quantized_gemms
-from qcompiler.quant import QuantSpec, scale_zero_point, shared_zero_point
+from qcompiler.quant import QuantSpec, group_ranges, scale_zero_point, shared_zero_point
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,6 @@ def kmeans_labels(points: np.ndarray, groups: int, seed: int = 0) -> np.ndarray:
     centres = np.array([points[raw == g].mean() for g in range(k)])
     order = np.argsort(centres, kind="stable")
     return np.argsort(order)[raw].astype(np.int64)
-
-
-def group_ranges(index_min: np.ndarray, index_max: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each group's range: [min of its members' a^min, max of their a^max]."""
-    groups = int(labels.max()) + 1
-    low = np.array([index_min[labels == g].min() for g in range(groups)])
-    high = np.array([index_max[labels == g].max() for g in range(groups)])
-    return low, high
 
 
 def _finite(values: np.ndarray) -> np.ndarray:

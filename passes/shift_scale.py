@@ -74,19 +74,10 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     pass per batch. The rows go to scratch files (``ctx.spill``) and the weight pages the forward
     passes read are released, so the searches that follow hold neither.
     """
-    from qcompiler.calibration.row_samples import sample_rows
+    from qcompiler.calibration.row_samples import sampled_rows
 
-    chosen = ctx.calibration[:batches]
-    per_batch = -(-rows // max(len(chosen), 1))
-    names = list(dict.fromkeys(group.name for group in groups))
-    axes = {group.name: group.channel_axis for group in groups}
-    if ctx.cluster is not None:  # shard by shard on the workers, the same draw (keyed by batch index)
-        parts = ctx.cluster.sample_rows(ctx.skeleton(), chosen, axes, per_batch, seed, names)
-    else:
-        parts = sample_rows(ctx.skeleton(), chosen, {name: axes[name] for name in names}, per_batch, seed,
-                            names, ctx.threads, keep=ctx.spill)
-    ctx.release_weight_pages()
-    return RowSamples(parts, rows)
+    axes = {group.name: group.channel_axis for group in groups}  # first occurrence keeps its position
+    return sampled_rows(ctx, ctx.calibration[:batches], axes, rows, seed)
 
 
 def matmul_weights(unit: Linear) -> np.ndarray:

@@ -79,6 +79,14 @@ def scale_zero_point(min_value, max_value, spec: QuantSpec) -> tuple[np.ndarray,
     return scale.astype(np.float32), zero_point.astype(spec.container)
 
 
+def group_ranges(index_min: np.ndarray, index_max: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's range: [min of its members' a^min, max of their a^max]."""
+    groups = int(labels.max()) + 1
+    low = np.array([index_min[labels == g].min() for g in range(groups)])
+    high = np.array([index_max[labels == g].max() for g in range(groups)])
+    return low, high
+
+
 def shared_zero_point(group_min, group_max, spec: QuantSpec, own_scales=None) -> tuple[np.ndarray, int]:
     """(σ_g, z): one zero point for every group and the smallest scale per group that holds its range.
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.calibration.readers import CalibrationBatch
-from qcompiler.quant import QuantSpec, scale_zero_point, shared_zero_point
+from qcompiler.quant import QuantSpec, dequantize, group_ranges, quantize, scale_zero_point, shared_zero_point
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,10 @@ def grid_error(rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmax
     """Σ (x − x̂)² of ``rows`` (n, C) on the asymmetric grid (scale, zero point) per channel, clipping
     included; with ``channel_weights`` (C,) each channel's sum is weighted (e.g. by ‖Ŵ_c‖², which
     makes it the GEMM output's error for independent errors)."""
-    codes = np.clip(np.rint(rows / scale + zero_point), 0, qmax)
-    per_channel = np.square((codes - zero_point) * scale - rows, dtype=np.float64).sum(axis=0)
+    spec = QuantSpec(bits=int(qmax).bit_length())  # asymmetric, codes 0..qmax
+    codes = quantize(rows, scale, zero_point, spec, axis=-1)
+    error = dequantize(codes, scale, zero_point, axis=-1).astype(np.float64) - rows
+    per_channel = np.square(error).sum(axis=0)
     return float(per_channel.sum() if channel_weights is None else per_channel @ channel_weights)
 
 
@@ -117,9 +119,7 @@ def score_grids(rows: np.ndarray, low: np.ndarray, high: np.ndarray, labels: np.
     margin, with free or shared zero points, against one per-tensor grid over [min low, max high];
     ``channel_weights`` as in ``grid_error``."""
     rows = np.asarray(rows, np.float32)
-    count = int(labels.max()) + 1
-    group_min = np.array([low[labels == g].min() for g in range(count)])
-    group_max = np.array([high[labels == g].max() for g in range(count)])
+    group_min, group_max = group_ranges(low, high, labels)
     scale, zero_point = scale_zero_point(low.min(), high.max(), spec)
     tensor_error = grid_error(rows, scale, zero_point.astype(np.float32), spec.qmax, channel_weights)
     free, shared = [], []
@@ -135,17 +135,8 @@ def score_grids(rows: np.ndarray, low: np.ndarray, high: np.ndarray, labels: np.
 
 def held_out_rows(ctx, batches: Sequence[CalibrationBatch], axes: Mapping[str, int], rows: int,
                   seed: int) -> Mapping[str, np.ndarray]:
-    """Up to ``rows`` rows (n, C) of each tensor (name -> channel axis) from the held-out batches,
-    drawn inside ORT in one forward pass per batch (``row_samples``), spilled to scratch files and
-    joined per tensor when read."""
-    from qcompiler.calibration.row_samples import RowSamples, sample_rows
+    """Up to ``rows`` rows (n, C) of each tensor (name -> channel axis) from the held-out batches
+    (``row_samples.sampled_rows``: drawn inside ORT, spilled, joined per tensor when read)."""
+    from qcompiler.calibration.row_samples import sampled_rows
 
-    per_batch = -(-rows // max(len(batches), 1))
-    names = list(axes)
-    if ctx.cluster is not None:
-        parts = ctx.cluster.sample_rows(ctx.skeleton(), batches, dict(axes), per_batch, seed, names)
-    else:
-        parts = sample_rows(ctx.skeleton(), batches, dict(axes), per_batch, seed, names, ctx.threads,
-                            keep=ctx.spill)
-    ctx.release_weight_pages()
-    return RowSamples(parts, rows)
+    return sampled_rows(ctx, batches, axes, rows, seed)

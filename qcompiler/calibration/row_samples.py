@@ -189,3 +189,19 @@ class RowSamples(Mapping):
 
     def __len__(self) -> int:
         return len(self._parts)
+
+
+def sampled_rows(ctx, batches: Sequence[CalibrationBatch], axes: Mapping[str, int], rows: int,
+                 seed: int) -> RowSamples:
+    """Up to ``rows`` rows (n, C) of each tensor (name -> channel axis, in the caller's order, which
+    seeds the draws) from ``batches``: one forward pass per batch (on ``ctx.cluster``'s workers when
+    there is one, the same draw), parts spilled to scratch files, weight pages released after."""
+    per_batch = -(-rows // max(len(batches), 1))
+    names = list(axes)
+    if ctx.cluster is not None:
+        parts = ctx.cluster.sample_rows(ctx.skeleton(), batches, dict(axes), per_batch, seed, names)
+    else:
+        parts = sample_rows(ctx.skeleton(), batches, dict(axes), per_batch, seed, names, ctx.threads,
+                            keep=ctx.spill)
+    ctx.release_weight_pages()
+    return RowSamples(parts, rows)
