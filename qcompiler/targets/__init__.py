@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from qcompiler.context import CompileContext
 from qcompiler.errors import QCompileError
+from qcompiler.lowering.constant_sharing import share_constants
 from qcompiler.pass_manager import Pass, PassResult
 
 
@@ -53,7 +54,12 @@ class LowerStage(Pass):
         self.target = target
 
     def call(self, ctx: CompileContext) -> PassResult:
-        return self.target.lower(ctx)
+        result = self.target.lower(ctx)
+        shared = share_constants(ctx.graph)
+        if not shared:
+            return result
+        ctx.graph.cleanup()
+        return PassResult(True, result.notes + (f"{shared} duplicate constants shared (identical values, one copy)",))
 
 
 def available_targets() -> dict[str, type[Target]]:
