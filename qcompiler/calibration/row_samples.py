@@ -10,9 +10,13 @@ the capture graph appends, for a tensor of rank r with channel axis c,
 with the row indices a graph input, so one session serves every batch and ORT frees each X as
 soon as its rows are taken. The indices are the same seeded draw as the full capture's (a
 sorted choice without replacement among the B·Π(other dims) rows), so the samples are equal bit
-for bit. A tensor whose row count shape inference leaves open comes back whole from the same
-forward pass and is drawn in numpy, and graph inputs are drawn from the feeds: one forward pass
-per batch in all (PixArt-α: 57 of 175 groups are attention outputs with a run-time token axis).
+for bit. Graph inputs are drawn from the feeds. A tensor whose shape inference leaves its row count
+open (PixArt-α: 57 of 175 groups are attention outputs with a run-time token axis) gets its shape
+from a probe: one forward pass per distinct feed-shape signature (one, usually) whose only outputs
+are ``Shape(T)``; then it is gathered in ORT like the rest. Returning such tensors whole instead
+held a chunk of full activations (~0.8 GB on PixArt-α) beside the forward pass. A tensor whose probed
+channel count differs between signatures, or whose rank is below 2, still comes back whole and is
+drawn in numpy: the same rows either way.
 """
 
 from __future__ import annotations
@@ -117,6 +121,50 @@ def _static_rows(runner: OutputRunner, name: str, axis: int, batches: Sequence[C
     return (rank, axis, channel.dim_value), counts
 
 
+def _feed_signature(batch: CalibrationBatch) -> tuple:
+    return tuple(sorted((name, np.shape(value)) for name, value in batch.feeds.items()))
+
+
+def probe_shapes(skel: Skeleton, names: Sequence[str], batches: Sequence[CalibrationBatch],
+                 threads: int | None = None) -> dict[tuple, dict[str, tuple[int, ...]]]:
+    """{feed-shape signature: {tensor: run-time shape}}: one forward pass per distinct signature,
+    with ``Shape(T)`` as the only outputs (a few integers each, so no activation is returned)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(skel.proto)
+    del proto.graph.output[:]
+    nodes = []
+    for index, name in enumerate(names):
+        nodes.append(helper.make_node("Shape", [name], [f"qcompile_shape/{index}"]))
+        proto.graph.output.append(helper.make_tensor_value_info(f"qcompile_shape/{index}", onnx.TensorProto.INT64,
+                                                                None))
+    insert_after_producers(proto.graph, nodes)
+    session, shapes = None, {}
+    outputs = [f"qcompile_shape/{index}" for index in range(len(names))]
+    for batch in batches:
+        signature = _feed_signature(batch)
+        if signature in shapes:
+            continue
+        session = session or make_session(Skeleton(proto, skel.arrays), threads=threads, lean=True)
+        values = run_batch(session, outputs, batch)
+        shapes[signature] = {name: tuple(int(d) for d in value) for name, value in zip(names, values)}
+    return shapes
+
+
+def _probed_rows(shapes: dict[tuple, dict[str, tuple[int, ...]]], name: str, axis: int,
+                 batches: Sequence[CalibrationBatch]) -> tuple[tuple[int, int, int], list[int]] | None:
+    """``_static_rows``'s answer from probed shapes; None if the rank or channel count varies."""
+    per_batch = [shapes[_feed_signature(batch)][name] for batch in batches]
+    ranks = {len(shape) for shape in per_batch}
+    if len(ranks) != 1 or min(ranks) < 2:
+        return None
+    rank = ranks.pop()
+    channels = {shape[axis % rank] for shape in per_batch}
+    if len(channels) != 1 or min(channels) <= 0:
+        return None
+    channel = channels.pop()
+    return (rank, axis, channel), [math.prod(shape) // channel for shape in per_batch]
+
+
 def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int,
                 seed: int, order: Sequence[str], threads: int | None = None,
                 keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows, first: int = 0
@@ -145,8 +193,16 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
         else:
             gathered[name], counts[name] = static
     if whole:
-        log.info("%d of %d sampled tensors have no static row count: returned whole and drawn in numpy",
-                 len(whole), len(tensors))
+        shapes = probe_shapes(skel, whole, batches, threads)
+        log.info("%d of %d sampled tensors have no static row count: shapes probed in %d forward pass(es)",
+                 len(whole), len(tensors), len(shapes))
+        for name in list(whole):
+            probed = _probed_rows(shapes, name, tensors[name], batches)
+            if probed is not None:
+                whole.remove(name)
+                gathered[name], counts[name] = probed
+        if whole:
+            log.info("%d sampled tensors returned whole and drawn in numpy", len(whole))
     samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in tensors}
     computed = [*gathered, *whole]
     session = (make_session(_sampling_model(skel, runner, gathered, whole), threads=threads, lean=True)

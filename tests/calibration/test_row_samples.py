@@ -30,17 +30,20 @@ def test_rows_drawn_inside_ort_equal_the_full_capture_draw(model, shape, tensors
             np.testing.assert_array_equal(got[name][batch_index], flat[keep])
 
 
-def test_graph_inputs_and_open_row_counts_take_the_same_draw(caplog):
+@pytest.mark.parametrize("token_counts, probes", [((4, 4, 4), 1), ((4, 6, 4), 2)])
+def test_graph_inputs_and_open_row_counts_take_the_same_draw(caplog, token_counts, probes):
     """A graph input (from the feeds) and a tensor whose row count shape inference leaves open
-    (returned whole, drawn in numpy) get the rows the full capture's draw takes."""
+    (its shape probed once per feed-shape signature, then gathered in ORT) get the rows the full
+    capture's draw takes."""
     model = graphs.linear_model()
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "tokens"  # rows no longer static
     del model.graph.value_info[:]
     tensors, order, per_batch, seed = {"x": -1, "mm": -1}, ["x", "mm"], 5, 3
-    batches = _batches((2, 4, 16))
+    batches = [_batches((2, tokens, 16), count=i + 1)[i] for i, tokens in enumerate(token_counts)]
     with caplog.at_level("INFO", logger="qcompiler.calibration.row_samples"):
         got = sample_rows(model, batches, tensors, per_batch, seed, order)
-    assert "1 of 2 sampled tensors have no static row count" in caplog.text  # 'mm' came back whole
+    assert f"1 of 2 sampled tensors have no static row count: shapes probed in {probes} forward pass" in caplog.text
+    assert "returned whole" not in caplog.text  # 'mm' was gathered in ORT, not returned whole
     index = {id(batch): i for i, batch in enumerate(batches)}
     for batch, values in stream_tensors(model, batches, order, StatsConfig(progress=False)):
         batch_index = index[id(batch)]
@@ -49,3 +52,22 @@ def test_graph_inputs_and_open_row_counts_take_the_same_draw(caplog):
             rng = np.random.default_rng([seed, order.index(name), batch_index])
             keep = np.sort(rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False))
             np.testing.assert_array_equal(got[name][batch_index], flat[keep])
+
+
+def test_a_tensor_whose_channel_count_varies_comes_back_whole_with_the_same_draw(caplog):
+    """No fixed (rank, channels) to gather by: the tensor is returned whole and drawn in numpy."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", "channels"])
+    y = helper.make_tensor_value_info("r", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["r"])], "relu", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    batches = [_batches((2, 4, channels), count=i + 1)[i] for i, channels in enumerate((16, 8))]
+    with caplog.at_level("INFO", logger="qcompiler.calibration.row_samples"):
+        got = sample_rows(model, batches, {"r": -1}, 5, 3, ["r"])
+    assert "1 sampled tensors returned whole" in caplog.text
+    for index, batch in enumerate(batches):
+        flat = np.maximum(batch.feeds["x"], 0).reshape(-1, batch.feeds["x"].shape[-1])
+        keep = np.sort(np.random.default_rng([3, 0, index]).choice(flat.shape[0], size=5, replace=False))
+        np.testing.assert_array_equal(got["r"][index], flat[keep])
