@@ -39,7 +39,7 @@ from qcompiler.folding import find_scale_groups
 from qcompiler.grids import DynamicGroupPlan
 from qcompiler.lowering.dynamic_groups import reference
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.passes.shift_scale import matmul_weights, sample_inputs
+from qcompiler.scale_search import matmul_weights, sample_inputs
 
 log = logging.getLogger(__name__)
 

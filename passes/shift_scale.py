@@ -34,12 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from qcompiler.calibration.row_samples import RowSamples
 from qcompiler.context import CompileContext, QuantSettings
-from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
-from qcompiler.patterns import Linear, match_linear, weight_array
-from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point
+from qcompiler.pass_manager import Pass, PassResult
+from qcompiler.scale_search import OutputError, sample_inputs
 
 
 @dataclass(frozen=True)
@@ -63,74 +61,6 @@ class ShiftScaleConfig:
         if self.grid < 2 or self.batches < 1 or self.rows < 1 or self.columns < 1 or not 0 < self.min_fraction < 1:
             raise ValueError(f"ShiftScaleConfig: grid ≥ 2, batches ≥ 1, rows ≥ 1, columns ≥ 1 and 0 < min_fraction < 1 "
                              f"are required, got {self}")
-
-
-def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, rows: int, seed: int = 0
-                  ) -> RowSamples:
-    """Up to ``rows`` rows (channels last) of each group's X from the first ``batches`` calibration batches.
-
-    Rows are drawn uniformly without replacement per batch, from a generator seeded by (seed,
-    tensor, batch), inside ORT where shapes allow (``calibration.row_samples``): one forward
-    pass per batch. The rows go to scratch files (``ctx.spill``) and the weight pages the forward
-    passes read are released, so the searches that follow hold neither.
-    """
-    from qcompiler.calibration.row_samples import sampled_rows
-
-    axes = {group.name: group.channel_axis for group in groups}  # first occurrence keeps its position
-    return sampled_rows(ctx, ctx.calibration[:batches], axes, rows, seed)
-
-
-def matmul_weights(unit: Linear) -> np.ndarray:
-    """The current weight as it multiplies X from the right, [K, N] (Gemm's transB and α applied)."""
-    unit = match_linear(unit.node)  # a fold may have replaced a shared weight by a copy
-    weight = weight_array(unit).astype(np.float32)
-    weight = weight.T if unit.weight_in_axis == 1 else weight
-    return weight * np.float32(unit.node.attrs.get("alpha", 1.0)) if unit.node.op == "Gemm" else weight
-
-
-class OutputError:
-    """error(s) = Σ_consumers ‖(X − z)·W − Q_a((X − z)/s)·Q_w(s·W)‖² on sample rows of X.
-
-    Q_a: per-tensor asymmetric ``abits`` over the calibrated range of X' (channel min/max mapped
-    through (· − z)/s); Q_w: symmetric ``wbits`` per output channel, or blocks along K for a W4
-    MatMul (its MatMulNBits lowering). The references (X − z)·W do not depend on s: computed once.
-
-    Both weight grids quantize each output column on its own, so the error is a sum over columns:
-    a consumer with N > ``columns`` is scored on a seeded uniform draw of ``columns`` of them,
-    weighted by N/columns (an unbiased estimate; the search cost no longer grows with N).
-    """
-
-    def __init__(self, samples: np.ndarray, group: ScaleGroup, stats, shift: np.ndarray | None,
-                 settings: QuantSettings, columns: int | None = None, seed: int = 0):
-        self.shift = np.zeros(group.channels) if shift is None else shift
-        self.centred = (samples - self.shift).astype(np.float32)
-        self.low, self.high = stats.channel_min - self.shift, stats.channel_max - self.shift
-        self.weights, self.column_weights = [], []
-        for index, unit in enumerate(group.consumers):
-            weight = matmul_weights(unit)
-            n = weight.shape[1]
-            if columns is not None and n > columns:
-                rng = np.random.default_rng([seed, index, n])
-                weight = weight[:, np.sort(rng.choice(n, size=columns, replace=False))]
-            self.column_weights.append(n / weight.shape[1])
-            self.weights.append(weight)
-        self.references = [self.centred @ weight for weight in self.weights]
-        self.a_spec = QuantSpec(bits=settings.abits, symmetric=False)
-        self.w_specs = [QuantSpec(bits=4, symmetric=True, granularity="block", axis=0,
-                                  block_size=settings.block_size)
-                        if settings.wbits == 4 and unit.node.op == "MatMul"
-                        else QuantSpec(bits=settings.wbits, symmetric=True, granularity="axis", axis=1)
-                        for unit in group.consumers]
-
-    def __call__(self, scale: np.ndarray) -> float:
-        a_scale, a_zero = scale_zero_point(float(np.min(self.low / scale)), float(np.max(self.high / scale)),
-                                           self.a_spec)
-        x_hat = fake_quantize((self.centred / scale).astype(np.float32), self.a_spec, a_scale, a_zero)
-        error = 0.0
-        for weight, reference, spec, share in zip(self.weights, self.references, self.w_specs, self.column_weights):
-            w_hat = fake_quantize((weight * scale[:, None]).astype(np.float32), spec)
-            error += share * float(np.sum(np.square(reference - x_hat @ w_hat, dtype=np.float64)))
-        return error
 
 
 def search_threshold(stats, probe: OutputError, shift: np.ndarray, config: ShiftScaleConfig

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from qcompiler.context import CompileContext
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.folding import ScaleGroup, find_scale_groups, fold
-from qcompiler.passes.shift_scale import OutputError, matmul_weights, sample_inputs
+from qcompiler.scale_search import OutputError, matmul_weights, sample_inputs
 
 #: Lower clamp of s and of max|W_j| (the SmoothQuant reference implementation's 1e-5).
 MIN_SCALE = 1e-5

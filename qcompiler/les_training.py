@@ -15,7 +15,7 @@ from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext
 from qcompiler.errors import QCompileError
 from qcompiler.folding import ScaleGroup
-from qcompiler.passes.shift_scale import matmul_weights
+from qcompiler.scale_search import matmul_weights
 from qcompiler.patterns import Conv, match_conv, weight_array
 
 if TYPE_CHECKING:

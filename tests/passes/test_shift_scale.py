@@ -16,7 +16,8 @@ from qcompiler.pass_manager import EXACT_RTOL
 from qcompiler.graph import load_model
 from qcompiler.passes import ShiftScale
 from qcompiler.folding import find_scale_groups
-from qcompiler.passes.shift_scale import os_plus_parameters, sample_inputs
+from qcompiler.passes.shift_scale import os_plus_parameters
+from qcompiler.scale_search import sample_inputs
 from qcompiler.quant import sqnr_db
 from qcompiler.runtimes.ort import make_session
 from qcompiler.verify import compare_models
@@ -132,7 +133,8 @@ def test_osplus_recipe_on_bundled_model(tmp_path):
 def test_column_draw_estimates_the_full_output_error():
     """Scoring a seeded draw of 64 of 512 output channels, weighted by N/64, tracks the full error:
     within 20 % at every grid point, and the search picks the same or an equally good t*."""
-    from qcompiler.passes.shift_scale import OutputError, search_threshold
+    from qcompiler.passes.shift_scale import search_threshold
+    from qcompiler.scale_search import OutputError
 
     ctx = context(fold_graphs.outlier_model(n=512), {"x": (4, 8, 16)})
     (group,) = find_scale_groups(ctx.graph)
