@@ -149,16 +149,28 @@ class DgqGroups(Pass):
         ctx.group_plans = plans
         if not targets:
             return PassResult(False, ("no quantized GEMM input to group", *notes))
-        stats = ctx.statistics({name: axis for name, (_, axis) in targets.items()})
+        wanted = {name: axis for name, (_, axis) in targets.items()}
         groups = self.config.groups or (16 if ctx.settings.wbits == 8 else 8)
+        # Per-timestep ranges gain from t, which a static held-out score cannot see; one group is the
+        # per-tensor range itself. Neither is validated.
+        split = None
+        if self.config.validate and not self.config.per_timestep and groups > 1:
+            from qcompiler.calibration.holdout import split_holdout
+
+            split = split_holdout(ctx.calibration, self.config.holdout_every)
+            if split is None:
+                notes.append(f"too little calibration data to hold out 1 row in {self.config.holdout_every}: "
+                             "groups not validated")
+        # With a split, the fit and held-out rows' statistics come from one pass over the data and
+        # merge into the whole set's (exact for ranges), which ctx.statistics then serves from its cache.
+        fit = ctx.statistics_of_parts(wanted, [split.fit, split.held_out])[0] if split is not None else None
+        stats = ctx.statistics(wanted)
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
         axes = {name: self._axis(tensor, axis, stats[name], notes) for name, (tensor, axis) in targets.items()}
         grids: dict[str, tuple[float, bool] | None] = {name: (0.0, False) for name in targets}
-        # Per-timestep ranges gain from t, which a static held-out score cannot see; one group is the
-        # per-tensor range itself. Neither is validated.
-        if self.config.validate and not self.config.per_timestep and groups > 1:
+        if split is not None:
             channel_grouped = {name: targets[name] for name, a in axes.items() if a == "channel"}
-            grids.update(self._validated_grids(ctx, channel_grouped, groups, spec, notes))
+            grids.update(self._validated_grids(ctx, channel_grouped, groups, spec, split, fit, notes))
         for name, (tensor, axis) in targets.items():
             if grids[name] is not None:
                 plans[name] = self._plan(tensor, axis, stats[name], axes[name], groups, spec, *grids[name])
@@ -219,21 +231,16 @@ class DgqGroups(Pass):
             return "channel"
         return axis
 
-    def _validated_grids(self, ctx: CompileContext, targets: dict, groups: int, spec: QuantSpec,
-                         notes: list[str]) -> dict[str, tuple[float, bool] | None]:
+    def _validated_grids(self, ctx: CompileContext, targets: dict, groups: int, spec: QuantSpec, split,
+                         fit: dict, notes: list[str]) -> dict[str, tuple[float, bool] | None]:
         """Per channel-grouped tensor: (margin, shared zero point) of the best grouped grid on held-out
-        rows, or None where per-tensor wins (``GridScores.choose``)."""
-        from qcompiler.calibration.holdout import held_out_rows, score_grids, split_holdout
+        rows, or None where per-tensor wins (``GridScores.choose``). ``fit``: statistics of the
+        split's fit rows."""
+        from qcompiler.calibration.holdout import held_out_rows, score_grids
 
         if not targets:
             return {}
-        split = split_holdout(ctx.calibration, self.config.holdout_every)
-        if split is None:
-            notes.append(f"too little calibration data to hold out 1 row in {self.config.holdout_every}: "
-                         "groups not validated")
-            return {}
         axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
-        fit = ctx.statistics({name: axis for name, (_, axis) in targets.items()}, progress=False, batches=split.fit)
         rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
         energy = self._channel_energy(ctx, targets) if self.config.weigh_by_weights else {}
         chosen: dict[str, tuple[float, bool] | None] = {}

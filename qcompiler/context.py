@@ -126,6 +126,21 @@ class CompileContext:
                 self._stats_cache[(name, axis)] = fresh[name]
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
 
+    def statistics_of_parts(self, tensors: Mapping[str, int | None], parts, progress: bool = True) -> list[dict]:
+        """Statistics of ``tensors`` on each part of a partition of the calibration rows (e.g. a
+        hold-out split's fit and held-out rows): one pass over the data in all. The whole set's
+        statistics, merged from the parts (exact: ranges and counts do not depend on order), go
+        into the cache that ``statistics`` serves. ``parts`` must cover every calibration row once."""
+        import copy
+
+        results = [self._collect(dict(tensors), part, progress) for part in parts]
+        for name, axis in tensors.items():
+            merged = copy.deepcopy(results[0][name])
+            for result in results[1:]:
+                merged.merge(result[name], source=self.source)
+            self._stats_cache[(name, axis)] = merged
+        return results
+
     def _collect(self, tensors: dict, batches, progress: bool) -> dict:
         from qcompiler.calibration.statistics import StatsConfig, collect_statistics
 

@@ -30,3 +30,30 @@ def test_large_blocks_by_mmap_is_accepted_by_glibc():
 
     libc = ctypes.util.find_library("c") or ""
     assert serve_large_blocks_by_mmap(1 << 20) is ("libc.so" in libc)
+
+
+def test_statistics_of_parts_merge_into_the_whole_sets_statistics():
+    """A hold-out split's fit and held-out rows, computed apart, give each part's ranges, and their
+    merge is what one pass over all rows gives (so ``statistics`` serves it without another pass)."""
+    from qcompiler.calibration.holdout import split_holdout
+    from qcompiler.calibration.readers import CalibrationBatch
+
+    rng = np.random.default_rng(0)
+    batches = [CalibrationBatch({"x": rng.standard_normal((4, 4, 16)).astype(np.float32) * (i + 1)}, {}, f"{i}.npz")
+               for i in range(3)]
+    split = split_holdout(batches, every=4)
+    ctx = CompileContext(graphs.linear_model(), QuantSettings(), batches)
+    tensors = {"mm": -1, "biased": -1}
+    fit, held = ctx.statistics_of_parts(tensors, [split.fit, split.held_out], progress=False)
+    whole = CompileContext(graphs.linear_model(), QuantSettings(), batches).statistics(tensors, progress=False)
+    calls = []
+    ctx._collect = lambda *args: calls.append(args)  # a cache miss would call it
+    cached = ctx.statistics(tensors, progress=False)
+    assert not calls
+    for name in tensors:
+        for field in ("channel_min", "channel_max", "index_min", "index_max"):
+            np.testing.assert_array_equal(getattr(cached[name], field), getattr(whole[name], field))
+        assert cached[name].samples == whole[name].samples == fit[name].samples + held[name].samples
+        assert (cached[name].min, cached[name].max) == (whole[name].min, whole[name].max)
+        # the parts differ from the whole: the held-out rows are really apart
+        assert not np.array_equal(fit[name].channel_max, held[name].channel_max)
