@@ -243,11 +243,13 @@ class DgqGroups(Pass):
         axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
         rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
         energy = self._channel_energy(ctx, targets) if self.config.weigh_by_weights else {}
+        weight_errors = self._weight_errors(ctx, targets) if self.config.weigh_by_weights else {}
         chosen: dict[str, tuple[float, bool] | None] = {}
         for name in targets:
             low, high = _finite(fit[name].channel_min), _finite(fit[name].channel_max)
             labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
-            scores = score_grids(rows[name], low, high, labels, self.config.margins, spec, energy.get(name))
+            scores = score_grids(rows[name], low, high, labels, self.config.margins, spec, energy.get(name),
+                                 weight_errors.get(name))
             chosen[name] = scores.choose(self.config.min_gain_db)
             log.debug("%s: held-out gain %.2f dB, choice %s", name, scores.gain_db(), chosen[name])
         kept = [c for c in chosen.values() if c is not None]
@@ -268,6 +270,19 @@ class DgqGroups(Pass):
             if name in targets:
                 energy[name] = energy.get(name, 0.0) + input_channel_energy(node)
         return energy
+
+    @staticmethod
+    def _weight_errors(ctx: CompileContext, targets: dict) -> dict:
+        """Per tensor: r ↦ Σ over its quantized GEMM readers of their weight error when diag(r)·W is
+        re-quantized, as one integer GEMM runs channel groups (``RescaledWeightError``)."""
+        from qcompiler.lowering.channel_affine import RescaledWeightError
+
+        probes: dict[str, list] = {}
+        for node in quantized_gemms(ctx.graph):
+            name, rule = node.inputs[0].name, ctx.weight_rules.get(node.name)
+            if name in targets and rule is not None:
+                probes.setdefault(name, []).append(RescaledWeightError(node, rule))
+        return {name: (lambda ratio, found=found: sum(probe(ratio) for probe in found)) for name, found in probes.items()}
 
     def _plan(self, tensor: gs.Tensor, channel_axis: int | None, stats, axis: str, groups: int, spec: QuantSpec,
               margin: float = 0.0, shared: bool = False) -> GroupPlan:

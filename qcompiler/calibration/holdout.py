@@ -14,7 +14,7 @@ Where batches hold fewer rows than ``every``, whole batches are held out instead
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,22 +114,40 @@ def _gain_db(reference: float, error: float) -> float:
 
 
 def score_grids(rows: np.ndarray, low: np.ndarray, high: np.ndarray, labels: np.ndarray,
-                margins: Sequence[float], spec: QuantSpec, channel_weights: np.ndarray | None = None) -> GridScores:
+                margins: Sequence[float], spec: QuantSpec, channel_weights: np.ndarray | None = None,
+                weight_error: Callable[[np.ndarray], np.ndarray] | None = None) -> GridScores:
     """Held-out error of the groups ``labels`` (ranges from the fit channels' ``low``/``high``) at each
     margin, with free or shared zero points, against one per-tensor grid over [min low, max high];
-    ``channel_weights`` as in ``grid_error``."""
+    ``channel_weights`` as in ``grid_error``.
+
+    ``weight_error(r)`` (per channel, for the ratios r_c = s_c/max s of a grid): the error of the
+    GEMM weight re-quantized as diag(r)·W, which is how one integer GEMM runs channel groups
+    (``lowering.channel_affine``). Each candidate then also pays Σ_c weight_error(r)_c·Σ_t (x_c − δ_c)²,
+    δ_c = s_c·(z − z_c) the affine's shift, so groups whose narrow scales cost more weight precision
+    than they save in activation error lose to the per-tensor grid (r ≡ 1, its own weight error)."""
     rows = np.asarray(rows, np.float32)
     group_min, group_max = group_ranges(low, high, labels)
     scale, zero_point = scale_zero_point(low.min(), high.max(), spec)
-    tensor_error = grid_error(rows, scale, zero_point.astype(np.float32), spec.qmax, channel_weights)
+
+    def score(scales: np.ndarray, zero_points: np.ndarray) -> float:
+        error = grid_error(rows, scales, zero_points.astype(np.float32), spec.qmax, channel_weights)
+        if weight_error is None:
+            return error
+        scales = np.broadcast_to(np.asarray(scales, np.float64), (rows.shape[1],))
+        zero_points = np.broadcast_to(np.asarray(zero_points, np.float64), (rows.shape[1],))
+        common = np.clip(np.rint(zero_points.mean()), spec.qmin, spec.qmax)
+        shift = scales * (common - zero_points)
+        energy = np.square(rows.astype(np.float64) - shift).sum(axis=0)
+        return error + float(weight_error(scales / scales.max()) @ energy)
+
+    tensor_error = score(np.asarray(scale), np.asarray(zero_point))
     free, shared = [], []
     for margin in margins:
         widened = widen(group_min, group_max, low.min(), high.max(), margin)
         scales, zero_points = scale_zero_point(*widened, spec)
-        free.append(grid_error(rows, scales[labels], zero_points[labels].astype(np.float32), spec.qmax,
-                               channel_weights))
+        free.append(score(scales[labels], zero_points[labels]))
         sigma, z = shared_zero_point(*widened, spec)
-        shared.append(grid_error(rows, sigma[labels], np.float32(z), spec.qmax, channel_weights))
+        shared.append(score(sigma[labels], np.asarray(z)))
     return GridScores(tuple(margins), tensor_error, tuple(free), tuple(shared))
 
 

@@ -39,7 +39,7 @@ from qcompiler.graph import constant_value
 from qcompiler.grids import GroupPlan, WeightRule
 from qcompiler.lowering.channel_groups import Builder, dequantized_weight, weight_dq
 from qcompiler.lowering.matmul_nbits import dequantize_matmul_nbits, pack_matmul_nbits, unpack_matmul_nbits
-from qcompiler.quant import QuantSpec
+from qcompiler.quant import QuantSpec, element_params
 from qcompiler.weight_quant import quantize_by_rule
 
 
@@ -157,30 +157,67 @@ def output_correction(node: gs.Node, shift: np.ndarray) -> np.ndarray:
     return out.reshape(out.shape[0], -1).sum(axis=1) if node.op == "Conv" else out
 
 
-def rescale_weight(b: Builder, node: gs.Node, ratio: np.ndarray, rule: WeightRule) -> None:
-    """W' = diag(r)·W along the input axis, quantized by ``rule`` (per output channel, or int4 blocks).
-
-    W is the float weight the rule was computed from when the rule kept it (one rounding), else Ŵ."""
+def _source_weight(node: gs.Node, rule: WeightRule) -> np.ndarray:
+    """W as the GEMM multiplies (Gemm's α folded in): the float weight the rule was computed from when
+    the rule kept it (so W' is rounded once), else Ŵ."""
     weight = _float_weight(node)
     if rule.source is not None and rule.source.shape == weight.shape:
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
         weight = rule.source.astype(np.float64) * alpha
-    rank, axis = weight.ndim, weight_in_axis(node)
-    scaled = (weight * along_axis(ratio, axis, rank)).astype(np.float32)
+    return weight
+
+
+def _rescaled_grid(node: gs.Node, weight: np.ndarray, ratio: np.ndarray, rule: WeightRule):
+    """(diag(r)·W in the layout its grid quantizes, that grid's codes, scale and zero point, the spec);
+    MatMulNBits blocks quantize W'ᵀ [N, K]."""
+    scaled = (weight * along_axis(ratio, weight_in_axis(node), weight.ndim)).astype(np.float32)
     if node.op == "MatMulNBits":
-        block = int(node.attrs["block_size"])
-        spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=block)
-        q, scales, _ = quantize_by_rule(np.ascontiguousarray(scaled.T), spec, rule)
-        node.inputs[1] = b.const("int4_packed", pack_matmul_nbits(q, block))
-        node.inputs[2] = b.const("int4_scale", scales.astype(np.float32).reshape(-1))
+        scaled = np.ascontiguousarray(scaled.T)
+        spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=int(node.attrs["block_size"]))
+    else:
+        spec = QuantSpec(bits=rule.bits, symmetric=True, granularity="axis", axis=weight_dq(node)[2])
+    return (scaled, *quantize_by_rule(scaled, spec, rule), spec)
+
+
+def rescale_weight(b: Builder, node: gs.Node, ratio: np.ndarray, rule: WeightRule) -> None:
+    """W' = diag(r)·W along the input axis, quantized by ``rule`` (per output channel, or int4 blocks)."""
+    _, q, scale, zero_point, spec = _rescaled_grid(node, _source_weight(node, rule), ratio, rule)
+    if node.op == "MatMulNBits":
+        node.inputs[1] = b.const("int4_packed", pack_matmul_nbits(q, spec.block_size))
+        node.inputs[2] = b.const("int4_scale", scale.astype(np.float32).reshape(-1))
         return
     if node.op == "Gemm":
         node.attrs["alpha"] = 1.0  # folded into Ŵ above
-    _, _, out_axis = weight_dq(node)
-    spec = QuantSpec(bits=rule.bits, symmetric=True, granularity="axis", axis=out_axis)
-    q, scale, zero_point = quantize_by_rule(scaled, spec, rule)
     node.inputs[1] = b.op("DequantizeLinear", [q, scale.astype(np.float32), zero_point], np.float32,
-                          attrs={"axis": out_axis})
+                          attrs={"axis": spec.axis})
+
+
+class RescaledWeightError:
+    """Per input channel c, Σ over the rest of (W − Ŵ'/r)², with Ŵ' = ``rescale_weight``'s grid on
+    diag(r)·W. The affine lowering computes x̂_c·Ŵ'_c/r_c, so this is the weight error channel c
+    carries in the deployed GEMM (r ≡ 1: the rule's own error; a small r_c magnifies it by ~1/r_c).
+
+    W is read once; each output channel is quantized on its own, so at most ``columns`` of them (a
+    seeded draw) are scored and the sum scaled by N/columns: an unbiased estimate at bounded cost."""
+
+    def __init__(self, node: gs.Node, rule: WeightRule, columns: int = 256, seed: int = 0):
+        weight = _source_weight(node, rule)
+        out_axis = 1 if node.op == "MatMulNBits" else weight_dq(node)[2]
+        total = weight.shape[out_axis]
+        if total > columns:
+            keep = np.sort(np.random.default_rng([seed, total]).choice(total, size=columns, replace=False))
+            weight = np.take(weight, keep, axis=out_axis)
+        self.node, self.rule, self.weight, self.share = node, rule, weight, total / weight.shape[out_axis]
+
+    def __call__(self, ratio: np.ndarray) -> np.ndarray:
+        scaled, q, scale, zero_point, spec = _rescaled_grid(self.node, self.weight, ratio, self.rule)
+        s, z = element_params(scaled, spec, np.asarray(scale), np.asarray(zero_point))
+        deq = (q.astype(np.float64) - z) * s
+        deq = deq.T if self.node.op == "MatMulNBits" else deq
+        axis = weight_in_axis(self.node)
+        error = self.weight - deq / along_axis(np.asarray(ratio, np.float64), axis, self.weight.ndim)
+        moved = np.moveaxis(np.square(error), axis, 0)
+        return self.share * moved.reshape(moved.shape[0], -1).sum(axis=1)
 
 
 def add_output_bias(b: Builder, node: gs.Node, correction: np.ndarray) -> None:

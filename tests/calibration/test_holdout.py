@@ -103,3 +103,27 @@ def test_channel_weights_weigh_each_channels_error():
     weights = np.array([0.0, 1.0, 2.0, 10.0])
     assert grid_error(rows, scale, zero.astype(np.float32), 15, weights) == pytest.approx(
         float(np.dot(per_channel, weights)), rel=1e-9)
+
+
+def test_a_weight_error_term_makes_groups_pay_for_the_weight_precision_they_cost():
+    """score_grids with ``weight_error``: the per-tensor grid is scored at r ≡ 1, grouped grids at
+    r = s_c/max s; a penalty growing as 1/r turns a clear group win into per-tensor."""
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((256, 8)).astype(np.float32) * np.array([1] * 4 + [30] * 4, np.float32)
+    low, high = rows.min(axis=0), rows.max(axis=0)
+    labels = np.array([0] * 4 + [1] * 4)
+    spec = QuantSpec(bits=8)
+    seen = []
+
+    def zero(ratio):
+        seen.append(np.array(ratio))
+        return np.zeros_like(ratio)
+
+    plain = score_grids(rows, low, high, labels, (0.0,), spec)
+    free = score_grids(rows, low, high, labels, (0.0,), spec, weight_error=zero)
+    assert (free.tensor_error, free.free, free.shared) == (plain.tensor_error, plain.free, plain.shared)
+    np.testing.assert_array_equal(seen[0], np.ones(8))  # the per-tensor grid: every r = 1
+    assert seen[1][:4].max() < 0.1 and np.all(seen[1][4:] == 1.0)  # the narrow group's r ≈ 1/30
+    assert plain.choose(1.0) == (0.0, True)
+    costly = score_grids(rows, low, high, labels, (0.0,), spec, weight_error=lambda r: 1e-3 / r)
+    assert costly.choose(1.0) is None

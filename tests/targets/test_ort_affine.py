@@ -278,3 +278,36 @@ def test_input_channel_energy_sums_squared_weights_over_everything_but_the_input
         weight = np.moveaxis(dequantized_weight(node).astype(np.float64), axis, 0)
         expected = np.square(weight).reshape(weight.shape[0], -1).sum(axis=1)
         np.testing.assert_allclose(input_channel_energy(node), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("columns", [3, 64])
+def test_rescaled_weight_error_is_the_error_of_the_weight_the_lowering_writes(columns):
+    """RescaledWeightError(r) per input channel = Σ_n (W − Ŵ'/r)² for the Ŵ' that the affine lowering
+    writes into the graph (exact with every column scored; an unbiased N/columns estimate with 3)."""
+    from qcompiler.lowering.channel_affine import RescaledWeightError
+    from qcompiler.lowering.channel_groups import dequantized_weight
+
+    model = ln_linear_model(n=8)
+    arrays = feeds((2, 4, 16), outlier=channel_outliers)
+    batches = [CalibrationBatch({"x": x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
+    ctx = CompileContext(model, QuantSettings(), batches)
+    QuantizeWeights().call(ctx)
+    DgqGroups(DgqGroupsConfig(groups=4, validate=False)).call(ctx)
+    plan = ctx.group_plans["h"]
+    ratio = plan.element_scale().astype(np.float64) / float(plan.scales.max())
+    probe = RescaledWeightError(gemm(ctx, "fc0"), ctx.weight_rules["fc0"], columns=columns)
+    estimated, unscaled = probe(ratio), probe(np.ones_like(ratio))
+    source = ctx.weight_rules["fc0"].source.astype(np.float64)
+    own_error = np.square(source - dequantized_weight(gemm(ctx, "fc0"))).sum(axis=1)
+    InsertActivationQDQ().call(ctx)
+    OrtTarget().lower(ctx)
+    written = dequantized_weight(gemm(ctx, "fc0")).astype(np.float64)
+    exact = np.square(source - written / ratio[:, None]).sum(axis=1)
+    if columns >= 8:
+        np.testing.assert_allclose(estimated, exact, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(unscaled, own_error, rtol=1e-4, atol=1e-12)  # r ≡ 1: the rule's own error
+    else:
+        assert estimated.shape == exact.shape and np.all(estimated >= 0)
+    # the narrow groups' channels (small r) carry the larger error per unit of weight
+    narrow = ratio < 0.5
+    assert narrow.any() and exact[narrow].mean() > own_error[narrow].mean()
