@@ -3,7 +3,9 @@
 What ORT fuses into integer kernels, and so what this target emits:
 - DQ(int8 per-channel W) → MatMul with a per-tensor uint8 activation DQ → MatMulIntegerToFloat;
 - DQ → Conv → Q → QLinearConv: the Conv output is quantized with the grid the pass recorded
-  (``ctx.output_grids``), because ORT fuses a Conv only with a quantized output;
+  (``ctx.output_grids``), because ORT fuses a Conv only with a quantized output; where a Conv is
+  lowered another way (K-split, simulated groups) the same grid is a simulated Q/DQ, so those
+  reference forms differ from the deployed one only in how the groups are lowered;
 - DQ → Gemm → QGemm only with an int32 bias: C becomes DQ(round(C/(s_x·s_w)), s_x·s_w);
 - DQ → MatMul → Add(b): the bias gets the activation's rank (2-D: MatMul+Add → Gemm), so ORT's
   MatMulAddFusion leaves the integer MatMul alone (``lowering.matmul_bias``);
@@ -93,18 +95,28 @@ class OrtTarget(Target):
         for name, grid in ctx.output_grids.items():
             tensor = tensors.get(name)
             producer = tensor.inputs[0] if tensor is not None and tensor.inputs else None
-            if producer is None or producer.op != "Conv" or id(producer) not in integer:
-                continue  # lowered another way (K-split) or left float (simulated groups)
-            if any(_per_tensor_quantizer(c) for c in tensor.outputs):
+            if producer is None:
+                continue
+            fused = producer.op == "Conv" and id(producer) in integer
+            if fused and any(_per_tensor_quantizer(c) for c in tensor.outputs):
                 done += self._share_existing_qdq(ctx, tensor)
                 continue
-            why = (f"qcompile {self.name}: {grid.spec.describe()} output of Conv '{producer.name}' so ORT fuses "
-                   f"DQ → Conv → Q into QLinearConv; calibrated range [{grid.calibrated_min:.6g}, "
-                   f"{grid.calibrated_max:.6g}] over {grid.samples} samples")
+            if fused:
+                why = (f"qcompile {self.name}: {grid.spec.describe()} output of Conv '{producer.name}' so ORT "
+                       f"fuses DQ → Conv → Q into QLinearConv")
+                lowering = "simulated (narrowed int8 container)" if grid.spec.bits < 8 else "QDQ (fused by ORT)"
+            else:
+                # The Conv was lowered another way (DGQ's K-split, simulated groups): its output still gets
+                # the grid the pass decided, simulated, so these reference forms differ from the deployed
+                # one only in how the groups are lowered.
+                why = (f"qcompile {self.name}: {grid.spec.describe()} output grid of Conv '{grid.node}', "
+                       f"simulated: this lowering has no QLinearConv to fuse it into")
+                lowering = "simulated (Conv output grid of the deployed form)"
+            why += (f"; calibrated range [{grid.calibrated_min:.6g}, {grid.calibrated_max:.6g}] over "
+                    f"{grid.samples} samples")
             insert_tensor_qdq(ctx, tensor, list(tensor.outputs), grid.scale, grid.zero_point, grid.spec, self.name,
                               why, output_side=True)
-            lowering = "simulated (narrowed int8 container)" if grid.spec.bits < 8 else "QDQ (fused by ORT)"
-            ctx.records.append(QuantRecord(producer.name, name, "activation", grid.spec.describe(), lowering,
+            ctx.records.append(QuantRecord(grid.node, name, "activation", grid.spec.describe(), lowering,
                                            self.name, {"scale": grid.scale, "zero_point": grid.zero_point,
                                                        "position": "Conv output (for QLinearConv fusion)"}))
             done += 1
