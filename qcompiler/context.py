@@ -121,10 +121,28 @@ class CompileContext:
             return self._collect(dict(tensors), batches, progress)
         wanted = {name: axis for name, axis in tensors.items() if (name, axis) not in self._stats_cache}
         if wanted:
+            wanted = {**self._quantization_points(), **wanted}
             fresh = self._collect(wanted, self.calibration, progress)
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
+
+    def _quantization_points(self) -> dict[str, int | None]:
+        """Every integer-weight GEMM's input (channel axis 1 for Conv, else the last) and every such
+        Conv's output (axis 1) not cached yet: what activation quantization asks for later. A
+        calibration pass costs about the same with them (the reductions are small next to the
+        forward pass), so the statistics a later pass needs are already cached unless a fold
+        changes the values in between."""
+        from qcompiler.grids import quantized_gemms
+
+        points: dict[str, int | None] = {}
+        for node in quantized_gemms(self.graph):
+            source = node.inputs[0]
+            if isinstance(source, gs.Variable):
+                points.setdefault(source.name, 1 if node.op == "Conv" else None)
+            if node.op == "Conv":
+                points[node.outputs[0].name] = 1
+        return {name: axis for name, axis in points.items() if (name, axis) not in self._stats_cache}
 
     def statistics_of_parts(self, tensors: Mapping[str, int | None], parts, progress: bool = True) -> list[dict]:
         """Statistics of ``tensors`` on each part of a partition of the calibration rows (e.g. a
@@ -133,6 +151,7 @@ class CompileContext:
         into the cache that ``statistics`` serves. ``parts`` must cover every calibration row once."""
         import copy
 
+        tensors = {**self._quantization_points(), **tensors}
         results = [self._collect(dict(tensors), part, progress) for part in parts]
         for name, axis in tensors.items():
             merged = copy.deepcopy(results[0][name])

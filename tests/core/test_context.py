@@ -57,3 +57,25 @@ def test_statistics_of_parts_merge_into_the_whole_sets_statistics():
         assert (cached[name].min, cached[name].max) == (whole[name].min, whole[name].max)
         # the parts differ from the whole: the held-out rows are really apart
         assert not np.array_equal(fit[name].channel_max, held[name].channel_max)
+
+
+def test_the_first_statistics_pass_also_caches_every_quantization_point():
+    """After weights are integer, one calibration pass also reduces every GEMM input and Conv output,
+    so a later pass asking for them (activation QDQ after DGQ's planning) needs no forward pass."""
+    from qcompiler.calibration.readers import CalibrationBatch
+    from qcompiler.passes import QuantizeWeights
+
+    rng = np.random.default_rng(0)
+    batches = [CalibrationBatch({"x": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)}, {}, f"{i}.npz")
+               for i in range(2)]
+    ctx = CompileContext(graphs.conv_model(), QuantSettings(), batches)
+    QuantizeWeights().call(ctx)
+    first = ctx.statistics({"x": 1}, progress=False)
+    calls = []
+    ctx._collect = lambda *args: calls.append(args)  # a cache miss would call it
+    later = ctx.statistics({"x": 1, "r1": 1, "c1": 1, "y": 1}, progress=False)  # Conv inputs and outputs
+    assert not calls and later["x"] is first["x"]
+    fresh = CompileContext(graphs.conv_model(), QuantSettings(), batches)
+    QuantizeWeights().call(fresh)
+    alone = fresh.statistics({"r1": 1}, progress=False)
+    np.testing.assert_array_equal(later["r1"].channel_max, alone["r1"].channel_max)
