@@ -122,22 +122,19 @@ def score_grids(rows: np.ndarray, low: np.ndarray, high: np.ndarray, labels: np.
 
     ``weight_error(r)`` (per channel, for the ratios r_c = s_c/max s of a grid): the error of the
     GEMM weight re-quantized as diag(r)·W, which is how one integer GEMM runs channel groups
-    (``lowering.channel_affine``). Each candidate then also pays Σ_c weight_error(r)_c·Σ_t (x_c − δ_c)²,
-    δ_c = s_c·(z − z_c) the affine's shift, so groups whose narrow scales cost more weight precision
-    than they save in activation error lose to the per-tensor grid (r ≡ 1, its own weight error)."""
+    (``lowering.channel_affine``: it computes Σ_c x̂_c·Ŵ'_c/r_c). Each candidate then also pays
+    Σ_c weight_error(r)_c·Σ_t x_c², so groups whose narrow scales cost more weight precision than they
+    save in activation error lose to the per-tensor grid (r ≡ 1, its own weight error)."""
     rows = np.asarray(rows, np.float32)
     group_min, group_max = group_ranges(low, high, labels)
     scale, zero_point = scale_zero_point(low.min(), high.max(), spec)
+    energy = np.square(rows.astype(np.float64)).sum(axis=0)
 
     def score(scales: np.ndarray, zero_points: np.ndarray) -> float:
         error = grid_error(rows, scales, zero_points.astype(np.float32), spec.qmax, channel_weights)
         if weight_error is None:
             return error
         scales = np.broadcast_to(np.asarray(scales, np.float64), (rows.shape[1],))
-        zero_points = np.broadcast_to(np.asarray(zero_points, np.float64), (rows.shape[1],))
-        common = np.clip(np.rint(zero_points.mean()), spec.qmin, spec.qmax)
-        shift = scales * (common - zero_points)
-        energy = np.square(rows.astype(np.float64) - shift).sum(axis=0)
         return error + float(weight_error(scales / scales.max()) @ energy)
 
     tensor_error = score(np.asarray(scale), np.asarray(zero_point))

@@ -7,8 +7,11 @@ q_c = clamp(round(x_c/s_g) + z_g) dequantizes as
     x̂_c = s_g·(q_c − z_g) = r_c·s·(q_c − z) + δ_c,
 so   Σ_c x̂_c·W[c, n] + b_n = Σ_c s·(q_c − z)·W'[c, n] + b'_n,   W' = diag(r)·W,  b' = b + δ·W.
 The integer codes are DGQ's codes, unchanged; one per-tensor DequantizeLinear(s, z) feeds one GEMM
-(an integer kernel), and W' is re-quantized per output channel by the rule that chose W's grid.
-The only error added to DGQ's is that re-quantization: |W' − Ŵ'| ≤ s'_w/2 per element.
+(an integer kernel), and W' is re-quantized per output channel by the rule that chose W's grid:
+Ŵ' = diag(r)·W + ε, |ε| ≤ s'_w/2 per element. The bias takes δ through Ŵ', not W
+(``fold_affine``): b' = b + Σ_c (δ_c/r_c)·Ŵ'[c, n], so the GEMM computes Σ_c x̂_c·Ŵ'[c, n]/r_c and
+the only error added to DGQ's is x̂_c·ε[c, n]/r_c. (b + δ·W would leave −Σ_c (δ_c/r_c)·ε[c, n] on
+every output even where x̂ = 0: an offset that grows with δ/r.)
 
 The codes come from one of (cheapest first):
 - a Norm producer that absorbs x' = (x − δ)/r into its affine (γ/r, (β − δ)/r), then a per-tensor
@@ -155,6 +158,16 @@ def output_correction(node: gs.Node, shift: np.ndarray) -> np.ndarray:
     moved = np.moveaxis(weight, weight_in_axis(node), 0)
     out = np.tensordot(shift, moved, axes=([0], [0]))
     return out.reshape(out.shape[0], -1).sum(axis=1) if node.op == "Conv" else out
+
+
+def fold_affine(b: Builder, node: gs.Node, ratio: np.ndarray, shift: np.ndarray, rule: WeightRule) -> None:
+    """The GEMM reads x' = (x − δ)/r: W' = diag(r)·W re-quantized (``rescale_weight``), then
+    b' = b + Σ_c (δ_c/r_c)·Ŵ'[c, n] from the re-quantized Ŵ' the GEMM runs (see the module docstring:
+    from Ŵ instead, W''s rounding error times δ/r would stay on every output)."""
+    rescale_weight(b, node, ratio, rule)
+    shift = np.asarray(shift, np.float64)
+    if np.any(shift):
+        add_output_bias(b, node, output_correction(node, shift / np.asarray(ratio, np.float64)))
 
 
 def _source_weight(node: gs.Node, rule: WeightRule) -> np.ndarray:

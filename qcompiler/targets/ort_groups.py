@@ -116,11 +116,8 @@ class GroupLowering:
         codes: dict = {}
         for node in able:
             source = self._affine_codes(b, plan, x, node, affine, able, codes)
-            correction = None if affine.shared_zero_point else affine_ops.output_correction(node, affine.shift)
-            affine_ops.rescale_weight(b, node, affine.ratio, self._rule(node))
+            affine_ops.fold_affine(b, node, affine.ratio, affine.shift, self._rule(node))  # δ = 0: no bias
             self._release_source(node)
-            if correction is not None:
-                affine_ops.add_output_bias(b, node, correction)
             if node.op == "Conv" and affine_ops.conv_padding(node) and not affine.shared_zero_point:
                 node.attrs["pads"] = [0] * len(node.attrs["pads"])
             node.inputs[0] = source[0]

@@ -1,18 +1,23 @@
 """What TensorRT cannot run, replaced by its nearest supported form: DGQ groups, per-timestep ranges, log2 attention.
 
-DGQ channel groups (g(c) per channel c of a GEMM input X, calibrated range [m_g, M_g] per group,
-widened to hold 0 as DGQ's grids are)
-become one symmetric per-tensor grid and an exact per-channel affine, the symmetric form of
-``lowering.channel_affine``: with each group's own uint8 grid s_g = (M_g − m_g)/255, z_g = round(−m_g/s_g)
-moved to zero point 0 by μ_g = s_g·(128 − z_g) (``lowering.symmetric.int8_grid``), s = max_g s_g,
+DGQ channel groups (g(c) per channel c of a GEMM input X, the plan's uint8 grid (s_g, z_g) per group:
+DGQ's own, or σ_g with one shared zero point where ``dgq_groups``' held-out validation chose it; each
+holds 0) become one symmetric per-tensor grid and an exact per-channel affine, the symmetric form of
+``lowering.channel_affine``: each group's grid moved to zero point 0 by μ_g = s_g·(128 − z_g)
+(``lowering.symmetric.int8_grid`` over the range the grid covers), s = max_g s_g,
 r_c = s_g(c)/s ≤ 1 and μ_c = μ_g(c),
     X' = (X − μ)/r,   q = clamp(round(X'/s), −128, 127)  (z = 0),   X̂ = r·s·q + μ,
-    Σ_c X̂_c·W[c, n] + b_n = Σ_c s·q_c·W'[c, n] + b'_n,   W' = diag(r)·W (re-quantized),  b' = b + μ·Ŵ.
-Each group keeps DGQ's own 256 levels over its range, 0 among them (q = z_g − 128); TensorRT runs one
+    Σ_c X̂_c·W[c, n] + b_n = Σ_c s·q_c·W'[c, n] + b'_n,   W' = diag(r)·W (re-quantized),  b' = b + (μ/r)·Ŵ'.
+b' takes μ through the re-quantized Ŵ' (``channel_affine.fold_affine``): μ is about half a group's range
+and 1/r up to 41 on MiniLM, so b + μ·Ŵ left Σ_c (μ_c/r_c)·ε[c, n] (ε: W''s rounding) on every output
+(one FFN GEMM 33 → 19 dB, the model's output below 0 dB).
+Each group keeps the plan's 256 levels, 0 among them (q = z_g − 128), so the codes are the plan's
+codes − 128 (below 8 bits: 8 bits over the plan's range; TensorRT's kernels are 8-bit); TensorRT runs one
 int8 GEMM per GEMM. The affine (X − μ)/r is absorbed by a LayerNorm that writes X when the GEMMs are
 its only readers, else it is an explicit Sub and Mul (pointwise ops TensorRT fuses with the Q before
 the GEMM); a padded Conv reads an explicit Pad(X, 0) first, so its border still reads X = 0.
-Error: DGQ's |X − X̂| ≤ s_g/2 per channel plus the re-quantization of W' (as on ORT).
+Error: DGQ's |X − X̂| ≤ s_g/2 per channel plus the re-quantization of W' (as on ORT): per output n,
+|Y − X̂·W − b| ≤ Σ_c |X̂_c|·s'_w[n]/(2·r_c) (s'_w: W''s scale), with X̂ the DGQ-dequantized input.
 
 Replaced by a near equivalent (recorded in the report's ``fallbacks`` and the records):
 - token (pixel) groups and readers the affine cannot take (grouped Conv, Gemm with transA): one
@@ -124,21 +129,21 @@ def _per_tensor(ctx: CompileContext, plan: GroupPlan, x: gs.Tensor, readers: lis
 
 
 def _affine(ctx: CompileContext, plan: GroupPlan, x: gs.Tensor, able: list[gs.Node], target: str) -> None:
-    # Each group's range widened to hold 0, as DGQ's own grids are: a padded 0 (and every 0 the
-    # activation takes outside the calibrated rows) stays within s_g/2 instead of clipping to m_g.
-    low = np.minimum(plan.group_min.astype(np.float64), 0.0)
-    high = np.maximum(plan.group_max.astype(np.float64), 0.0)
-    group_scale, centre = int8_grid(low, high)
+    # The plan's own grids (the pass decides them: DGQ's per-group zero points, or the one shared zero
+    # point and wider σ_g that held-out validation chose), each over the range it covers, 0 included.
+    # Not grids re-fitted to the calibrated group ranges: held-out rows exceed those, and on MiniLM
+    # clipping at them (75× more often than at σ_g) cost 1 dB of output SQNR against the ORT target.
+    spec = plan.spec
+    scales, zero_points = plan.scales.astype(np.float64), plan.zero_points.astype(np.float64)
+    group_scale, centre = int8_grid(scales * (spec.qmin - zero_points), scales * (spec.qmax - zero_points))
     scale = float(group_scale.max())
     ratio, shift = group_scale[plan.labels] / scale, centre[plan.labels]
     b = Builder(ctx, target, x.name, f"DGQ channel groups (K={plan.groups}) of '{x.name}' as one symmetric grid "
                                      "and an exact per-channel affine")
     sources: dict = {}
     for node in able:
-        correction = affine_ops.output_correction(node, shift)
         rule = ctx.weight_rules.get(node.name) or WeightRule(ctx.settings.wbits)
-        affine_ops.rescale_weight(b, node, ratio, rule)
-        affine_ops.add_output_bias(b, node, correction)
+        affine_ops.fold_affine(b, node, ratio, shift, rule)
         pads = affine_ops.conv_padding(node) if node.op == "Conv" else None
         key = tuple(pads or ())
         if key not in sources:

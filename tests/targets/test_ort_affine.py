@@ -118,11 +118,13 @@ def assert_dgq_codes(got, expected, exact):
     assert differ.mean() <= TIE_SHARE, differ.mean()
 
 
-def assert_within_requantization_bound(got, reference, codes, s, z, w_scale, x_hat, reference_w_scale):
-    """|Y − Y_ref| ≤ Σ_c |s·(q_c − z)|·s'_w[n]/2 + Σ_c |x̂_c|·s_w[n]/2 (+ float32 rounding of the sums)."""
-    y = np.abs(s * (codes.astype(np.float64) - z)).sum(axis=-1, keepdims=True)
-    bound = (y * w_scale.reshape(1, 1, -1) / 2 + np.abs(x_hat).sum(axis=-1, keepdims=True)
-             * reference_w_scale.reshape(1, 1, -1) / 2 + 1e-5 * np.abs(reference).max())
+def assert_within_requantization_bound(got, reference, ratio, w_scale, x_hat, reference_w_scale):
+    """|Y − Y_ref| ≤ Σ_c |x̂_c|·(s'_w[n]/(2·r_c) + s_w[n]/2) (+ float32 rounding of the sums): the GEMM
+    computes x̂·Ŵ'/r (the bias takes δ through Ŵ'), Ŵ' = diag(r)·W re-quantized, Ŵ the reference's weight."""
+    x_hat = np.abs(np.asarray(x_hat, np.float64))
+    bound = ((x_hat / ratio).sum(axis=-1, keepdims=True) * w_scale.reshape(1, 1, -1) / 2
+             + x_hat.sum(axis=-1, keepdims=True) * reference_w_scale.reshape(1, 1, -1) / 2
+             + 1e-5 * np.abs(reference).max())
     assert np.all(np.abs(got - reference) <= bound), float(np.max(np.abs(got - reference) - bound))
 
 
@@ -155,7 +157,7 @@ def test_layernorm_absorbs_the_affine_and_the_codes_are_dgqs(tmp_path, abits):
     w_hat = onnx.numpy_helper.to_array(next(i for i in weights_only.graph.initializer if i.name.endswith("int8")))
     del reference
     expected = x_hat @ (w_hat.astype(np.float32) * _weight_scale(weights_only)) + _bias(model, "b0")
-    assert_within_requantization_bound(got["y0"], expected, got[codes_name], s, z, w_scale, x_hat,
+    assert_within_requantization_bound(got["y0"], expected, plan.element_scale() / s, w_scale, x_hat,
                                        _weight_scale(weights_only))
     found = kernels(ctx, tmp_path)
     assert found.op_types.get("MatMulIntegerToFloat") == 1 and found.float_gemms == 0
@@ -184,7 +186,7 @@ def test_graph_input_takes_an_explicit_div_add_and_keeps_the_codes(tmp_path):
     w_hat = onnx.numpy_helper.to_array(next(i for i in weights_only.graph.initializer if i.name.endswith("int8")))
     x_hat = fake_quantize(x, spec, plan.scales, plan.zero_points, plan.labels)
     expected = x_hat @ (w_hat.astype(np.float32) * _weight_scale(weights_only)) + _bias(model, "b")
-    assert_within_requantization_bound(got["biased"], expected, got[codes_name], s, z, w_scale, x_hat,
+    assert_within_requantization_bound(got["biased"], expected, plan.element_scale() / s, w_scale, x_hat,
                                        _weight_scale(weights_only))
     assert kernels(ctx, tmp_path).integer_gemms == 1
 
