@@ -11,6 +11,8 @@ timestep file, so all timesteps stay represented), then measured:
   with all rows of a model interleaved (float first); ×minmax is against minmax at the same bits;
 - size: the output file (+ external data) against minmax's at the same bits;
 - kernels: integer / quantized GEMMs in ORT's optimized graph (from the compile report);
+- denoiser SQNR: one call's output vs float on every 3rd calibration file, every row (the
+  lowering's arithmetic without the trajectory);
 - quality: PSNR of the final images vs the float model's on ``--samples`` prompts and seeds (DDIM
   25 steps, guidance 4), sampled from the deployed model, for minmax, dgq and dgq split (the
   question here is dgq's default lowering against its exact reference; every recipe's quality is
@@ -101,6 +103,27 @@ def measure(row: Row, model: Path, calib: Path, work: Path, sampler: Sampler, qu
             "lowering": report["lowering_counts"], "psnr_db": psnr}
 
 
+def denoiser_sqnr(results: list[dict], calib: Path, every: int = 3) -> None:
+    """SQNR (dB) of one denoiser call against float, pooled over every ``every``-th calibration file
+    (timesteps across the schedule): the lowering's arithmetic without the trajectory, whose 25
+    chained steps amplify differences of a few hundredths of a dB into ±1 dB of final-image PSNR."""
+    from qcompiler.runtimes.ort import make_session
+
+    files = sorted(calib.glob("*.npz"))[1::every]
+    reference = make_session(results[0]["deployed"], threads=1)
+    names = [i.name for i in reference.get_inputs()]
+    feeds = []
+    for path in files:
+        with np.load(path) as data:
+            feeds.append({k: data[k] for k in names})
+    expected = [reference.run(None, f)[0].astype(np.float64) for f in feeds]
+    signal = sum(float(np.sum(e ** 2)) for e in expected)
+    for row in results[1:]:
+        session = make_session(row["deployed"], threads=1)
+        noise = sum(float(np.sum((e - session.run(None, f)[0]) ** 2)) for e, f in zip(expected, feeds))
+        row["denoiser_sqnr_db"] = 10.0 * float(np.log10(signal / noise)) if noise else float("inf")
+
+
 def relative_to_minmax(results: list[dict]) -> None:
     """× minmax (latency, size) at the same setting, and dgq's PSNR against its split reference."""
     by_key = {(r["setting"], r["recipe"], r.get("variant", "")): r for r in results}
@@ -112,6 +135,8 @@ def relative_to_minmax(results: list[dict]) -> None:
         split = by_key.get((row["setting"], "dgq", "split"))
         if row["recipe"] == "dgq" and not row.get("variant") and split and row.get("psnr_db") is not None:
             row["psnr_vs_split_db"] = row["psnr_db"] - split["psnr_db"]
+        if row["recipe"] == "dgq" and not row.get("variant") and split and "denoiser_sqnr_db" in row:
+            row["sqnr_vs_split_db"] = row["denoiser_sqnr_db"] - split["denoiser_sqnr_db"]
 
 
 def run_model(name: str, args) -> list[dict]:
@@ -131,6 +156,7 @@ def run_model(name: str, args) -> list[dict]:
         results.append({**json.loads(cached.read_text()), "model": name})
         print(f"[bench] {name} {row.key()}: {results[-1]['psnr_db']} dB", flush=True)
     measure_latency(results, model, calib, args.runs)
+    denoiser_sqnr(results, calib)
     relative_to_minmax(results)
     return results
 
