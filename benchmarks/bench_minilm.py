@@ -141,16 +141,25 @@ def _ort_dynamic(model: str, output: str, nodes: list[str]) -> None:
                      weight_type=QuantType.QInt8, nodes_to_quantize=nodes)
 
 
-def build_models(model: Path, calib: Path, work: Path, recipes: list[str]) -> list[dict]:
-    """Compile every row's model; returns rows with name, path, tool and compile measurements."""
+def build_models(model: Path, calib: Path, work: Path, recipes: list[str]) -> tuple[list[dict], list[str]]:
+    """Compile every row's model; returns rows with name, path, tool and compile measurements, and
+    one line per recipe that refused the model (e.g. a diffusion-only recipe: no timestep input)."""
+    from qcompiler.errors import QCompileError
+
     work.mkdir(parents=True, exist_ok=True)
     rows = [{"name": "float", "tool": "export", "path": model, "compile": None}]
+    refused = []
     nodes = None
     for recipe in recipes:
         name = f"qcompile-{recipe}"
         stage(f"compile {name}")
-        measured = compile_in_child(_import_qcompile, _qcompile, str(model), recipe, str(calib),
-                                    str(work / f"{name}.onnx"))
+        try:
+            measured = compile_in_child(_import_qcompile, _qcompile, str(model), recipe, str(calib),
+                                        str(work / f"{name}.onnx"))
+        except QCompileError as error:
+            refused.append(f"{name} refused the model: {error}")
+            stage(refused[-1])
+            continue
         recipe_nodes = measured.pop("quantized_nodes")
         nodes = nodes or recipe_nodes  # ORT quantizes the first recipe's GEMMs
         rows.append({"name": name, "tool": "qcompile", "path": work / f"{name}.onnx", "compile": measured})
@@ -162,7 +171,7 @@ def build_models(model: Path, calib: Path, work: Path, recipes: list[str]) -> li
         output = work / f"{name}.onnx"
         measured = compile_in_child(_import_ort_quantization, compile_fn, str(model), str(output), nodes, *settings)
         rows.append({"name": name, "tool": "onnxruntime", "path": output, "compile": measured})
-    return rows
+    return rows, refused
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -364,13 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     stage("model + data (exported on first use)")
     model = ensure_minilm()
     calib, heldout = model.parent / "calib", model.parent / "heldout"
-    rows = build_models(model, calib, args.work or model.parent / "bench", args.recipes)
+    rows, refused = build_models(model, calib, args.work or model.parent / "bench", args.recipes)
     measure_static(rows, model, heldout)
     stage(f"latency: {len(rows)} models x ({args.warmup} warm-up + {args.runs} interleaved timed runs)")
     measure_latency(rows, latency_feeds(heldout, args.batch, args.seq_len), args.threads, args.warmup, args.runs)
-    baseline = "qcompile-minmax" if "minmax" in args.recipes else f"qcompile-{args.recipes[0]}"
+    compiled = [r["name"] for r in rows if r["tool"] == "qcompile"]
+    baseline = "qcompile-minmax" if "qcompile-minmax" in compiled else compiled[0]
     add_ratios(rows, baseline)
-    notes, info = comparisons(rows), machine(args)
+    notes, info = comparisons(rows) + refused, machine(args)
     title = f"all-MiniLM-L6-v2 W8A8, {info['cpu_count']} CPUs, {args.threads} threads, ORT {info['onnxruntime']}"
     print_table(rows, baseline, title)
     for note in notes:
