@@ -9,6 +9,8 @@ container. Error bound: |W − Ŵ| ≤ s_w/2 element-wise (rounding inside the s
 Option ``clip_search`` (MSE clip search, docs/algorithms.md §3): per output channel (or block)
 s_w = r*·max|W|/qmax with r* = argmin_{r ∈ clip_ratios} ‖W − Ŵ_r‖² (r = 1 is min/max; values
 beyond r·max|W| clip to ±qmax).
+Per-GEMM widths: a GEMM named in ``ctx.weight_bits`` (``mixed_precision``) gets those bits instead
+of ``--wbits`` (a W8 MatMul in a W4 compile: int8 per output channel, not MatMulNBits).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from tqdm import tqdm
 
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.grids import WeightRule
-from qcompiler.lowering.matmul_nbits import pack_matmul_nbits, quantize_int4_blocks
+from qcompiler.lowering.matmul_nbits import dequantize_matmul_nbits, pack_matmul_nbits, quantize_int4_blocks
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.patterns import Conv, Linear, find_convs, find_linears, weight_array
-from qcompiler.quant import QuantSpec, quantize_weight
+from qcompiler.quant import QuantSpec, dequantize, quantize_weight
 from qcompiler.skeleton import fresh_map
 from qcompiler.weight_quant import DEFAULT_CLIP_RATIOS, quantize_weight_clipped
 
@@ -58,6 +60,31 @@ def quantize_weight_as(w: np.ndarray, spec: QuantSpec, config: QuantizeWeightsCo
     return quantize_weight(w, spec)
 
 
+def uses_nbits(unit: Linear | Conv, bits: int) -> bool:
+    """Whether this GEMM's weight becomes MatMulNBits blocks (int4 MatMul) rather than a DequantizeLinear."""
+    return bits == 4 and isinstance(unit, Linear) and unit.node.op == "MatMul"
+
+
+def int4_blocks(weight: np.ndarray, block: int, config: QuantizeWeightsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """int4 values [N, K] and scales [N, K/block] of a MatMul weight [K, N] (clip-searched if configured)."""
+    if uses_clip_search(config, 4):
+        spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=block)
+        q, scales, _ = quantize_weight_clipped(np.ascontiguousarray(weight.T), spec, config.clip_ratios)
+        return q, scales
+    return quantize_int4_blocks(weight, block)
+
+
+def simulated_weight(unit: Linear | Conv, weight: np.ndarray, bits: int, block: int,
+                     config: QuantizeWeightsConfig) -> np.ndarray:
+    """Ŵ: the float weight the quantized GEMM computes with, on the grid this pass would write."""
+    if uses_nbits(unit, bits):
+        q, scales = int4_blocks(weight, block, config)
+        return dequantize_matmul_nbits(q, scales, block)
+    spec = QuantSpec(bits=bits, symmetric=True, granularity="axis", axis=unit.weight_out_axis)
+    q, scale, zero_point = quantize_weight_as(weight, spec, config)
+    return dequantize(q, scale, zero_point, axis=unit.weight_out_axis).astype(np.float32)
+
+
 def _release_pages(unit: Linear | Conv) -> None:
     """The float weight was read in full and is no longer used by this GEMM: a fresh map of it
     (for any other reader) lets the pages just read leave the resident set now, not at cleanup;
@@ -83,10 +110,11 @@ class QuantizeWeights(Pass):
         for unit in tqdm(units, desc="quantizing weights", unit="weight", leave=False, disable=None):
             if unit.node.name in self.config.exclude_nodes or unit.node.name in ctx.dynamic_group_plans:
                 continue  # excluded, or planned group-wise by qdit_groups (the target quantizes those)
-            if ctx.settings.wbits == 4 and isinstance(unit, Linear) and unit.node.op == "MatMul":
+            bits = ctx.weight_bits.get(unit.node.name, ctx.settings.wbits)
+            if uses_nbits(unit, bits):
                 self._lower_matmul_nbits(ctx, unit)
             else:
-                self._insert_weight_dq(ctx, unit)
+                self._insert_weight_dq(ctx, unit, bits)
             _release_pages(unit)
             changed += 1
         ctx.graph.cleanup().toposort()
@@ -99,9 +127,9 @@ class QuantizeWeights(Pass):
         # memory) is spilled to a scratch file: either way it costs no memory until read again.
         return WeightRule(bits, block_size, tuple(ratios), ctx.spill(fresh_map(source)))
 
-    def _insert_weight_dq(self, ctx: CompileContext, unit: Linear | Conv) -> None:
+    def _insert_weight_dq(self, ctx: CompileContext, unit: Linear | Conv, bits: int) -> None:
         weight = weight_array(unit)
-        spec = QuantSpec(bits=ctx.settings.wbits, symmetric=True, granularity="axis", axis=unit.weight_out_axis)
+        spec = QuantSpec(bits=bits, symmetric=True, granularity="axis", axis=unit.weight_out_axis)
         q, scale, zero_point = quantize_weight_as(weight, spec, self.config)
         base = unit.weight.name
         names = ctx.names
@@ -117,19 +145,16 @@ class QuantizeWeights(Pass):
                          f"'{unit.node.name}', scale = {rule} per output channel")
         ctx.graph.nodes.append(dq)
         unit.node.inputs[1] = dq_out
-        bits = ctx.settings.wbits
         lowering = f"int8 container, int{bits} values (per-channel)" if bits < 8 else "DequantizeLinear"
-        ctx.records.append(QuantRecord(unit.node.name, base, "weight", spec.describe(), lowering, self.name))
+        details = {"mixed_precision": f"kept at W{bits}"} if bits != ctx.settings.wbits else {}
+        ctx.records.append(QuantRecord(unit.node.name, base, "weight", spec.describe(), lowering, self.name,
+                                       details))
         ctx.weight_rules[unit.node.name] = self._rule(ctx, spec.bits, None, weight)
 
     def _lower_matmul_nbits(self, ctx: CompileContext, unit: Linear) -> None:
         weight = weight_array(unit)
         block = ctx.settings.block_size
-        if uses_clip_search(self.config, 4):
-            spec = QuantSpec(bits=4, symmetric=True, granularity="block", axis=1, block_size=block)
-            q, scales, _ = quantize_weight_clipped(np.ascontiguousarray(weight.T), spec, self.config.clip_ratios)
-        else:
-            q, scales = quantize_int4_blocks(weight, block)
+        q, scales = int4_blocks(weight, block, self.config)
         k, n = weight.shape
         base = unit.weight.name
         names = ctx.names
