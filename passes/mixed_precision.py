@@ -5,9 +5,11 @@ Decision (no graph change; ``quantize_weights`` reads ``ctx.weight_bits``):
 - sensitivity of GEMM l: S_l = Σ_b ‖f(x_b; Ŵ_l) − f(x_b; W)‖² / Σ_b ‖f(x_b; W)‖², the model's outputs
   with that weight alone on its ``--wbits`` grid (Ŵ_l exactly as ``quantize_weights`` will write it:
   int4 blocks or per-channel, MSE clip search when the recipe uses it) and every other weight and
-  every activation float, on ``batches`` calibration batches spread evenly over the calibration
-  data (for a timestep-tagged folder: over the sampling trajectory). One ORT session with the
-  weights as graph inputs; one forward pass per GEMM and batch.
+  every activation float, on the first ``rows`` samples of ``batches`` calibration batches spread
+  evenly over the calibration data (for a timestep-tagged folder: over the sampling trajectory).
+  One ORT session with the weights as graph inputs; one forward pass per GEMM and batch. Cost on
+  the zoo UNet (136 weights, 4 × 8 samples): 544 forward passes of 8 samples, about 3 min on one
+  idle core; every row of 32-sample batches would cost 4×.
 - bytes: a weight of P values at b bits counts P·b/8 (values only; scales excluded), so keeping l at
   8 bits costs P_l·(8 − b)/8 more. Budget: B_8 / B_total ≤ ``w8_budget``, B_8 the bytes of the W8
   weights, B_total the bytes of all quantized weights after the choice.
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from tqdm import tqdm
 
 from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
@@ -45,8 +48,10 @@ ORDERS = ("per_byte", "sensitivity")
 class MixedPrecisionConfig:
     #: Largest share of the quantized weight bytes that may stay at 8 bits, in [0, 1).
     w8_budget: float = 0.0
-    #: Calibration batches the sensitivities are measured on (evenly spaced over the data).
+    #: Calibration batches the sensitivities are measured on (evenly spaced over the data) ...
     batches: int = 4
+    #: ... and the samples taken from each (its first ``rows``; 0: all).
+    rows: int = 8
     #: "per_byte": greedy by sensitivity per byte; "sensitivity": by sensitivity alone.
     order: str = "per_byte"
     #: The grid ``quantize_weights`` will use (the recipe's config; ``recipes.with_mixed_precision`` copies it).
@@ -55,8 +60,8 @@ class MixedPrecisionConfig:
     def __post_init__(self):
         if not 0 <= self.w8_budget < 1:
             raise ValueError(f"w8_budget must be in [0, 1), got {self.w8_budget}")
-        if self.batches < 1:
-            raise ValueError(f"batches must be at least 1, got {self.batches}")
+        if self.batches < 1 or self.rows < 0:
+            raise ValueError(f"batches must be at least 1 and rows at least 0, got {self.batches}, {self.rows}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 
@@ -83,6 +88,14 @@ def spread_batches(batches: list, count: int) -> list:
     if len(batches) <= count:
         return list(batches)
     return [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, count).round().astype(int))]
+
+
+def first_rows(feeds: dict[str, np.ndarray], batch_size: int, rows: int) -> dict[str, np.ndarray]:
+    """The first ``rows`` samples of a batch: every feed with the batch's leading axis is cut, others kept."""
+    if rows <= 0 or rows >= batch_size:
+        return feeds
+    return {name: value[:rows] if np.ndim(value) >= 1 and np.shape(value)[0] == batch_size else value
+            for name, value in feeds.items()}
 
 
 def _weights_as_inputs(ctx: CompileContext, units: list[Linear | Conv]) -> tuple[gs.Graph, dict[str, np.ndarray]]:
@@ -112,18 +125,18 @@ def layer_sensitivities(ctx: CompileContext, units: list[Linear | Conv], config:
 
     graph, floats = _weights_as_inputs(ctx, units)
     session = make_session(to_skeleton(graph, ctx.template), lean=True, threads=ctx.threads)
-    batches = spread_batches(ctx.calibration, config.batches)
-    references = [run(session, {**batch.feeds, **floats}) for batch in batches]
+    batches = [first_rows(b.feeds, b.batch_size, config.rows) for b in spread_batches(ctx.calibration, config.batches)]
+    references = [run(session, {**feeds, **floats}) for feeds in batches]
     energy = sum(float(np.sum(np.square(y, dtype=np.float64))) for ref in references for y in ref.values())
     bits, block = ctx.settings.wbits, ctx.settings.block_size
     costs = []
-    for unit in units:
+    for unit in tqdm(units, desc="weight sensitivity", unit="weight", leave=False, disable=None):
         name = unit.weight.name
         w_hat = simulated_weight(unit, floats[name], bits, block, config.weights)
         feeds = {**floats, name: np.ascontiguousarray(w_hat.reshape(floats[name].shape), dtype=np.float32)}
         error = 0.0
         for batch, reference in zip(batches, references):
-            got = run(session, {**batch.feeds, **feeds})
+            got = run(session, {**batch, **feeds})
             error += sum(float(np.sum(np.square(got[k] - v, dtype=np.float64))) for k, v in reference.items())
         costs.append(LayerCost(unit.node.name, int(floats[name].size), error / max(energy, 1e-30)))
         log.debug("mixed_precision: %s S=%.3g", unit.node.name, costs[-1].sensitivity)
@@ -170,7 +183,7 @@ class MixedPrecision(Pass):
         total = bytes_8 + sum(c.params for c in costs if c.node not in kept_names) * low / 8
         ctx.mixed_precision = {
             "w8_budget": self.config.w8_budget, "order": self.config.order, "low_bits": low,
-            "batches": len(spread_batches(ctx.calibration, self.config.batches)),
+            "batches": len(spread_batches(ctx.calibration, self.config.batches)), "rows": self.config.rows,
             "sensitivity": f"relative squared output error with that weight alone at W{low}, all else float",
             "weight_bytes": {"w8": int(bytes_8), "total": int(round(total)),
                              "all_low": int(round(sum(c.params for c in costs) * low / 8)),
