@@ -33,6 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
+from qcompiler.calibration.readers import spread_batches
 from qcompiler.context import CompileContext
 from qcompiler.errors import PassError
 from qcompiler.pass_manager import Pass, PassResult
@@ -81,13 +82,6 @@ def candidate_units(ctx: CompileContext, config: QuantizeWeightsConfig) -> list[
     if config.include_conv:
         units += find_convs(ctx.graph)
     return [u for u in units if u.node.name not in config.exclude_nodes and u.node.name not in ctx.dynamic_group_plans]
-
-
-def spread_batches(batches: list, count: int) -> list:
-    """``count`` batches evenly spaced over ``batches`` (all when there are fewer), first and last included."""
-    if len(batches) <= count:
-        return list(batches)
-    return [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, count).round().astype(int))]
 
 
 def first_rows(feeds: dict[str, np.ndarray], batch_size: int, rows: int) -> dict[str, np.ndarray]:

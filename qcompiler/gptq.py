@@ -99,3 +99,37 @@ def conv_patches(x: np.ndarray, attrs: dict, kernel: tuple[int, int], rows: int,
     jj = ow[:, None, None] * sw + np.arange(kw)[None, None, :] * dw      # [M, 1, kw]
     patches = padded[b[:, None, None], :, ii, jj]                          # [M, kh, kw, C]
     return np.ascontiguousarray(patches.transpose(0, 3, 1, 2).reshape(len(index), -1))
+
+
+def layer_rows(unit, x: np.ndarray, rows: int, rng) -> np.ndarray | None:
+    """Up to ``rows`` input rows [M, K] of a Linear (its input's last axis) or a Conv (im2col); None if unread."""
+    if unit.node.op == "Conv":
+        kernel = tuple(np.shape(unit.weight.values)[2:])
+        return conv_patches(x, unit.node.attrs, kernel, rows, rng) if len(kernel) == 2 else None
+    flat = x.reshape(-1, x.shape[-1])
+    if len(flat) > rows:
+        flat = flat[np.sort(rng.choice(len(flat), size=rows, replace=False))]
+    return flat
+
+
+def collect_hessians(ctx, units, batches, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """H = Σ XᵀX (float64) per unit's node name, on up to ``rows`` seeded rows of each batch's input."""
+    from qcompiler.calibration.capture import stream_tensors
+    from qcompiler.calibration.statistics import StatsConfig
+
+    readers: dict[str, list] = {}
+    for unit in units:
+        readers.setdefault(unit.node.inputs[0].name, []).append(unit)
+    hessians: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(seed)
+    config = StatsConfig(progress=True, threads=ctx.threads)
+    for _, outputs in stream_tensors(ctx.skeleton(), batches, sorted(readers), config, desc="GPTQ Hessians"):
+        for name in sorted(outputs):
+            for unit in readers[name]:
+                x = layer_rows(unit, np.asarray(outputs[name], np.float32), rows, rng)
+                if x is None:
+                    continue
+                x = x.astype(np.float64)
+                hessians[unit.node.name] = hessians.get(unit.node.name, 0.0) + x.T @ x
+    ctx.release_weight_pages()
+    return hessians

@@ -6,7 +6,8 @@ from onnx import TensorProto, helper
 
 from qcompiler.errors import PassError
 from qcompiler.passes import MixedPrecision, QuantizeWeights
-from qcompiler.passes.mixed_precision import LayerCost, choose_w8, spread_batches
+from qcompiler.calibration.readers import spread_batches
+from qcompiler.passes.mixed_precision import LayerCost, choose_w8
 from qcompiler.passes.quantize_weights import QuantizeWeightsConfig, simulated_weight
 from qcompiler.patterns import find_linears
 from tests import graphs
