@@ -20,14 +20,22 @@ Decision (no graph change; ``quantize_weights`` reads ``ctx.weight_bits``):
   budget it maximizes Σ S_l removed when the errors add (the usual knapsack bound); the first
   and last Convs of a UNet are tiny and sensitive, exactly what it picks first.
 
+``sensitivity_cache``: a JSON file the sensitivities are written to and read back from when its key
+(SHA-256 of the weights, their grid, the bits and the calibration rows measured) matches, so a
+sweep over budgets measures once.
+
 With ``w8_budget = 0`` the pass measures nothing and changes nothing. The error bound of the
 result is ``quantize_weights``' (|W − Ŵ| ≤ s_w/2 per element, at each weight's own bits).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -55,6 +63,8 @@ class MixedPrecisionConfig:
     rows: int = 8
     #: "per_byte": greedy by sensitivity per byte; "sensitivity": by sensitivity alone.
     order: str = "per_byte"
+    #: A JSON file caching the sensitivities by a key of everything they depend on ("": no cache).
+    sensitivity_cache: str = ""
     #: The grid ``quantize_weights`` will use (the recipe's config; ``recipes.with_mixed_precision`` copies it).
     weights: QuantizeWeightsConfig = field(default_factory=QuantizeWeightsConfig)
 
@@ -150,6 +160,40 @@ def choose_w8(costs: list[LayerCost], low_bits: int, budget: float, order: str =
     return kept
 
 
+def cache_key(ctx: CompileContext, units: list[Linear | Conv], config: MixedPrecisionConfig) -> str:
+    """SHA-256 of what S_l depends on: each weight, its grid and bits, and the calibration rows measured."""
+    digest = hashlib.sha256(repr((ctx.settings.wbits, ctx.settings.block_size, config.weights, config.batches,
+                                  config.rows)).encode())
+    for unit in units:
+        digest.update(unit.node.name.encode())
+        digest.update(np.ascontiguousarray(weight_array(unit), dtype=np.float32).tobytes())
+    for batch in spread_batches(ctx.calibration, config.batches):
+        for name, value in sorted(first_rows(batch.feeds, batch.batch_size, config.rows).items()):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def cached_sensitivities(ctx: CompileContext, units: list[Linear | Conv], config: MixedPrecisionConfig) -> list[LayerCost]:
+    """``layer_sensitivities``, read from ``config.sensitivity_cache`` when its key matches, else measured and written."""
+    if not config.sensitivity_cache:
+        return layer_sensitivities(ctx, units, config)
+    path, key = Path(config.sensitivity_cache), cache_key(ctx, units, config)
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if cached.get("key") == key:
+            log.info("mixed_precision: sensitivities from %s", path)
+            return sorted((LayerCost(**layer) for layer in cached["layers"]), key=lambda c: (-c.sensitivity, c.node))
+    costs = layer_sensitivities(ctx, units, config)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps({"key": key, "layers": [asdict(c) for c in costs]}, indent=1))
+    os.replace(staging, path)
+    return costs
+
+
 class MixedPrecision(Pass):
     """Sensitivity-guided W8/W``wbits`` choice per weight under a byte budget; see the module docstring."""
 
@@ -167,7 +211,7 @@ class MixedPrecision(Pass):
         if self.config.w8_budget == 0:
             return PassResult(False, ("budget 0%: every weight at the compile's width",))
         units = candidate_units(ctx, self.config.weights)
-        costs = layer_sensitivities(ctx, units, self.config)
+        costs = cached_sensitivities(ctx, units, self.config)
         low = ctx.settings.wbits
         kept = choose_w8(costs, low, self.config.w8_budget, self.config.order)
         for cost in kept:

@@ -136,3 +136,25 @@ def test_config_is_checked():
         MixedPrecision.Config(w8_budget=1.5)
     with pytest.raises(ValueError, match="order"):
         MixedPrecision.Config(order="random")
+
+
+def test_sensitivity_cache_is_read_back_only_for_the_same_key(tmp_path):
+    import json
+
+    cache = tmp_path / "sens.json"
+    config = MixedPrecision.Config(w8_budget=0.25, sensitivity_cache=str(cache))
+    first = _ctx(chain_model())
+    MixedPrecision(config).call(first)
+    stored = json.loads(cache.read_text())
+    assert [layer["node"] for layer in stored["layers"]] == [layer["node"] for layer in first.mixed_precision["layers"]]
+    # Same key: the file's figures are used (tampered here to prove it is read).
+    for layer in stored["layers"]:
+        layer["sensitivity"] = 1.0 if layer["node"] == "fc1" else 1e-9
+    cache.write_text(json.dumps(stored))
+    second = _ctx(chain_model())
+    MixedPrecision(config).call(second)
+    assert second.mixed_precision["layers"][0]["node"] == "fc1"
+    # Other weights: another key, measured again.
+    third = _ctx(chain_model(outlier_layer="fc2"))
+    MixedPrecision(config).call(third)
+    assert third.mixed_precision["layers"][0]["node"] == "fc2"
