@@ -9,7 +9,7 @@ MatMulNBits packs them; ORT's W4 Convs hold int4 values in int8 containers, so t
 shrink by that much), scales excluded. Also lists the layers each budget kept at 8 bits.
 
 Usage: python benchmarks/bench_mixed_precision.py [--models models/unet_mnist.onnx ...] [--samples 8]
-       [--recipes minmax dgq] [--budgets 0 10 25] [--work DIR] [--out benchmarks/results]
+       [--recipes minmax dgq] [--budgets 0 10 25] [--gptq] [--work DIR] [--out benchmarks/results]
 Writes ``mixed_precision.json`` and ``mixed_precision.md`` to ``--out``.
 """
 
@@ -35,6 +35,7 @@ def parse_args(argv):
     parser.add_argument("--recipes", nargs="+", default=["minmax", "dgq"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0, 10, 25], help="percent")
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--gptq", action="store_true", help="also every W4 row with quantize_weights.gptq=true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_mixed_precision"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     return parser.parse_args(argv)
@@ -58,14 +59,16 @@ def weight_value_bytes(float_model: Path, report: dict) -> int:
     return int(total)
 
 
-def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, work: Path) -> dict:
+def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, work: Path, gptq: bool = False) -> dict:
     """Compile and score one row; a row whose model, report and scores are in ``work`` already is read back."""
-    tag = f"{model.stem}.{recipe}.w{wbits}a8" + (f".b{budget:g}" if wbits == 4 else "")
+    tag = f"{model.stem}.{recipe}.w{wbits}a8" + (f".b{budget:g}" if wbits == 4 else "") + (".gptq" if gptq else "")
     out, scores = work / f"{tag}.onnx", work / f"{tag}.eval.json"
     args = [str(model), "--recipe", recipe, "--wbits", str(wbits), "--abits", "8", "-o", str(out), "--quiet"]
     if wbits == 4:  # one sensitivity measurement per model and recipe, whatever the budget
         args += ["--w8-budget", f"{budget:g}%",
                  "--set", f"mixed_precision.sensitivity_cache={work / f'{model.stem}.{recipe}.sensitivity.json'}"]
+    if gptq:
+        args += ["--set", "quantize_weights.gptq=true"]
     started = time.perf_counter()
     if not Path(f"{out}.report.json").exists():
         cli(*args)
@@ -74,7 +77,7 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
         cli("eval-diffusion", str(model), str(out), "--samples", str(samples), "--json", str(scores))
     report = json.loads(Path(f"{out}.report.json").read_text())
     mixed = report.get("mixed_precision") or {}
-    return {"model": model.stem, "recipe": recipe, "wbits": wbits, "w8_budget_percent": budget if wbits == 4 else None,
+    return {"model": model.stem, "recipe": recipe, "wbits": wbits, "gptq": gptq, "w8_budget_percent": budget if wbits == 4 else None,
             "psnr_db": json.loads(scores.read_text())["psnr_db"], "file_bytes": out.stat().st_size,
             "weight_value_bytes": weight_value_bytes(model, report), "compile_seconds": round(seconds, 1) if seconds > 1 else report["compile_seconds"],
             "kept_at_8": mixed.get("kept_at_8", []), "w8_share": mixed.get("w8_share", 0.0)}
@@ -89,7 +92,7 @@ def markdown(rows: list[dict], samples: int) -> str:
              "|---|---|---|---:|---:|---:|---:|---|"]
     w8 = {r["model"]: r["weight_value_bytes"] for r in rows if r["wbits"] == 8}
     for r in rows:
-        weights = "W8" if r["wbits"] == 8 else f"W4, W8 budget {r['w8_budget_percent']:g}%"
+        weights = "W8" if r["wbits"] == 8 else f"W4{' GPTQ' if r.get('gptq') else ''}, W8 budget {r['w8_budget_percent']:g}%"
         kept = ", ".join(f"{k['node']} ({k['sensitivity']:.2g})" for k in r["kept_at_8"]) or "–"
         ratio = f"{r['weight_value_bytes'] / w8[r['model']]:.2f}" if r["model"] in w8 else "–"
         lines.append(f"| {r['model']} | {r['recipe']} | {weights} | {r['psnr_db']:.2f} | {r['weight_value_bytes']:,} | "
@@ -105,9 +108,11 @@ def main(argv=None) -> int:
     for model in args.models:
         rows.append(run_row(model, "dgq", 8, 0, args.samples, args.work))
         for recipe in args.recipes:
-            for budget in args.budgets:
-                rows.append(run_row(model, recipe, 4, budget, args.samples, args.work))
-                print(f"  {rows[-1]['model']} {recipe} W4 budget {budget:g}%: {rows[-1]['psnr_db']:.2f} dB", flush=True)
+            for gptq in (False, True) if args.gptq else (False,):
+                for budget in args.budgets:
+                    rows.append(run_row(model, recipe, 4, budget, args.samples, args.work, gptq))
+                    print(f"  {rows[-1]['model']} {recipe} W4 budget {budget:g}%{' GPTQ' if gptq else ''}: "
+                          f"{rows[-1]['psnr_db']:.2f} dB", flush=True)
                 (args.work / "rows.json").write_text(json.dumps(rows, indent=1))  # partial results so far
     (args.out / "mixed_precision.json").write_text(json.dumps({"samples": args.samples, "rows": rows}, indent=1))
     (args.out / "mixed_precision.md").write_text(markdown(rows, args.samples))
