@@ -111,9 +111,9 @@ def _weights_as_inputs(ctx: CompileContext, units: list[Linear | Conv]) -> tuple
         name = unit.weight.name
         if name in floats:
             continue  # a weight two GEMMs share
-        floats[name] = np.ascontiguousarray(weight_array(unit), dtype=np.float32)
+        floats[name] = np.ascontiguousarray(weight_array(unit))  # its own dtype (float16 models stay float16)
         constant = tensors[name]
-        variable = gs.Variable(name, dtype=np.float32, shape=list(floats[name].shape))
+        variable = gs.Variable(name, dtype=floats[name].dtype, shape=list(floats[name].shape))
         for reader in list(constant.outputs):
             for index, tensor in enumerate(reader.inputs):
                 if tensor is constant:
@@ -136,8 +136,8 @@ def layer_sensitivities(ctx: CompileContext, units: list[Linear | Conv], config:
     costs = []
     for unit in tqdm(units, desc="weight sensitivity", unit="weight", leave=False, disable=None):
         name = unit.weight.name
-        w_hat = simulated_weight(unit, floats[name], bits, block, config.weights)
-        feeds = {**floats, name: np.ascontiguousarray(w_hat.reshape(floats[name].shape), dtype=np.float32)}
+        w_hat = simulated_weight(unit, floats[name].astype(np.float32), bits, block, config.weights)
+        feeds = {**floats, name: np.ascontiguousarray(w_hat.reshape(floats[name].shape), dtype=floats[name].dtype)}
         error = 0.0
         for batch, reference in zip(batches, references):
             got = run(session, {**batch, **feeds})
