@@ -36,6 +36,8 @@ def parse_args(argv):
     parser.add_argument("--budgets", type=float, nargs="+", default=[0, 10, 25], help="percent")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--gptq", action="store_true", help="also every W4 row with quantize_weights.gptq=true")
+    parser.add_argument("--done-only", action="store_true",
+                        help="tabulate only the rows whose results are in --work already (no compile)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_mixed_precision"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     return parser.parse_args(argv)
@@ -59,7 +61,8 @@ def weight_value_bytes(float_model: Path, report: dict) -> int:
     return int(total)
 
 
-def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, work: Path, gptq: bool = False) -> dict:
+def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, work: Path, gptq: bool = False,
+            done_only: bool = False) -> dict | None:
     """Compile and score one row; a row whose model, report and scores are in ``work`` already is read back."""
     tag = f"{model.stem}.{recipe}.w{wbits}a8" + (f".b{budget:g}" if wbits == 4 else "") + (".gptq" if gptq else "")
     out, scores = work / f"{tag}.onnx", work / f"{tag}.eval.json"
@@ -69,6 +72,8 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
                  "--set", f"mixed_precision.sensitivity_cache={work / f'{model.stem}.{recipe}.sensitivity.json'}"]
     if gptq:
         args += ["--set", "quantize_weights.gptq=true"]
+    if done_only and not scores.exists():
+        return None
     started = time.perf_counter()
     if not Path(f"{out}.report.json").exists():
         cli(*args)
@@ -106,14 +111,18 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models:
-        rows.append(run_row(model, "dgq", 8, 0, args.samples, args.work))
+        rows.append(run_row(model, "dgq", 8, 0, args.samples, args.work, done_only=args.done_only))
         for recipe in args.recipes:
             for gptq in (False, True) if args.gptq else (False,):
                 for budget in args.budgets:
-                    rows.append(run_row(model, recipe, 4, budget, args.samples, args.work, gptq))
+                    rows.append(run_row(model, recipe, 4, budget, args.samples, args.work, gptq, args.done_only))
+                    if rows[-1] is None:
+                        rows.pop()
+                        continue
                     print(f"  {rows[-1]['model']} {recipe} W4 budget {budget:g}%{' GPTQ' if gptq else ''}: "
                           f"{rows[-1]['psnr_db']:.2f} dB", flush=True)
                 (args.work / "rows.json").write_text(json.dumps(rows, indent=1))  # partial results so far
+    rows = [row for row in rows if row is not None]
     (args.out / "mixed_precision.json").write_text(json.dumps({"samples": args.samples, "rows": rows}, indent=1))
     (args.out / "mixed_precision.md").write_text(markdown(rows, args.samples))
     print(markdown(rows, args.samples))

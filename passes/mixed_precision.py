@@ -4,7 +4,8 @@ Decision (no graph change; ``quantize_weights`` reads ``ctx.weight_bits``):
 
 - sensitivity of GEMM l: S_l = Σ_b ‖f(x_b; Ŵ_l) − f(x_b; W)‖² / Σ_b ‖f(x_b; W)‖², the model's outputs
   with that weight alone on its ``--wbits`` grid (Ŵ_l exactly as ``quantize_weights`` will write it:
-  int4 blocks or per-channel, MSE clip search when the recipe uses it) and every other weight and
+  int4 blocks or per-channel, MSE clip search when the recipe uses it; rounded to nearest even
+  under ``quantize_weights.gptq``, whose Hessians come later) and every other weight and
   every activation float, on the first ``rows`` samples of ``batches`` calibration batches spread
   evenly over the calibration data (for a timestep-tagged folder: over the sampling trajectory).
   One ORT session with the weights as graph inputs; one forward pass per GEMM and batch. Cost on
@@ -162,7 +163,9 @@ def choose_w8(costs: list[LayerCost], low_bits: int, budget: float, order: str =
 
 def cache_key(ctx: CompileContext, units: list[Linear | Conv], config: MixedPrecisionConfig) -> str:
     """SHA-256 of what S_l depends on: each weight, its grid and bits, and the calibration rows measured."""
-    digest = hashlib.sha256(repr((ctx.settings.wbits, ctx.settings.block_size, config.weights, config.batches,
+    weights = config.weights  # only what Ŵ_l depends on (simulated_weight): not GPTQ's settings, for example
+    grid = (weights.clip_search, weights.clip_ratios, weights.clip_search_max_bits)
+    digest = hashlib.sha256(repr((ctx.settings.wbits, ctx.settings.block_size, grid, config.batches,
                                   config.rows)).encode())
     for unit in units:
         digest.update(unit.node.name.encode())
