@@ -89,7 +89,9 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
 
 
 def markdown(rows: list[dict], samples: int) -> str:
+    command = "python benchmarks/bench_mixed_precision.py " + " ".join(sys.argv[1:])
     lines = [f"# W4A8 with a W8 byte budget (mixed_precision), {samples} images per model", "",
+             f"`{command}` (rows compiled by earlier runs of the script into the same `--work` are read back).", "",
              "PSNR of the final images vs the float model (DDIM 25 steps, guidance 4, same seeds). Weight bytes: "
              "values at their bit widths (int4 two per byte), scales excluded; file: the output .onnx (ORT keeps W4 "
              "Conv values in int8 containers).", "",
