@@ -112,7 +112,7 @@ def export_trained(trainer, out_dir: Path, name: str = "unet_mnist") -> dict:
     from dataclasses import asdict
 
     from qcompiler.models.mnist_data import prompt_metadata
-    from qcompiler.models.train_unet import SCHEDULER_CONFIG, UNET_CONFIG
+    from qcompiler.models.train_unet import SCHEDULER_CONFIG, UNET_VARIANTS
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ema = trainer.ema
@@ -124,7 +124,8 @@ def export_trained(trainer, out_dir: Path, name: str = "unet_mnist") -> dict:
         "seed": trainer.config.seed, "steps": trainer.step, "train_seconds": round(trainer.train_seconds, 1),
         "threads": 1, "final_loss_last_100_steps": final_loss(trainer.ckpt_dir / "loss.csv"),
         "weights": "EMA", "train_config": asdict(trainer.config),
-        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+        "unet_config": {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in UNET_VARIANTS[getattr(trainer, "name", name)].items()},
         "scheduler_config": SCHEDULER_CONFIG,
         "unet_parameters": sum(p.numel() for p in ema.unet.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in ema.text_encoder.parameters()),

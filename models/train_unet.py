@@ -58,6 +58,16 @@ UNET_CONFIG = dict(
     cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=8,
     addition_embed_type="text", addition_embed_type_num_heads=4,
 )
+#: A second zoo UNet for checking that recipe changes hold beyond the model they were tuned on
+#: (issue 20): wider inner levels (32, 48, 96), attention only at the innermost 8x8 level and in
+#: the mid block (none at 16x16), 8-channel heads, trained from another seed for fewer steps.
+UNET_CONFIG_B = dict(
+    UNET_CONFIG, block_out_channels=(32, 48, 96), attention_head_dim=8,
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+)
+#: ``--name`` -> UNet configuration; the export writes ``<name>.onnx`` and ``<name>.json``.
+UNET_VARIANTS = {"unet_mnist": UNET_CONFIG, "unet_mnist_b": UNET_CONFIG_B}
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 
 
@@ -81,12 +91,12 @@ class TrainConfig:
 class TextToImage(nn.Module):
     """The jointly trained pair: ``text_encoder(input_ids)`` is the UNet's ``encoder_hidden_states``."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, unet_config: dict = UNET_CONFIG):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
         self.text_encoder = TextEncoder(vocab_size, MAX_LENGTH)
-        self.unet = UNet2DConditionModel(**UNET_CONFIG)
+        self.unet = UNet2DConditionModel(**unet_config)
 
     def forward(self, sample, timestep, input_ids):
         return self.unet(sample, timestep, self.text_encoder(input_ids)).sample
@@ -119,9 +129,9 @@ class Trainer:
     log_prefix = "unet"
     plot_title = "UNet training loss"
 
-    def __init__(self, config: TrainConfig, ckpt_dir: Path):
+    def __init__(self, config: TrainConfig, ckpt_dir: Path, name: str = "unet_mnist"):
         torch.manual_seed(config.seed)
-        self.config, self.ckpt_dir = config, ckpt_dir
+        self.config, self.ckpt_dir, self.name = config, ckpt_dir, name
         self.tokenizer = Tokenizer.from_templates()
         self.model = self.build_model()
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -138,7 +148,7 @@ class Trainer:
 
     def build_model(self) -> nn.Module:
         """The trained network; called right after ``torch.manual_seed(config.seed)``."""
-        return TextToImage(len(self.tokenizer.vocabulary))
+        return TextToImage(len(self.tokenizer.vocabulary), UNET_VARIANTS[self.name])
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch of images and token ids, ``caption_dropout`` of captions emptied."""
@@ -247,9 +257,16 @@ def train(trainer: Trainer) -> None:
 
 
 def run(argv: list[str] | None, *, prog: str, description: str, trainer_class: type[Trainer],
-        default_ckpt_dir: Path, export, default_steps: int = TrainConfig.steps) -> int:
-    """The command line shared by the trainers: parse, build, resume, train, then ``export(trainer, out)``."""
+        default_ckpt_dir: Path, export, default_steps: int = TrainConfig.steps,
+        names: tuple[str, ...] = ()) -> int:
+    """The command line shared by the trainers: parse, build, resume, train, then ``export(trainer, out)``.
+
+    With ``names``, ``--name`` picks the model variant (passed to the trainer; the first is the default).
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    if names:
+        parser.add_argument("--name", choices=names, default=names[0],
+                            help="model variant; also the exported file names (default %(default)s)")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -263,7 +280,7 @@ def run(argv: list[str] | None, *, prog: str, description: str, trainer_class: t
     torch.use_deterministic_algorithms(True)
     config = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                          checkpoint_every=args.checkpoint_every)
-    trainer = trainer_class(config, args.ckpt_dir)
+    trainer = trainer_class(config, args.ckpt_dir, **({"name": args.name} if names else {}))
     prefix = trainer.log_prefix
     checkpoint = latest_checkpoint(args.ckpt_dir) if (args.resume or args.export_only) else None
     if checkpoint is not None:
@@ -282,12 +299,13 @@ def run(argv: list[str] | None, *, prog: str, description: str, trainer_class: t
 def _export_unet(trainer: Trainer, out: Path) -> None:
     from qcompiler.models.export_unet import export_trained
 
-    export_trained(trainer, out)
+    export_trained(trainer, out, trainer.name)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run(argv, prog="python -m qcompiler.models.train_unet", description=__doc__.split("\n")[0],
-               trainer_class=Trainer, default_ckpt_dir=DEFAULT_CKPT_DIR, export=_export_unet)
+               trainer_class=Trainer, default_ckpt_dir=DEFAULT_CKPT_DIR, export=_export_unet,
+               names=tuple(UNET_VARIANTS))
 
 
 if __name__ == "__main__":

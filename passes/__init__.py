@@ -4,6 +4,7 @@ from qcompiler.passes.dgq_groups import DgqGroups
 from qcompiler.passes.insert_activation_qdq import InsertActivationQDQ
 from qcompiler.passes.learned_scales import LearnedScales
 from qcompiler.passes.log2_attention import Log2Attention
+from qcompiler.passes.mixed_precision import MixedPrecision
 from qcompiler.passes.pow2_skip_scales import Pow2SkipScales
 from qcompiler.passes.qdit_groups import QditGroups
 from qcompiler.passes.quantize_weights import QuantizeWeights
@@ -15,8 +16,8 @@ from qcompiler.passes.tdq import Tdq
 
 PASSES = {cls.name: cls for cls in (SmoothScales, ShiftScale, QuantizeWeights, InsertActivationQDQ,
                                     DgqGroups, Log2Attention, LearnedScales, Pow2SkipScales, SalienceBalance,
-                                    QditGroups, Tdq, Ptqd)}
+                                    QditGroups, Tdq, Ptqd, MixedPrecision)}
 
 __all__ = ["PASSES", "DgqGroups", "Log2Attention",
-           "InsertActivationQDQ", "LearnedScales", "Pow2SkipScales", "QditGroups", "QuantizeWeights", "SalienceBalance",
+           "InsertActivationQDQ", "LearnedScales", "MixedPrecision", "Pow2SkipScales", "QditGroups", "QuantizeWeights", "SalienceBalance",
            "ShiftScale", "SmoothScales", "Tdq", "Ptqd"]

@@ -80,6 +80,11 @@ class CompileContext:
         self.output_grids: dict[str, OutputGrid] = {}
         #: How each GEMM's weight grid was chosen (``quantize_weights``), by GEMM node name.
         self.weight_rules: dict[str, WeightRule] = {}
+        #: Weight bits of GEMMs that differ from ``settings.wbits`` (``mixed_precision``), by GEMM node
+        #: name; ``quantize_weights`` reads it.
+        self.weight_bits: dict[str, int] = {}
+        #: What ``mixed_precision`` measured and kept (for the report); None when it did not run.
+        self.mixed_precision: dict | None = None
         #: Extra ``metadata_props`` entries a pass writes into the output model (e.g. ``qcompile.ptqd``).
         self.metadata: dict[str, str] = {}
         self._stats_cache: dict[tuple[str, int | None], Any] = {}

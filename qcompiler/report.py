@@ -39,6 +39,8 @@ def build_report(recipe, settings, ctx, pass_records, float_model, output_path: 
         "simulated": _simulated(ctx.records),
         "integer_kernels": kernels.as_dict(),
         "fallbacks": list(ctx.fallbacks),
+        # mixed_precision: the budget, each weight's sensitivity, and the weights kept at 8 bits.
+        "mixed_precision": ctx.mixed_precision,
         "size_bytes": {"before": model_weight_bytes(float_model) + _graph_bytes(float_model), "after": size_after},
         "peak_rss_bytes": peak_rss_bytes(),
     }
@@ -93,6 +95,17 @@ def write_report(report: dict, path: Path) -> Path:
     return path
 
 
+def _print_mixed_precision(console, mixed: dict | None) -> None:
+    """The weights ``mixed_precision`` kept at 8 bits, with the sensitivity that put them there."""
+    if not mixed:
+        return
+    console.print(f"mixed precision: {len(mixed['kept_at_8'])} of {len(mixed['layers'])} weights kept at W8 "
+                  f"({100 * mixed['w8_share']:.1f}% of {mixed['weight_bytes']['total']:,} weight bytes; budget "
+                  f"{100 * mixed['w8_budget']:g}%, order {mixed['order']}); sensitivity = {mixed['sensitivity']}")
+    for layer in mixed["kept_at_8"]:
+        console.print(f"  - {layer['node']}: S = {layer['sensitivity']:.3g}, {layer['params']:,} weights")
+
+
 def format_summary(report: dict) -> str:
     """A readable summary table (rich) of a compile report."""
     from rich.console import Console
@@ -122,6 +135,7 @@ def format_summary(report: dict) -> str:
     console.print(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB   calibration samples: "
                   f"{report['calibration_samples']}   compile: {report['compile_seconds']:.1f} s"
                   + (f"   peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB" if report.get("peak_rss_bytes") else ""))
+    _print_mixed_precision(console, report.get("mixed_precision"))
     if report["fallbacks"]:
         console.print(f"explicit fallbacks ({len(report['fallbacks'])}, each an elementwise op at run time):")
         for fallback in report["fallbacks"]:

@@ -293,3 +293,10 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None = None) -
     if not batches:
         raise QCompileError("calibration source yielded no batches; check the folder or the reader")
     return batches
+
+
+def spread_batches(batches: list, count: int) -> list:
+    """``count`` batches evenly spaced over ``batches`` (all when there are fewer), first and last included."""
+    if len(batches) <= count:
+        return list(batches)
+    return [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, count).round().astype(int))]

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the folder ./<name>.<recipe>.w<W>a<A>/)")
     parser.add_argument("--wbits", type=int, choices=(8, 6, 4),
                         help="weight bits (default: the recipe's; 6: int6 values in int8 containers)")
+    parser.add_argument("--w8-budget", type=parse_share, metavar="SHARE",
+                        help="mixed precision: keep the weights the output is most sensitive to at 8 bits, at most "
+                             "this share of the weight bytes (e.g. 10%%; with --wbits 4); adds the mixed_precision pass")
     parser.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits; below 8 is simulated")
     parser.add_argument("--block-size", type=int, default=32, choices=(32, 64, 128), help="int4 weight block size")
     parser.add_argument("--calib-limit", type=int, help="use at most this many calibration samples")
@@ -64,6 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for them (default: a temporary folder, visible to workers on this machine only)")
 
 
+def parse_share(text: str) -> float:
+    """``"10%"`` or ``"0.1"`` -> 0.1; argparse reports a ValueError as a usage error (exit code 2)."""
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= value < 1:
+        raise ValueError(text)
+    return value
+
+
+parse_share.__name__ = "share in [0%, 100%)"  # argparse names the type in its error message
+
+
 def default_calibration(model: Path, required: bool = True) -> Path | None:
     """``<model stem>.calib/`` beside the model. Missing: an error if ``required``, else None (the
     compile then checks the model first and the recipe's passes say they need calibration)."""
@@ -104,7 +118,7 @@ def cluster_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from qcompiler.api import CompileOptions, quantize
-    from qcompiler.recipes import get_recipe
+    from qcompiler.recipes import get_recipe, with_mixed_precision
     from qcompiler.report import format_summary
 
     model = Path(args.model)
@@ -114,8 +128,13 @@ def run(args: argparse.Namespace) -> int:
     if args.ptqd:
         recipe = recipe.with_step("ptqd")
     settings = recipe_settings(args)
+    mixed = settings.pop("mixed_precision", None)
     if settings:
         recipe = recipe.with_settings(settings)
+    if args.w8_budget is not None:  # after --set, so it copies the quantize_weights config that will run
+        recipe = with_mixed_precision(recipe, args.w8_budget)
+    if mixed:
+        recipe = recipe.with_settings({"mixed_precision": mixed})
     if not model.exists():
         raise QCompileError(f"{model}: model file not found")
     pipeline = _pipeline(model)

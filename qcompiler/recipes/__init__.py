@@ -89,6 +89,26 @@ class Recipe:
         return replace(self, steps=tuple(steps))
 
 
+def with_mixed_precision(recipe: Recipe, w8_budget: float) -> Recipe:
+    """``recipe`` with ``mixed_precision`` just before its ``quantize_weights`` (``--w8-budget``).
+
+    The pass measures sensitivities on the weights as that step will see them (after any folding
+    pass) and on the grid it will write, so it gets a copy of that step's config.
+    """
+    from qcompiler.passes.mixed_precision import MixedPrecisionConfig
+    from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
+
+    weights = [step.config for step in recipe.steps if step.pass_name == "quantize_weights"]
+    if not weights:
+        raise QCompileError(f"--w8-budget: recipe '{recipe.name}' has no quantize_weights step to choose weight "
+                            "widths for")
+    try:
+        config = MixedPrecisionConfig(w8_budget=w8_budget, weights=weights[0] or QuantizeWeightsConfig())
+    except ValueError as exc:
+        raise QCompileError(f"--w8-budget: {exc}") from None
+    return recipe.with_step("mixed_precision", config, before="quantize_weights")
+
+
 def parse_setting(text: str) -> tuple[str, str, object]:
     """``"PASS.FIELD=VALUE"`` -> (pass, field, value); VALUE is read as a TOML value, else kept as a string."""
     key, sep, raw = text.partition("=")
