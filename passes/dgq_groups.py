@@ -243,13 +243,13 @@ class DgqGroups(Pass):
         axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
         rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
         energy = self._channel_energy(ctx, targets) if self.config.weigh_by_weights else {}
-        weight_errors = self._weight_errors(ctx, targets) if self.config.weigh_by_weights else {}
+        readers = self._weighted_readers(ctx, targets) if self.config.weigh_by_weights else {}
         chosen: dict[str, tuple[float, bool] | None] = {}
         for name in targets:
             low, high = _finite(fit[name].channel_min), _finite(fit[name].channel_max)
             labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
             scores = score_grids(rows[name], low, high, labels, self.config.margins, spec, energy.get(name),
-                                 weight_errors.get(name))
+                                 self._weight_error(readers.get(name, [])))
             chosen[name] = scores.choose(self.config.min_gain_db)
             log.debug("%s: held-out gain %.2f dB, choice %s", name, scores.gain_db(), chosen[name])
         kept = [c for c in chosen.values() if c is not None]
@@ -272,17 +272,26 @@ class DgqGroups(Pass):
         return energy
 
     @staticmethod
-    def _weight_errors(ctx: CompileContext, targets: dict) -> dict:
-        """Per tensor: r ↦ Σ over its quantized GEMM readers of their weight error when diag(r)·W is
-        re-quantized, as one integer GEMM runs channel groups (``RescaledWeightError``)."""
-        from qcompiler.lowering.channel_affine import RescaledWeightError
-
-        probes: dict[str, list] = {}
+    def _weighted_readers(ctx: CompileContext, targets: dict) -> dict[str, list]:
+        """Per tensor: (node, weight rule) of each quantized GEMM reading it."""
+        readers: dict[str, list] = {}
         for node in quantized_gemms(ctx.graph):
             name, rule = node.inputs[0].name, ctx.weight_rules.get(node.name)
             if name in targets and rule is not None:
-                probes.setdefault(name, []).append(RescaledWeightError(node, rule))
-        return {name: (lambda ratio, found=found: sum(probe(ratio) for probe in found)) for name, found in probes.items()}
+                readers.setdefault(name, []).append((node, rule))
+        return readers
+
+    @staticmethod
+    def _weight_error(readers: list):
+        """r ↦ Σ over the readers of their weight error when diag(r)·W is re-quantized, as one integer
+        GEMM runs channel groups (``RescaledWeightError``). Built for one tensor at a time: each
+        probe holds a column sample of its weight (tens of MB on SD-1.5's widest Convs)."""
+        from qcompiler.lowering.channel_affine import RescaledWeightError
+
+        if not readers:
+            return None
+        probes = [RescaledWeightError(node, rule) for node, rule in readers]
+        return lambda ratio: sum(probe(ratio) for probe in probes)
 
     def _plan(self, tensor: gs.Tensor, channel_axis: int | None, stats, axis: str, groups: int, spec: QuantSpec,
               margin: float = 0.0, shared: bool = False) -> GroupPlan:
