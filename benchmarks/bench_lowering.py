@@ -107,6 +107,7 @@ def denoiser_sqnr(results: list[dict], calib: Path, every: int = 3) -> None:
     """SQNR (dB) of one denoiser call against float, pooled over every ``every``-th calibration file
     (timesteps across the schedule): the lowering's arithmetic without the trajectory, whose 25
     chained steps amplify differences of a few hundredths of a dB into ±1 dB of final-image PSNR."""
+    from qcompiler.quant import sqnr_db
     from qcompiler.runtimes.ort import make_session
 
     files = sorted(calib.glob("*.npz"))[1::every]
@@ -116,12 +117,10 @@ def denoiser_sqnr(results: list[dict], calib: Path, every: int = 3) -> None:
     for path in files:
         with np.load(path) as data:
             feeds.append({k: data[k] for k in names})
-    expected = [reference.run(None, f)[0].astype(np.float64) for f in feeds]
-    signal = sum(float(np.sum(e ** 2)) for e in expected)
+    expected = np.concatenate([reference.run(None, f)[0].ravel() for f in feeds])
     for row in results[1:]:
         session = make_session(row["deployed"], threads=1)
-        noise = sum(float(np.sum((e - session.run(None, f)[0]) ** 2)) for e, f in zip(expected, feeds))
-        row["denoiser_sqnr_db"] = 10.0 * float(np.log10(signal / noise)) if noise else float("inf")
+        row["denoiser_sqnr_db"] = sqnr_db(expected, np.concatenate([session.run(None, f)[0].ravel() for f in feeds]))
 
 
 def relative_to_minmax(results: list[dict]) -> None:
