@@ -51,8 +51,12 @@ class OutputError:
     MatMul (its MatMulNBits lowering). The references (X − z)·W do not depend on s: computed once.
 
     Both weight grids quantize each output column on its own, so the error is a sum over columns:
-    a consumer with N > ``columns`` is scored on a seeded uniform draw of ``columns`` of them,
-    weighted by N/columns (an unbiased estimate; the search cost no longer grows with N).
+    a consumer with N > ``columns`` is scored on ``columns`` of them, so that the search cost no
+    longer grows with N. A uniform draw alone is unbiased but misses the few columns that carry most
+    of the output (transformer FFNs: MiniLM's osplus lost 1.8 dB held-out with 512 of 1536 drawn), so
+    half the budget takes the columns of largest reference energy ‖(X − z)·W_n‖² exactly and the other
+    half is a seeded uniform draw from the rest, weighted by (rest)/(drawn): still unbiased, with the
+    variance of the heavy columns removed.
     """
 
     def __init__(self, samples: np.ndarray, group: ScaleGroup, stats, shift: np.ndarray | None,
@@ -61,15 +65,18 @@ class OutputError:
         self.centred = (samples - self.shift).astype(np.float32)
         self.low, self.high = stats.channel_min - self.shift, stats.channel_max - self.shift
         self.weights, self.column_weights = [], []
+        self.references = []
         for index, unit in enumerate(group.consumers):
             weight = matmul_weights(unit)
-            n = weight.shape[1]
-            if columns is not None and n > columns:
-                rng = np.random.default_rng([seed, index, n])
-                weight = weight[:, np.sort(rng.choice(n, size=columns, replace=False))]
-            self.column_weights.append(n / weight.shape[1])
+            reference = self.centred @ weight
+            share = np.ones(weight.shape[1])
+            if columns is not None and weight.shape[1] > columns:
+                kept, share = _column_draw(np.square(reference, dtype=np.float64).sum(axis=0), columns,
+                                           np.random.default_rng([seed, index, weight.shape[1]]))
+                weight, reference = weight[:, kept], reference[:, kept]
+            self.column_weights.append(share)
             self.weights.append(weight)
-        self.references = [self.centred @ weight for weight in self.weights]
+            self.references.append(reference)
         self.a_spec = QuantSpec(bits=settings.abits, symmetric=False)
         self.w_specs = [QuantSpec(bits=4, symmetric=True, granularity="block", axis=0,
                                   block_size=settings.block_size)
@@ -84,5 +91,18 @@ class OutputError:
         error = 0.0
         for weight, reference, spec, share in zip(self.weights, self.references, self.w_specs, self.column_weights):
             w_hat = fake_quantize((weight * scale[:, None]).astype(np.float32), spec)
-            error += share * float(np.sum(np.square(reference - x_hat @ w_hat, dtype=np.float64)))
+            error += float(np.square(reference - x_hat @ w_hat, dtype=np.float64).sum(axis=0) @ share)
         return error
+
+
+def _column_draw(energy: np.ndarray, columns: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(kept column indices in order, their weights): the ``columns // 2`` columns of largest
+    ``energy`` with weight 1, and a uniform draw of the rest of the budget from the other columns,
+    each weighted by how many columns it stands for."""
+    heavy = np.argsort(-energy, kind="stable")[: columns // 2]
+    rest = np.setdiff1d(np.arange(energy.size), heavy)
+    drawn = rng.choice(rest, size=columns - heavy.size, replace=False)
+    kept = np.concatenate([heavy, drawn])
+    share = np.concatenate([np.ones(heavy.size), np.full(drawn.size, rest.size / drawn.size)])
+    order = np.argsort(kept)
+    return kept[order], share[order]
