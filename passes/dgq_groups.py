@@ -305,6 +305,7 @@ class DgqGroups(Pass):
         if shared:
             scales, zero_point = shared_zero_point(group_min, group_max, spec, scales)
             zero_points = np.full_like(zero_points, zero_point)
+        mean = stats.channel_mean if axis == "channel" else None
         return GroupPlan(tensor.name, axis, -1 if channel_axis is None else channel_axis, labels, scales,
                          zero_points, group_min, group_max, spec.bits, axis_spread(channel_min, channel_max),
-                         axis_spread(index_min, index_max))
+                         axis_spread(index_min, index_max), channel_mean=mean)

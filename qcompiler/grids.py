@@ -51,6 +51,8 @@ class GroupPlan:
     timestep_input: str = "timestep"
     #: Where the per-timestep parameters come from: "lookup" (calibrated t, nearest) or "tdq" (every t).
     timestep_method: str = "lookup"
+    #: Calibrated mean per channel (channel groups; None where unknown): the lowering's bias correction.
+    channel_mean: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def groups(self) -> int:

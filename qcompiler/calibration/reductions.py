@@ -6,6 +6,7 @@ UNet's are ~1 GB per 512-px sample) and reducing it in numpy, the capture graph 
 tensor T of rank r with channel axis c,
 
     channel_min/max = ReduceMin/ReduceMax(T, axes = all but c)          shape (C,)
+    channel_sum     = ReduceSum(T, axes = all but c)                    shape (C,) (for channel means)
     index_min/max   = ReduceMin/ReduceMax(T, axes = {0, c})             shape (positions…)
 
 and asks ORT for those outputs only. ORT frees T after its last consumer, so memory is one
@@ -34,7 +35,7 @@ from qcompiler.skeleton import Skeleton, insert_after_producers
 
 log = logging.getLogger(__name__)
 
-KINDS = ("channel_min", "channel_max", "index_min", "index_max")
+KINDS = ("channel_min", "channel_max", "channel_sum", "index_min", "index_max")
 
 
 def _opset(proto: onnx.ModelProto) -> int:
@@ -42,7 +43,7 @@ def _opset(proto: onnx.ModelProto) -> int:
 
 
 def _reduce(op: str, source: str, axes: list[int], output: str, opset: int, nodes: list, inits: list) -> None:
-    if opset >= 18:  # axes became an input of ReduceMin/ReduceMax in opset 18
+    if opset >= (13 if op == "ReduceSum" else 18):  # axes became an input: ReduceSum 13, Min/Max 18
         axes_name = f"{output}/axes"
         inits.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
         nodes.append(helper.make_node(op, [source, axes_name], [output], keepdims=0))
@@ -69,6 +70,7 @@ def reduction_model(skel: Skeleton, runner: OutputRunner, tensors: Mapping[str, 
         names = {kind: f"qcompile_stats/{index}/{kind}" for kind in KINDS}
         _reduce("ReduceMin", source, other, names["channel_min"], opset, nodes, inits)
         _reduce("ReduceMax", source, other, names["channel_max"], opset, nodes, inits)
+        _reduce("ReduceSum", source, other, names["channel_sum"], opset, nodes, inits)
         _reduce("ReduceMin", source, [0, axis], names["index_min"], opset, nodes, inits)
         _reduce("ReduceMax", source, [0, axis], names["index_max"], opset, nodes, inits)
         outputs[name] = names

@@ -96,6 +96,10 @@ class TensorStats:
     nonfinite: int = 0
     sum_abs: float = 0.0
     count: int = 0
+    #: Per channel Σx (float64; finite values) over ``channel_rows`` values each: the channel means
+    #: that bias correction needs. Summed in batch order, so shard merges agree to rounding, not bits.
+    channel_sum: np.ndarray | None = field(default=None, repr=False)
+    channel_rows: int = 0
     #: How many values equal hist_edges[-1] (held in the closed last bin); they move on growth.
     _top: int = field(default=0, repr=False)
     #: Non-overlapping float64 partials whose exact sum is Σ|x| (a handful, whatever N).
@@ -105,6 +109,18 @@ class TensorStats:
     def channel_absmax(self) -> np.ndarray:
         """Per channel ``max(max, -min, 0)``: 0 for a channel that saw no finite value."""
         return np.maximum(np.maximum(self.channel_max, -self.channel_min), 0.0)
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        """Per channel mean of the finite values seen (None before any data or without sums)."""
+        if self.channel_sum is None or not self.channel_rows:
+            return None
+        return self.channel_sum / self.channel_rows
+
+    def _add_channel_sum(self, batch_sum: np.ndarray, rows: int) -> None:
+        batch_sum = np.asarray(batch_sum, np.float64).reshape(-1)
+        self.channel_sum = batch_sum.copy() if self.channel_sum is None else self.channel_sum + batch_sum
+        self.channel_rows += rows
 
     def mean_abs(self) -> float:
         """Mean of |x| over all finite values: ``sum_abs / count`` (0.0 before any data)."""
@@ -148,6 +164,8 @@ class TensorStats:
         self.max = max(self.max, float(channel_max.max()))
         self.absmax = max(self.absmax, self.max, -self.min, 0.0)
         self.count += samples * shape3[1] * shape3[2]
+        if "channel_sum" in parts:
+            self._add_channel_sum(parts["channel_sum"], samples * shape3[1])
 
     def update(self, array: np.ndarray, source: str) -> None:
         """Fold one batch (axis 0 = batch) into the statistics; ``source`` names it in errors."""
@@ -172,6 +190,9 @@ class TensorStats:
         batch_min, batch_max = low.min(axis=(0, 1)), high.max(axis=(0, 1))
         np.minimum(self.channel_min, batch_min, out=self.channel_min)
         np.maximum(self.channel_max, batch_max, out=self.channel_max)
+        finite_view = view if finite else np.where(mask, view, 0.0)
+        self._add_channel_sum(finite_view.sum(axis=(0, 1), dtype=np.float64), shape3[0] * shape3[1])
+        del finite_view
         if self.index_min is not None:
             np.minimum(self.index_min, low.min(axis=(0, 2)), out=self.index_min)
             np.maximum(self.index_max, high.max(axis=(0, 2)), out=self.index_max)
@@ -214,6 +235,8 @@ class TensorStats:
         self.absmax = max(self.absmax, other.absmax)
         self.nonfinite += other.nonfinite
         self.count += other.count
+        if other.channel_sum is not None:
+            self._add_channel_sum(other.channel_sum, other.channel_rows)
         for partial in other._partials:
             _add_exact(self._partials, partial)
         self.sum_abs = math.fsum(self._partials)

@@ -152,22 +152,40 @@ def input_channel_energy(node: gs.Node) -> np.ndarray:
     return np.square(moved).reshape(moved.shape[0], -1).sum(axis=1)
 
 
-def output_correction(node: gs.Node, shift: np.ndarray) -> np.ndarray:
-    """δ·Ŵ per output channel: Σ_c δ_c Ŵ[c, n] (Conv: summed over the kernel taps too)."""
-    weight = _float_weight(node)
+def output_correction(node: gs.Node, shift: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """δ·Ŵ per output channel: Σ_c δ_c Ŵ[c, n] (Conv: summed over the kernel taps too); ``weight``
+    replaces the node's dequantized Ŵ (same layout)."""
+    weight = _float_weight(node) if weight is None else weight
     moved = np.moveaxis(weight, weight_in_axis(node), 0)
     out = np.tensordot(shift, moved, axes=([0], [0]))
     return out.reshape(out.shape[0], -1).sum(axis=1) if node.op == "Conv" else out
 
 
-def fold_affine(b: Builder, node: gs.Node, ratio: np.ndarray, shift: np.ndarray, rule: WeightRule) -> None:
+def fold_affine(b: Builder, node: gs.Node, ratio: np.ndarray, shift: np.ndarray, rule: WeightRule,
+                mean: np.ndarray | None = None) -> None:
     """The GEMM reads x' = (x − δ)/r: W' = diag(r)·W re-quantized (``rescale_weight``), then
     b' = b + Σ_c (δ_c/r_c)·Ŵ'[c, n] from the re-quantized Ŵ' the GEMM runs (see the module docstring:
-    from Ŵ instead, W''s rounding error times δ/r would stay on every output)."""
+    from Ŵ instead, W''s rounding error times δ/r would stay on every output).
+
+    With the calibrated channel means μ (``mean``), also b' −= Σ_c μ_c·(Ŵ'[c, n]/r_c − W[c, n]):
+    empirical bias correction (Nagel et al., 2019, "Data-Free Quantization", §4.2) of the weight
+    error the GEMM runs. Re-quantizing diag(r)·W magnifies channel c's weight error by ~1/r_c, and
+    a weight error is the same on every input, so on activations with a non-zero mean (GELU and
+    SiLU outputs) it is a per-output offset that deeper layers and sampling steps accumulate; this
+    takes out its mean over the calibration data (zero-mean inputs: no change)."""
+    source = _source_weight(node, rule) if mean is not None else None
     rescale_weight(b, node, ratio, rule)
+    ratio = np.asarray(ratio, np.float64)
+    correction = None
     shift = np.asarray(shift, np.float64)
     if np.any(shift):
-        add_output_bias(b, node, output_correction(node, shift / np.asarray(ratio, np.float64)))
+        correction = output_correction(node, shift / ratio)
+    if mean is not None:
+        deployed = _float_weight(node) / along_axis(ratio, weight_in_axis(node), source.ndim)
+        offset = output_correction(node, np.asarray(mean, np.float64), deployed - source)
+        correction = -offset if correction is None else correction - offset
+    if correction is not None:
+        add_output_bias(b, node, correction)
 
 
 def _source_weight(node: gs.Node, rule: WeightRule) -> np.ndarray:

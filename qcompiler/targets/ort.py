@@ -45,6 +45,9 @@ class OrtTargetConfig:
     #: Q-DiT group plans: "integer" (one integer GEMM (MatMulIntegerToFloat) per Linear) or "simulate" (float MatMul on X̂).
     dynamic_groups: str = "integer"
     device: str = "cpu"
+    #: DGQ's channel affine subtracts the calibrated mean of the weight error it runs from the bias
+    #: (``channel_affine.fold_affine``); False leaves the bias exact to DGQ's codes and Ŵ'.
+    bias_correction: bool = True
 
     def __post_init__(self):
         if self.dynamic_groups not in dynamic_groups.MODES:
@@ -73,7 +76,8 @@ class OrtTarget(Target):
     def lower(self, ctx: CompileContext) -> PassResult:
         notes = []
         if ctx.group_plans:
-            notes.append(lower_group_plans(ctx, self.config.channel_groups, self.name))
+            notes.append(lower_group_plans(ctx, self.config.channel_groups, self.name,
+                                             self.config.bias_correction))
         if ctx.dynamic_group_plans:
             notes.append(dynamic_groups.lower_dynamic_group_plans(ctx, self.config.dynamic_groups, self.name))
         outputs = self._quantize_conv_outputs(ctx)

@@ -49,12 +49,12 @@ SIMULATED = "simulated"
 CHANNEL_GROUP_MODES = ("affine", "split", "fold", "simulate")
 
 
-def lower_group_plans(ctx: CompileContext, mode: str, target: str) -> str:
+def lower_group_plans(ctx: CompileContext, mode: str, target: str, bias_correction: bool = False) -> str:
     """Lower every plan in ``ctx.group_plans``; returns a one-line summary of the lowerings used."""
     if ctx.graph.opset < 13:
         raise PassError(f"target '{target}': DGQ groups need opset ≥ 13 for per-axis QuantizeLinear; "
                         f"the model has opset {ctx.graph.opset}")
-    lowering = GroupLowering(ctx, mode, target)
+    lowering = GroupLowering(ctx, mode, target, bias_correction)
     gemm_names = {node.name for node in quantized_gemms(ctx.graph)}
     counts: Counter = Counter()
     notes = []
@@ -84,8 +84,9 @@ def _axis(plan: GroupPlan) -> int:
 class GroupLowering:
     """Lowers one plan for all the GEMMs that read its tensor; pieces they share are built once."""
 
-    def __init__(self, ctx: CompileContext, mode: str, target: str):
+    def __init__(self, ctx: CompileContext, mode: str, target: str, bias_correction: bool = False):
         self.ctx, self.mode, self.target = ctx, mode, target
+        self.bias_correction = bias_correction
 
     def lower(self, plan: GroupPlan, x: gs.Tensor, readers: list[gs.Node]) -> list[tuple[gs.Node, tuple[str, dict]]]:
         why = (f"DGQ {plan.axis} groups (K={plan.groups}, D_channel={plan.d_channel:.4g}, "
@@ -116,7 +117,8 @@ class GroupLowering:
         codes: dict = {}
         for node in able:
             source = self._affine_codes(b, plan, x, node, affine, able, codes)
-            affine_ops.fold_affine(b, node, affine.ratio, affine.shift, self._rule(node))  # δ = 0: no bias
+            mean = plan.channel_mean if self.bias_correction else None
+            affine_ops.fold_affine(b, node, affine.ratio, affine.shift, self._rule(node), mean)
             self._release_source(node)
             if node.op == "Conv" and affine_ops.conv_padding(node) and not affine.shared_zero_point:
                 node.attrs["pads"] = [0] * len(node.attrs["pads"])

@@ -33,6 +33,9 @@ def test_ranges_equal_numpy_statistics(seed):
         for name in ("c", "y"):
             assert_same_ranges(got[name], expected[name])
             assert got[name].hist_counts.size == 0  # ranges only: no histogram was computed
+            # Channel means (bias correction) agree to float32 summation in ORT.
+            np.testing.assert_allclose(got[name].channel_mean, expected[name].channel_mean, rtol=1e-5, atol=1e-6)
+            assert got[name].channel_rows == expected[name].channel_rows
     mm_w = exact_values(rng, (3, 6), 0.5)
     token_batches = make_batches(rng, [2, 2], (4, 3))
     expected = collect_statistics(matmul_model(mm_w), token_batches, {"h": None, "x": None}, FULL)

@@ -72,6 +72,7 @@ def assert_matches(stats: TensorStats, values: np.ndarray, channel_axis: int) ->
     np.testing.assert_array_equal(stats.channel_min, channel_last.min(axis=(0, 1)))
     np.testing.assert_array_equal(stats.channel_max, channel_last.max(axis=(0, 1)))
     np.testing.assert_array_equal(stats.channel_absmax, np.abs(channel_last).max(axis=(0, 1)))
+    np.testing.assert_allclose(stats.channel_mean, channel_last.astype(np.float64).mean(axis=(0, 1)), rtol=1e-12)
     np.testing.assert_array_equal(stats.index_min, channel_last.min(axis=(0, 2)))
     np.testing.assert_array_equal(stats.index_max, channel_last.max(axis=(0, 2)))
     magnitudes = np.abs(values.astype(np.float64)).ravel()

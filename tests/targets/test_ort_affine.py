@@ -70,7 +70,9 @@ def share_zero_point(plan):
     plan.scales, plan.zero_points = sigma, np.full_like(plan.zero_points, z)
 
 
-def compile_affine(model, arrays, abits=8, groups=4, conv_outputs=False, shared=False):
+def compile_affine(model, arrays, abits=8, groups=4, conv_outputs=False, shared=False, bias_correction=False):
+    """Compiled with DGQ's plans and the affine lowering; without ``bias_correction`` the outputs keep
+    the exact bound against DGQ's reference that the tests below assert."""
     batches = [CalibrationBatch({"x": x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
     ctx = CompileContext(model, QuantSettings(abits=abits), batches)
     reference = {}
@@ -82,7 +84,7 @@ def compile_affine(model, arrays, abits=8, groups=4, conv_outputs=False, shared=
             share_zero_point(plan)
     # Conv outputs stay float unless asked, so outputs compare with DGQ's reference directly.
     InsertActivationQDQ(InsertActivationQDQ.Config(quantize_conv_outputs=conv_outputs)).call(ctx)
-    assert OrtTarget().lower(ctx).modified
+    assert OrtTarget(OrtTarget.Config(bias_correction=bias_correction)).lower(ctx).modified
     return ctx, reference["model"]
 
 
@@ -313,3 +315,33 @@ def test_rescaled_weight_error_is_the_error_of_the_weight_the_lowering_writes(co
     # the narrow groups' channels (small r) carry the larger error per unit of weight
     narrow = ratio < 0.5
     assert narrow.any() and exact[narrow].mean() > own_error[narrow].mean()
+
+
+def nonzero_mean_outliers(x):
+    """Channel outliers on a positive-mean input (GELU/SiLU outputs have one): the weight error then
+    leaves a mean offset on every output."""
+    channel_outliers(x)
+    x += 2.0
+
+
+def test_bias_correction_subtracts_the_calibrated_mean_weight_error(tmp_path):
+    """b' −= Σ_c μ_c·(Ŵ'[c, n]/r_c − W[c, n]): the corrected output is the uncorrected one minus that
+    offset exactly, and the mean output error over the calibration data shrinks."""
+    model = graphs.linear_model(k=16, n=8)
+    arrays = feeds((2, 4, 16), count=4, outlier=nonzero_mean_outliers)
+    plain, _ = compile_affine(model, arrays)
+    corrected, _ = compile_affine(model, arrays, bias_correction=True)
+    plan = corrected.group_plans["x"]
+    x = np.concatenate(arrays)
+    np.testing.assert_allclose(plan.channel_mean, x.reshape(-1, 16).mean(axis=0), rtol=1e-6)
+    codes_name, s, _, w_scale = codes_and_weight_scale(corrected, "fc")
+    w_dq = gemm(corrected, "fc").inputs[1].inputs[0]
+    deployed = w_dq.inputs[0].values.astype(np.float64) * w_scale / (plan.element_scale()[:, None] / s)
+    weight = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W")).astype(np.float64)
+    offset = plan.channel_mean @ (deployed - weight)
+    got = {name: run(with_outputs(to_model(c.graph, c.template), ["biased"]), {"x": x})["biased"]
+           for name, c in (("plain", plain), ("corrected", corrected))}
+    np.testing.assert_allclose(got["corrected"], got["plain"] - offset, rtol=1e-5, atol=1e-5 * np.abs(got["plain"]).max())
+    reference = x.astype(np.float64) @ weight + _bias(model, "b")
+    mean_error = {name: np.abs((y - reference).reshape(-1, 8).mean(axis=0)).max() for name, y in got.items()}
+    assert mean_error["corrected"] < mean_error["plain"], mean_error
