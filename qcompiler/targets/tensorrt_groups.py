@@ -143,7 +143,8 @@ def _affine(ctx: CompileContext, plan: GroupPlan, x: gs.Tensor, able: list[gs.No
     sources: dict = {}
     for node in able:
         rule = ctx.weight_rules.get(node.name) or WeightRule(ctx.settings.wbits)
-        affine_ops.fold_affine(b, node, ratio, shift, rule)
+        # Bias correction of the re-quantized weight's mean error, as the ORT target does (same plan).
+        affine_ops.fold_affine(b, node, ratio, shift, rule, plan.channel_mean)
         pads = affine_ops.conv_padding(node) if node.op == "Conv" else None
         key = tuple(pads or ())
         if key not in sources:
