@@ -12,7 +12,8 @@ For each cell (model, recipe, bits):
    or Sub + Mul before a Q where no producer takes a shift).
 
 Data (CPU-cheap): UNet: shipped calibration files 0, 6, 12, 18 (calibration) and 3, 9, 15, 21
-(held out), ``--rows`` rows each; DiT: seeded noise, timesteps and labels (seeds 0 and 1; no
+(held out), ``--rows`` rows each spread evenly over the file's batch of 32 (unconditional and
+conditional rows, as ``qcompile collect`` writes them; the first 8 rows are all unconditional); DiT: seeded noise, timesteps and labels (seeds 0 and 1; no
 calibration ships with it); MiniLM (``exporters.minilm``, exported once into its cache): 4
 calibration and 2 held-out files of 8 sentences. dmq runs with quick settings (``QUICK``), as in the
 end-to-end tests. No GPU here: engines are ``benchmarks/gpu_check.py``'s job.
@@ -20,8 +21,9 @@ end-to-end tests. No GPU here: engines are ``benchmarks/gpu_check.py``'s job.
     python benchmarks/bench_tensorrt_target.py                       # every cell (~1 h on 2 busy cores)
     python benchmarks/bench_tensorrt_target.py --models dit --recipes minmax osplus --wbits 8
     python benchmarks/bench_tensorrt_target.py --report-only         # tables from the cached rows
-Rows are cached in ``--work``/rows (``--fresh`` recomputes); writes ``tensorrt_target.json`` and
-``tensorrt_target.md`` to ``--out``.
+Rows are cached in ``--work``/rows (``--fresh`` recomputes), each stamped with the commit that measured
+it (the table names the commits, so a cell left from older code shows); writes ``tensorrt_target.json``
+and ``tensorrt_target.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -53,11 +55,26 @@ EXACT_OPS = ("explicit Sub before", "explicit Sub + Mul")
 
 
 def npz_rows(paths, rows: int | None, metadata: bool) -> list[dict[str, np.ndarray]]:
+    """``rows`` rows of each file spread evenly over its batch (all rows if None)."""
     out = []
     for path in paths:
         with np.load(path) as data:
-            out.append({k: data[k][:rows] for k in data.files if metadata or not k.startswith("__")})
+            n = len(data[data.files[0]])
+            take = np.linspace(0, n - 1, min(rows or n, n)).round().astype(int)
+            out.append({k: data[k][take] for k in data.files if metadata or not k.startswith("__")})
     return out
+
+
+@cache
+def code_version() -> str:
+    """The commit the rows are measured with (``-dirty``: with uncommitted changes to the code)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "qcompiler", "passes", "exporters", "runtimes", "benchmarks/*.py")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if dirty else "")
 
 
 def model_data(model: str, rows: int) -> tuple[Path, list, list]:
@@ -127,7 +144,7 @@ def measure(model: str, recipe: str, wbits: int, data: Callable[[], tuple], work
     from qcompiler.quant import sqnr_db
     from qcompiler.targets.tensorrt_rules import check
 
-    row: dict = {"model": model, "recipe": recipe, "bits": f"W{wbits}A8"}
+    row: dict = {"model": model, "recipe": recipe, "bits": f"W{wbits}A8", "code": code_version()}
     refusal = refused_before_work(recipe)
     if refusal:  # no compile needed to say so
         return {**row, "tensorrt_refused": refusal}
@@ -190,18 +207,24 @@ def markdown(rows: list[dict], command: str, missing: list[str]) -> str:
     lines += ["| " + " | ".join(cell(r)) + " |" for r in rows]
     measured = [r for r in rows if "delta_db" in r]
     clean = [r for r in measured if not r["replaced"]]
-    lines += ["", f"{len(measured)} cells compiled for both targets, {sum(r['rule_violations'] == 0 for r in measured)}"
-              f" with no rule violation; of the {len(clean)} that need no replacement, "
-              f"{sum(r['within_1db'] for r in clean)} are within 1 dB of the ORT target "
-              f"(worst Δ {min((r['delta_db'] for r in clean), default=float('nan')):+.2f} dB).", ""]
-    lines += ["Δ is the TensorRT target's SQNR minus the ORT target's. At W4A8 the TensorRT target's int4 MatMuls "
-              "are weight-only (TensorRT runs int4 weights as weight-only GEMMs), so they read float activations, which is why "
-              "it can be well above the ORT target there; at W8A8 the ORT target also re-quantizes every Conv "
-              "output (QLinearConv needs it). 'TRT vs ORT outputs' is low on MiniLM because that model turns any "
-              "change of rounding (even ORT's own graph optimizations: 27 dB between the ORT target's optimized "
-              "and unoptimized runs) into output differences the size of the quantization error; compare the "
-              "SQNRs vs float. 'explicit Sub/Mul': exact shifts no producer could take, which TensorRT fuses into "
-              "the QuantizeLinear.", ""]
+    replaced = [r for r in measured if r["replaced"]]
+    worst = lambda cells: min((r["delta_db"] for r in cells), default=float("nan"))
+    lines += ["", (f"{len(measured)} cells compiled for both targets, "
+                   f"{sum(r['rule_violations'] == 0 for r in measured)} with no rule violation; of the {len(clean)} "
+                   f"that need no replacement, {sum(r['within_1db'] for r in clean)} are within 1 dB of the ORT target "
+                   f"(worst Δ {worst(clean):+.2f} dB); the {len(replaced)} with a replacement (the 1 dB bar does not "
+                   f"apply) have worst Δ {worst(replaced):+.2f} dB."), ""]
+    lines += [("Δ is the TensorRT target's SQNR minus the ORT target's. At W4A8 the TensorRT target's int4 MatMuls "
+               "are weight-only (TensorRT runs int4 weights as weight-only GEMMs), so they read float activations, "
+               "which is why it can be well above the ORT target there; at W8A8 the ORT target also re-quantizes "
+               "every Conv output (QLinearConv needs it). 'TRT vs ORT outputs' is low on MiniLM because that model "
+               "turns any change of rounding (even ORT's own graph optimizations: 27 dB between the ORT target's "
+               "optimized and unoptimized runs) into output differences the size of the quantization error; compare "
+               "the SQNRs vs float. 'explicit Sub/Mul': exact shifts no producer could take, which TensorRT fuses into "
+               "the QuantizeLinear. tdq's per-timestep ranges are TDQ's gain; TensorRT takes constant scales only, so "
+               "its cells run tdq's static ranges (the calibration min/max, as minmax)."), ""]
+    commits = Counter(r.get("code", "before stamping") for r in rows)
+    lines += ["Measured with: " + ", ".join(f"{c} ({n} cells)" for c, n in commits.most_common()) + ".", ""]
     if missing:
         lines += [f"Not measured (no cached row): {', '.join(missing)}.", ""]
     return "\n".join(lines)
