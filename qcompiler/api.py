@@ -45,6 +45,8 @@ class CompileOptions:
     channel_groups: str = "affine"
     #: The ORT target's Q-DiT group lowering: "integer" (one integer GEMM (MatMulIntegerToFloat) per Linear) or "simulate".
     dynamic_groups: str = "integer"
+    #: DGQ's affine lowering subtracts the calibrated mean of its weight error from the bias.
+    bias_correction: bool = True
     #: Allow the output path to be the input model's own path (the input is replaced atomically).
     force: bool = False
     #: ORT intra-op threads for calibration (None: ORT's default, one per core).
@@ -151,12 +153,16 @@ def _target(options: CompileOptions):
     if options.target == "ort":
         try:
             return get_target("ort", OrtTargetConfig(channel_groups=options.channel_groups,
-                                                     dynamic_groups=options.dynamic_groups, device=options.device))
+                                                     dynamic_groups=options.dynamic_groups, device=options.device,
+                                                     bias_correction=options.bias_correction))
         except ValueError as exc:
             raise QCompileError(str(exc)) from None
     if options.channel_groups != "affine":
         raise QCompileError(f"--channel-groups {options.channel_groups} is an ONNX Runtime lowering; target "
                             f"'{options.target}' lowers DGQ groups its own way (drop the option)")
+    if not options.bias_correction:
+        raise QCompileError(f"--bias-correction off is an ONNX Runtime lowering option; target "
+                            f"'{options.target}' always corrects (drop the option)")
     if options.dynamic_groups != "integer":
         raise QCompileError(f"--dynamic-groups {options.dynamic_groups} is an ONNX Runtime lowering; target "
                             f"'{options.target}' has none (drop the option)")

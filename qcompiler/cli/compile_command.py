@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "affine folded into W and b, one integer GEMM (default); split = K integer GEMMs "
                              "(bit-exact reference); fold = shared zero point, ratios in W; simulate = QDQ "
                              "before float GEMMs")
+    parser.add_argument("--bias-correction", default="on", choices=("on", "off"),
+                        help="DGQ affine lowering: subtract the calibrated mean of the re-quantized weight's "
+                             "error from the bias (default on; off keeps the bias exact to DGQ's codes)")
     parser.add_argument("--dynamic-groups", default="integer", choices=("integer", "simulate"),
                         help="qdit group lowering: integer = one integer GEMM (MatMulIntegerToFloat) per Linear, run-time per-token, "
                              "per-group scales on its int32 sums (default); simulate = fake-quantized float GEMMs")
@@ -149,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     options = CompileOptions(wbits=wbits, abits=abits, block_size=args.block_size, calib_limit=args.calib_limit,
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
                              device=args.device, target=args.target, channel_groups=args.channel_groups,
-                             dynamic_groups=args.dynamic_groups, force=args.force, threads=args.threads, cluster=cluster_config(args))
+                             dynamic_groups=args.dynamic_groups, bias_correction=args.bias_correction == "on",
+                             force=args.force, threads=args.threads, cluster=cluster_config(args))
     if pipeline is not None:
         from qcompiler.diffusion.pipeline_compile import REPORT_NAME, compile_pipeline
 

@@ -56,3 +56,16 @@ def test_a_recipe_file_with_the_retired_group_pass_says_what_replaced_it(tmp_pat
     path.write_text('[[steps]]\npass = "dgq_groups"\n[[steps]]\npass = "insert_group_qdq"\nchannel_groups = "fold"\n')
     with pytest.raises(QCompileError, match="--channel-groups"):
         load_recipe_file(path)
+
+
+def test_bias_correction_flag_reaches_the_ort_target_and_is_refused_elsewhere():
+    from qcompiler.api import CompileOptions, _target
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["m.onnx", "--recipe", "dgq", "--bias-correction", "off"])
+    assert args.bias_correction == "off"
+    assert _target(CompileOptions(bias_correction=False)).config.bias_correction is False
+    assert _target(CompileOptions()).config.bias_correction is True
+    with pytest.raises(QCompileError, match="--bias-correction off"):
+        _target(CompileOptions(bias_correction=False, target="tensorrt"))
