@@ -29,6 +29,8 @@ Exact: the rewrite only re-associates X·W + b = ((X − z)/s)·(s·W) + (b + z�
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +39,9 @@ from tqdm import tqdm
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.scale_search import OutputError, sample_inputs
+from qcompiler.scale_search import OutputError, statistics_and_samples
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,10 @@ class ShiftScale(Pass):
         groups = find_scale_groups(ctx.graph)
         if not groups:
             return PassResult(False, ("no Linear reads an activation",))
-        stats = ctx.statistics({g.name: g.channel_axis for g in groups}, progress=self.config.progress)
-        samples = sample_inputs(ctx, groups, self.config.batches, self.config.rows, self.config.seed)
+        started = time.perf_counter()
+        stats, samples = statistics_and_samples(ctx, groups, self.config.batches, self.config.rows,
+                                                self.config.seed, self.config.progress)
+        calibrated = time.perf_counter()
         kinds: dict[str, int] = {}
         thresholds, unshifted = [], 0
         # Downstream groups first: an upstream search then sees weights already divided by
@@ -130,6 +136,8 @@ class ShiftScale(Pass):
             thresholds.append(threshold)
             unshifted += shift is None
         ctx.graph.cleanup().toposort()
+        log.info("%d groups: ranges and rows %.1f s, threshold searches and folds %.1f s", len(groups),
+                 calibrated - started, time.perf_counter() - calibrated)
         summary = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
         return PassResult(True, (f"{len(groups)} groups scaled, {len(groups) - unshifted} of them shifted; "
                                  f"absorbed by: {summary}",

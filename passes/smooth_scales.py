@@ -25,7 +25,7 @@ from tqdm import tqdm
 from qcompiler.context import CompileContext
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.folding import ScaleGroup, find_scale_groups, fold
-from qcompiler.scale_search import OutputError, matmul_weights, sample_inputs
+from qcompiler.scale_search import OutputError, matmul_weights, statistics_and_samples
 
 #: Lower clamp of s and of max|W_j| (the SmoothQuant reference implementation's 1e-5).
 MIN_SCALE = 1e-5
@@ -83,9 +83,12 @@ class SmoothScales(Pass):
         groups = find_scale_groups(ctx.graph)
         if not groups:
             return PassResult(False, ("no Linear reads an activation",))
-        stats = ctx.statistics({g.name: g.channel_axis for g in groups}, progress=self.config.progress)
-        samples = (sample_inputs(ctx, groups, self.config.batches, self.config.rows, self.config.seed)
-                   if self.config.search_alpha else {})
+        if self.config.search_alpha:
+            stats, samples = statistics_and_samples(ctx, groups, self.config.batches, self.config.rows,
+                                                    self.config.seed, self.config.progress)
+        else:
+            stats, samples = ctx.statistics({g.name: g.channel_axis for g in groups},
+                                            progress=self.config.progress), {}
         kinds: dict[str, int] = {}
         alphas = []
         # Downstream groups first, so max|W_j| is read from weights whose output channels already

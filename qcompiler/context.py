@@ -117,17 +117,20 @@ class CompileContext:
         self._stats_cache.clear()
         self._names = None
 
-    def statistics(self, tensors: Mapping[str, int | None], progress: bool = True, batches=None) -> dict:
+    def statistics(self, tensors: Mapping[str, int | None], progress: bool = True, batches=None,
+                   rows=None) -> dict:
         """Calibration statistics of ``tensors`` (name -> channel axis) on the current graph, cached.
 
         ``batches``: a subset of the calibration data (e.g. the fit rows of a hold-out split)
-        instead of all of it; those statistics are computed fresh and not cached."""
+        instead of all of it; those statistics are computed fresh and not cached. ``rows``: a
+        ``row_samples.RowSampler`` (in-process only) that draws its rows in the same forward
+        passes when the statistics need one; ``rows.done`` says whether it ran."""
         if batches is not None:
             return self._collect(dict(tensors), batches, progress)
         wanted = {name: axis for name, axis in tensors.items() if (name, axis) not in self._stats_cache}
         if wanted:
             wanted = {**self._quantization_points(), **wanted}
-            fresh = self._collect(wanted, self.calibration, progress)
+            fresh = self._collect(wanted, self.calibration, progress, rows)
             for name, axis in wanted.items():
                 self._stats_cache[(name, axis)] = fresh[name]
         return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
@@ -165,7 +168,7 @@ class CompileContext:
             self._stats_cache[(name, axis)] = merged
         return results
 
-    def _collect(self, tensors: dict, batches, progress: bool) -> dict:
+    def _collect(self, tensors: dict, batches, progress: bool, rows=None) -> dict:
         from qcompiler.calibration.statistics import StatsConfig, collect_statistics
 
         if not batches:
@@ -176,7 +179,7 @@ class CompileContext:
         if self.cluster is not None:
             fresh = self.cluster.statistics(self.skeleton(), batches, tensors, config)
         else:
-            fresh = collect_statistics(self.skeleton(), batches, tensors, config)
+            fresh = collect_statistics(self.skeleton(), batches, tensors, config, rows)
         self.release_weight_pages()
         return fresh
 

@@ -35,6 +35,26 @@ def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, r
     return sampled_rows(ctx, ctx.calibration[:batches], axes, rows, seed)
 
 
+def statistics_and_samples(ctx: CompileContext, groups: list[ScaleGroup], batches: int, rows: int, seed: int = 0,
+                           progress: bool = True) -> tuple[dict, RowSamples]:
+    """``ctx.statistics`` of the groups' activations and ``sample_inputs``' rows of them.
+
+    In process, the rows are drawn in the statistics' own forward passes (``RowSampler`` riding
+    on ``reductions.collect_ranges``): one pass over the calibration data instead of two, the
+    same ranges and rows bit for bit. Where the statistics are cached already, or computed on a
+    cluster, the rows take passes of their own."""
+    from qcompiler.calibration.row_samples import RowSampler
+
+    axes = {group.name: group.channel_axis for group in groups}
+    sampled = ctx.calibration[:batches]
+    sampler = RowSampler(axes, -(-rows // max(len(sampled), 1)), seed, list(axes), len(sampled), ctx.threads,
+                         keep=ctx.spill)
+    stats = ctx.statistics(axes, progress=progress, rows=sampler if ctx.cluster is None else None)
+    if not sampler.done:
+        return stats, sample_inputs(ctx, groups, batches, rows, seed)
+    return stats, RowSamples(sampler.samples, rows)
+
+
 def matmul_weights(unit: Linear) -> np.ndarray:
     """The current weight as it multiplies X from the right, [K, N] (Gemm's transB and α applied)."""
     unit = match_linear(unit.node)  # a fold may have replaced a shared weight by a copy

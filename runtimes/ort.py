@@ -42,8 +42,9 @@ def make_session(model, device: str = "cpu", threads: int | None = None, optimiz
     A skeleton's arrays are handed to ORT with ``add_initializer``: ORT computes on them where
     they are (no copy). ``lean`` (calibration and checks, not deployment) also turns off weight
     prepacking and the memory arena, so ORT holds no second copy of the weights and frees each
-    activation when it is consumed. ``external_folder``: where a ModelProto's external data files
-    are (a model loaded without its weights, e.g. with extra outputs added); ORT reads them itself.
+    activation when it is consumed, and runs the nodes in the file's order. ``external_folder``:
+    where a ModelProto's external data files are (a model loaded without its weights, e.g. with
+    extra outputs added); ORT reads them itself.
     """
     import onnxruntime as ort
 
@@ -60,6 +61,13 @@ def make_session(model, device: str = "cpu", threads: int | None = None, optimiz
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
+        # Nodes in file order (Kahn's order, lowest index first among ready nodes). ORT's default
+        # order is a depth-first walk back from the graph's outputs, which runs a capture graph's
+        # reductions and row gathers (``skeleton.insert_after_producers``) after the forward pass
+        # they read, so every captured activation stayed alive to the end of the run (PixArt-α, 175
+        # tensors reduced in one calibration forward pass: 1.28 GiB anonymous memory at the peak,
+        # 0.25 GiB in file order).
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if external_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(external_folder))

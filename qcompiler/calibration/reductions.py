@@ -82,11 +82,13 @@ def reduction_model(skel: Skeleton, runner: OutputRunner, tensors: Mapping[str, 
     return Skeleton(proto, skel.arrays), outputs
 
 
-def collect_ranges(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int | None], config):
+def collect_ranges(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int | None], config,
+                   rows=None):
     """``TensorStats`` (ranges only) of ``tensors`` (name -> channel axis) over ``batches``.
 
     Tensors that cannot be reduced in the graph (see the module docstring) go through the full
-    capture engine; the result is in the order of ``tensors``.
+    capture engine; the result is in the order of ``tensors``. ``rows``: a
+    ``row_samples.RowSampler`` whose rows are drawn in the same forward passes (its ``samples``).
     """
     from qcompiler.calibration.statistics import TensorStats, collect_statistics
 
@@ -105,13 +107,24 @@ def collect_ranges(model, batches: Sequence[CalibrationBatch], tensors: Mapping[
         reducible[name] = (rank, channel)
     stats: dict[str, TensorStats] = {}
     fallback = [name for name in tensors if name not in reducible]
-    if reducible:
+    if reducible or rows is not None:
         reduced, outputs = reduction_model(skel, runner, reducible)
-        session = make_session(reduced, threads=config.threads, lean=True)
+        if rows is not None:
+            rows.attach(skel, runner, batches, reduced.proto)
         wanted = [out for names in outputs.values() for out in names.values()]
-        for batch in tqdm(batches, desc="calibration ranges", unit="batch", leave=False,
-                          disable=None if config.progress else True):
-            values = dict(zip(wanted, run_batch(session, wanted, batch)))
+        session = (make_session(reduced, threads=config.threads, lean=True)
+                   if wanted or (rows is not None and rows.outputs) else None)
+        for local, batch in enumerate(tqdm(batches, desc="calibration ranges", unit="batch", leave=False,
+                                           disable=None if config.progress else True)):
+            extra, fed = [], batch
+            if rows is not None:
+                extra = rows.wanted(local)
+                fed = CalibrationBatch({**batch.feeds, **rows.feeds(local)}, batch.metadata, batch.source)
+            results = run_batch(session, wanted + extra, fed) if session is not None else []
+            if rows is not None:
+                rows.consume(local, batch, results[len(wanted):])
+            values = dict(zip(wanted, results))
+            del results
             for name, names in outputs.items():
                 parts = {kind: values[out] for kind, out in names.items()}
                 if not all(np.isfinite(part).all() for part in parts.values()):

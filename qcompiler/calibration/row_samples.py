@@ -16,7 +16,9 @@ from a probe: one forward pass per distinct feed-shape signature (one, usually) 
 are ``Shape(T)``; then it is gathered in ORT like the rest. Returning such tensors whole instead
 held a chunk of full activations (~0.8 GB on PixArt-α) beside the forward pass. A tensor whose probed
 channel count differs between signatures, or whose rank is below 2, still comes back whole and is
-drawn in numpy: the same rows either way.
+drawn in numpy: the same rows either way. A ``RowSampler`` can also ride on the range statistics'
+forward passes (``reductions.collect_ranges(rows=...)``): OS+ and SmoothQuant then read their
+calibration data once, not twice.
 """
 
 from __future__ import annotations
@@ -64,26 +66,23 @@ def rows_per_batch(runner: OutputRunner, name: str, axis: int, batch_size: int) 
     return math.prod(sizes)
 
 
-def _sampling_model(skel: Skeleton, runner: OutputRunner, gathered: Mapping[str, tuple[int, int, int]],
-                    whole: Sequence[str]) -> Skeleton:
-    """The skeleton with outputs: the Gather of each ``gathered`` tensor's rows, then each ``whole``
-    tensor as it is (as float32)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(skel.proto)
-    nodes, inits = [], []
-    del proto.graph.output[:]
+def _row_nodes(runner: OutputRunner, gathered: Mapping[str, tuple[int, int, int]], whole: Sequence[str]
+               ) -> tuple[list, list, list, list[str]]:
+    """(nodes, initializers, index inputs, output names) that take each ``gathered`` tensor's rows
+    (a Gather of its channels-last flattening) and return each ``whole`` tensor as it is (as float32)."""
+    nodes, inits, inputs, outputs = [], [], [], []
     for index, name in enumerate([*gathered, *whole]):
         prefix = f"qcompile_rows/{index}"
         source = name
         if runner.element_type(name) != onnx.TensorProto.FLOAT:
             nodes.append(helper.make_node("Cast", [source], [f"{prefix}/float"], to=onnx.TensorProto.FLOAT))
             source = f"{prefix}/float"
+        outputs.append(f"{prefix}/rows")
         if name not in gathered:
             if source == name:
                 nodes.append(helper.make_node("Identity", [source], [f"{prefix}/rows"]))
             else:
                 nodes[-1].output[0] = f"{prefix}/rows"
-            proto.graph.output.append(helper.make_tensor_value_info(f"{prefix}/rows", onnx.TensorProto.FLOAT, None))
             continue
         rank, axis, channels = gathered[name]
         axis = axis % rank
@@ -93,12 +92,9 @@ def _sampling_model(skel: Skeleton, runner: OutputRunner, gathered: Mapping[str,
             source = f"{prefix}/last"
         inits.append(onnx.numpy_helper.from_array(np.array([-1, channels], np.int64), f"{prefix}/shape"))
         nodes.append(helper.make_node("Reshape", [source, f"{prefix}/shape"], [f"{prefix}/flat"]))
-        proto.graph.input.append(helper.make_tensor_value_info(f"{prefix}/indices", onnx.TensorProto.INT64, [None]))
+        inputs.append(helper.make_tensor_value_info(f"{prefix}/indices", onnx.TensorProto.INT64, [None]))
         nodes.append(helper.make_node("Gather", [f"{prefix}/flat", f"{prefix}/indices"], [f"{prefix}/rows"], axis=0))
-        proto.graph.output.append(helper.make_tensor_value_info(f"{prefix}/rows", onnx.TensorProto.FLOAT, None))
-    insert_after_producers(proto.graph, nodes)  # each capture node frees its tensor early
-    proto.graph.initializer.extend(inits)
-    return Skeleton(proto, skel.arrays)
+    return nodes, inits, inputs, outputs
 
 
 def _draw_from(value: np.ndarray, axis: int, per_batch: int, seed: int, position: int, batch: int) -> np.ndarray:
@@ -165,6 +161,97 @@ def _probed_rows(shapes: dict[tuple, dict[str, tuple[int, ...]]], name: str, axi
     return (rank, axis, channel), [math.prod(shape) // channel for shape in per_batch]
 
 
+class RowSampler:
+    """Row sampling that rides on a capture pass: it adds its Gather nodes to the pass's graph
+    (``attach``), gives each batch's index feeds (``feeds``) and stores each batch's rows
+    (``consume``). ``sample_rows`` runs it alone; ``reductions.collect_ranges`` runs it beside its
+    reductions, so a pass that needs ranges and rows (OS+, SmoothQuant) does one forward pass per
+    batch for both (the same draws, the same values bit for bit).
+
+    ``sampled``: how many of the pass's batches (the first ones) are sampled; later batches feed
+    empty indices (ORT runs every node whatever outputs are asked for) and return nothing.
+    ``first``: the index of the pass's first batch in the whole data set (a calibration shard's
+    offset), which keys the draws and the result."""
+
+    def __init__(self, tensors: Mapping[str, int], per_batch: int, seed: int, order: Sequence[str],
+                 sampled: int, threads: int | None = None,
+                 keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows, first: int = 0):
+        self.tensors, self.per_batch, self.seed, self.sampled = dict(tensors), per_batch, seed, sampled
+        self.position = {name: index for index, name in enumerate(order)}
+        self.threads, self.keep, self.first = threads, keep, first
+        self.gathered: dict[str, tuple[int, int, int]] = {}
+        self.counts: dict[str, list[int]] = {}
+        self.computed: list[str] = []
+        self.outputs: list[str] = []
+        self.inputs: set[str] = set()
+        #: {tensor: {batch index: rows (n, C)}}, filled by ``consume``.
+        self.samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in tensors}
+        self.done = False
+
+    def attach(self, skel: Skeleton, runner: OutputRunner, batches: Sequence[CalibrationBatch],
+               proto: onnx.ModelProto) -> None:
+        """Plan the draws on ``skel`` (probing run-time shapes where needed) and add the row
+        outputs to ``proto``, a copy of ``skel.proto`` that may already hold other capture nodes."""
+        runner.check(list(self.tensors))
+        self.inputs = set(runner.graph_inputs)
+        sampled = list(batches[:self.sampled])
+        whole = []
+        for name, axis in self.tensors.items():
+            if name in runner.graph_inputs:
+                continue
+            static = _static_rows(runner, name, axis, sampled)
+            if static is None:
+                whole.append(name)
+            else:
+                self.gathered[name], self.counts[name] = static
+        if whole:
+            shapes = probe_shapes(skel, whole, sampled, self.threads)
+            log.info("%d of %d sampled tensors have no static row count: shapes probed in %d forward pass(es)",
+                     len(whole), len(self.tensors), len(shapes))
+            for name in list(whole):
+                probed = _probed_rows(shapes, name, self.tensors[name], sampled)
+                if probed is not None:
+                    whole.remove(name)
+                    self.gathered[name], self.counts[name] = probed
+            if whole:
+                log.info("%d sampled tensors returned whole and drawn in numpy", len(whole))
+        self.computed = [*self.gathered, *whole]
+        nodes, inits, inputs, self.outputs = _row_nodes(runner, self.gathered, whole)
+        insert_after_producers(proto.graph, nodes)  # each capture node frees its tensor early
+        proto.graph.initializer.extend(inits)
+        proto.graph.input.extend(inputs)
+        proto.graph.output.extend(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+                                  for out in self.outputs)
+
+    def feeds(self, local: int) -> dict[str, np.ndarray]:
+        """The row indices of batch ``local`` (its position in the pass): the seeded draw, or none."""
+        return {f"qcompile_rows/{i}/indices":
+                draw_rows(self.counts[name][local], self.per_batch, self.seed, self.position[name], self.first + local)
+                if local < self.sampled else np.zeros(0, np.int64)
+                for i, name in enumerate(self.gathered)}
+
+    def wanted(self, local: int) -> list[str]:
+        return self.outputs if local < self.sampled else []
+
+    def consume(self, local: int, batch: CalibrationBatch, values: Sequence[np.ndarray]) -> None:
+        """Store batch ``local``'s rows: graph inputs drawn from its feeds, the rest from ``values``
+        (the outputs ``wanted(local)`` named)."""
+        if local >= self.sampled:
+            return
+        b = self.first + local
+        for name in self.tensors:
+            if name in self.inputs:
+                if name not in batch.feeds:
+                    raise QCompileError(f"{batch.source}: calibration batch lacks model input {name}")
+                self.samples[name][b] = self.keep(_draw_from(batch.feeds[name], self.tensors[name],
+                                                             self.per_batch, self.seed, self.position[name], b))
+        for name, value in zip(self.computed, values):
+            self.samples[name][b] = self.keep(
+                np.asarray(value, np.float32) if name in self.gathered
+                else _draw_from(value, self.tensors[name], self.per_batch, self.seed, self.position[name], b))
+        self.done = local + 1 >= self.sampled
+
+
 def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str, int], per_batch: int,
                 seed: int, order: Sequence[str], threads: int | None = None,
                 keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows, first: int = 0
@@ -181,52 +268,20 @@ def sample_rows(model, batches: Sequence[CalibrationBatch], tensors: Mapping[str
     and the result."""
     skel = as_skeleton(model)
     runner = OutputRunner(skel, threads)
-    runner.check(list(tensors))
-    position = {name: index for index, name in enumerate(order)}
-    gathered, counts, whole = {}, {}, []
-    for name, axis in tensors.items():
-        if name in runner.graph_inputs:
-            continue
-        static = _static_rows(runner, name, axis, batches)
-        if static is None:
-            whole.append(name)
-        else:
-            gathered[name], counts[name] = static
-    if whole:
-        shapes = probe_shapes(skel, whole, batches, threads)
-        log.info("%d of %d sampled tensors have no static row count: shapes probed in %d forward pass(es)",
-                 len(whole), len(tensors), len(shapes))
-        for name in list(whole):
-            probed = _probed_rows(shapes, name, tensors[name], batches)
-            if probed is not None:
-                whole.remove(name)
-                gathered[name], counts[name] = probed
-        if whole:
-            log.info("%d sampled tensors returned whole and drawn in numpy", len(whole))
-    samples: dict[str, dict[int, np.ndarray]] = {name: {} for name in tensors}
-    computed = [*gathered, *whole]
-    session = (make_session(_sampling_model(skel, runner, gathered, whole), threads=threads, lean=True)
-               if computed else None)
-    outputs = [f"qcompile_rows/{i}/rows" for i in range(len(computed))]
+    sampler = RowSampler(tensors, per_batch, seed, order, len(batches), threads, keep, first)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(skel.proto)
+    del proto.graph.output[:]
+    sampler.attach(skel, runner, batches, proto)
+    session = make_session(Skeleton(proto, skel.arrays), threads=threads, lean=True) if sampler.outputs else None
     for local, batch in enumerate(batches):
-        b = first + local
-        for name in tensors:
-            if name in runner.graph_inputs:
-                if name not in batch.feeds:
-                    raise QCompileError(f"{batch.source}: calibration batch lacks model input {name}")
-                samples[name][b] = keep(_draw_from(batch.feeds[name], tensors[name], per_batch, seed,
-                                                   position[name], b))
-        if session is None:
-            continue
-        feeds = dict(batch.feeds)
-        for i, name in enumerate(gathered):
-            feeds[f"qcompile_rows/{i}/indices"] = draw_rows(counts[name][local], per_batch, seed, position[name], b)
-        values = run_batch(session, outputs, CalibrationBatch(feeds, batch.metadata, batch.source))
-        for name, value in zip(computed, values):
-            samples[name][b] = keep(np.asarray(value, np.float32) if name in gathered
-                                    else _draw_from(value, tensors[name], per_batch, seed, position[name], b))
+        values = []
+        if session is not None:
+            values = run_batch(session, sampler.outputs,
+                               CalibrationBatch({**batch.feeds, **sampler.feeds(local)}, batch.metadata, batch.source))
+        sampler.consume(local, batch, values)
         del values
-    return samples
+    return sampler.samples
 
 
 class RowSamples(Mapping):

@@ -344,11 +344,13 @@ def _layout(shape: tuple[int, ...], axis: int | None, name: str) -> tuple[tuple[
 
 def collect_statistics(model, batches: Sequence[CalibrationBatch],
                        tensors: Mapping[str, int | None],
-                       config: StatsConfig = StatsConfig()) -> dict[str, TensorStats]:
+                       config: StatsConfig = StatsConfig(), rows=None) -> dict[str, TensorStats]:
     """Statistics of every tensor in ``tensors`` (name -> channel axis, None = last) over all batches.
 
     Reduces the values of :func:`stream_tensors` on the fly. See the module docstring for the
     memory bound (independent of N). Returns the statistics in the order of ``tensors``.
+    ``rows``: a ``row_samples.RowSampler`` that draws its rows in the same forward passes
+    (``ranges_only`` statistics only).
     """
     batches = list(batches)
     if not batches:
@@ -356,7 +358,9 @@ def collect_statistics(model, batches: Sequence[CalibrationBatch],
     if config.ranges_only:
         from qcompiler.calibration.reductions import collect_ranges
 
-        return collect_ranges(model, batches, tensors, replace(config, ranges_only=False))
+        return collect_ranges(model, batches, tensors, replace(config, ranges_only=False), rows)
+    if rows is not None:
+        raise ValueError("collect_statistics: row sampling rides on ranges_only statistics only")
     stats: dict[str, TensorStats] = {}
     for batch, values in stream_tensors(model, batches, list(tensors), config):
         for name, value in values.items():

@@ -71,3 +71,31 @@ def test_a_tensor_whose_channel_count_varies_comes_back_whole_with_the_same_draw
         flat = np.maximum(batch.feeds["x"], 0).reshape(-1, batch.feeds["x"].shape[-1])
         keep = np.sort(np.random.default_rng([3, 0, index]).choice(flat.shape[0], size=5, replace=False))
         np.testing.assert_array_equal(got["r"][index], flat[keep])
+
+
+@pytest.mark.parametrize("model, shape, tensors", [
+    (graphs.conv_model(), (2, 4, 8, 8), {"r1": 1, "c1": 1, "x": 1}),
+    (graphs.linear_model(), (3, 4, 16), {"mm": -1, "biased": -1, "x": -1}),
+])
+def test_rows_riding_on_the_ranges_pass_equal_their_own_pass(monkeypatch, model, shape, tensors):
+    """OS+/SmoothQuant's rows drawn in the statistics' forward passes (one per batch, the last
+    batch not sampled): the same ranges and rows, bit for bit, as two passes of their own."""
+    from qcompiler.calibration import reductions
+    from qcompiler.calibration.row_samples import RowSampler
+
+    batches, per_batch, seed, order = _batches(shape), 40, 5, list(tensors)
+    config = StatsConfig(progress=False)
+    alone_rows = sample_rows(model, batches[:2], tensors, per_batch, seed, order)
+    alone_ranges = reductions.collect_ranges(model, batches, tensors, config)
+    runs = []
+    original = reductions.run_batch
+    monkeypatch.setattr(reductions, "run_batch", lambda *a: runs.append(1) or original(*a))
+    sampler = RowSampler(tensors, per_batch, seed, order, sampled=2)
+    ranges = reductions.collect_ranges(model, batches, tensors, config, rows=sampler)
+    assert len(runs) == len(batches) and sampler.done
+    assert {name: sorted(parts) for name, parts in sampler.samples.items()} == {name: [0, 1] for name in tensors}
+    for name in tensors:
+        for b in (0, 1):
+            np.testing.assert_array_equal(sampler.samples[name][b], alone_rows[name][b])
+        for field in ("channel_min", "channel_max", "index_min", "index_max"):
+            np.testing.assert_array_equal(getattr(ranges[name], field), getattr(alone_ranges[name], field))
