@@ -114,4 +114,4 @@ def test_each_reduction_runs_right_after_its_tensor(monkeypatch, tmp_path):
     events = json.loads(open(session.end_profiling()).read())
     order = [event["args"]["op_name"] for event in events
              if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
-    assert order == ["MatMul", "ReduceMin", "ReduceMax", "ReduceMin", "ReduceMax", "Relu"] * 4
+    assert order == ["MatMul", "ReduceMin", "ReduceMax", "ReduceSum", "ReduceMin", "ReduceMax", "Relu"] * 4
