@@ -11,10 +11,12 @@ shrink by that much), scales excluded. Also lists the layers each budget kept at
 Usage: python benchmarks/bench_mixed_precision.py [--models unet_mnist unet_mnist_b ...] [--samples 8]
        [--recipes minmax dgq] [--budgets 0 10 25] [--gptq] [--work DIR] [--out benchmarks/results]
        python benchmarks/bench_mixed_precision.py --models unet_mnist unet_mnist_b --name zoo_w4a8 \
-       --cells dgq:8 minmax:4 osplus:4 dgq:4 dmq:4 minmax:4:10:gptq dgq:4:10:gptq
+       --cells dgq:8 minmax:4 osplus:4 dgq:4 dmq:4 minmax:4:0:clip minmax:4:10:gptq dgq:4:10:gptq
 Writes ``NAME.json`` and ``NAME.md`` (``--name``, default ``mixed_precision``) to ``--out`` after every
-row, so a cut-off run keeps what it measured; ``--cells`` (``RECIPE:WBITS[:BUDGET%][:gptq]``) replaces
-the recipes x budgets grid and adds ``NAME.png`` and a per-model check of the issue's criteria.
+row, so a cut-off run keeps what it measured; ``--cells`` (``RECIPE:WBITS[:BUDGET%][:gptq][:clip]``,
+``clip`` = ``quantize_weights.clip_search=true``) replaces the recipes x budgets grid and adds ``NAME.png``
+and a per-model check of the issue's criteria. Each row records its effective int4 weight quantizer
+(clip search on by flag or by the recipe's own default, GPTQ or not), the key the dmq-vs-minmax check pairs on.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def parse_args(argv):
     parser.add_argument("--budgets", type=float, nargs="+", default=[0, 10, 25], help="percent")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--gptq", action="store_true", help="also every W4 row with quantize_weights.gptq=true")
-    parser.add_argument("--cells", nargs="+", help="RECIPE:WBITS[:BUDGET][:gptq] rows, run in this order")
+    parser.add_argument("--cells", nargs="+", help="RECIPE:WBITS[:BUDGET][:gptq][:clip] rows, run in this order")
     parser.add_argument("--name", default="mixed_precision", help="output file stem in --out")
     parser.add_argument("--done-only", action="store_true",
                         help="tabulate only the rows whose results are in --work already (no compile)")
@@ -52,14 +54,27 @@ def parse_args(argv):
     return args
 
 
-def parse_cell(text: str) -> tuple[str, int, float, bool]:
-    """``"dgq:4:10:gptq"`` -> ("dgq", 4, 10.0, True); budget defaults to 0 and applies to W4 only."""
+def parse_cell(text: str) -> tuple[str, int, float, bool, bool]:
+    """``"dgq:4:10:gptq"`` -> ("dgq", 4, 10.0, True, False); budget defaults to 0 and applies to W4 only."""
     parts = text.split(":")
-    gptq = parts[-1] == "gptq"
-    parts = parts[:-1] if gptq else parts
+    flags = {part for part in parts[2:] if part in ("gptq", "clip")}
+    parts = [part for part in parts if part not in flags]
     if len(parts) not in (2, 3) or parts[1] not in ("4", "8"):
-        raise SystemExit(f"--cells: {text!r} is not RECIPE:WBITS[:BUDGET][:gptq] with WBITS 4 or 8")
-    return parts[0], int(parts[1]), float(parts[2].rstrip("%")) if len(parts) == 3 else 0.0, gptq
+        raise SystemExit(f"--cells: {text!r} is not RECIPE:WBITS[:BUDGET][:gptq][:clip] with WBITS 4 or 8")
+    budget = float(parts[2].rstrip("%")) if len(parts) == 3 else 0.0
+    return parts[0], int(parts[1]), budget, "gptq" in flags, "clip" in flags
+
+
+def recipe_clip_search(recipe: str, bits: int) -> bool:
+    """Whether the recipe's own quantize_weights step runs the MSE clip search at these bits."""
+    from qcompiler.passes.quantize_weights import (
+        QuantizeWeightsConfig,
+        uses_clip_search,
+    )
+    from qcompiler.recipes import available_recipes
+
+    step = next((s for s in available_recipes()[recipe].steps if s.pass_name == "quantize_weights"), None)
+    return uses_clip_search((step and step.config) or QuantizeWeightsConfig(), bits)
 
 
 def cli(*args: str) -> None:
@@ -81,9 +96,9 @@ def weight_value_bytes(float_model: Path, report: dict) -> int:
 
 
 def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, work: Path, gptq: bool = False,
-            done_only: bool = False) -> dict | None:
+            done_only: bool = False, clip: bool = False) -> dict | None:
     """Compile and score one row; a row whose model, report and scores are in ``work`` already is read back."""
-    tag = f"{model.stem}.{recipe}.w{wbits}a8" + (f".b{budget:g}" if wbits == 4 else "") + (".gptq" if gptq else "")
+    tag = f"{model.stem}.{recipe}.w{wbits}a8" + (f".b{budget:g}" if wbits == 4 else "") + (".gptq" if gptq else "") + (".clip" if clip else "")
     out, scores = work / f"{tag}.onnx", work / f"{tag}.eval.json"
     args = [str(model), "--recipe", recipe, "--wbits", str(wbits), "--abits", "8", "-o", str(out), "--quiet"]
     if wbits == 4:  # one sensitivity measurement per model and recipe, whatever the budget
@@ -91,10 +106,11 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
                  "--set", f"mixed_precision.sensitivity_cache={work / f'{model.stem}.{recipe}.sensitivity.json'}"]
     if gptq:
         args += ["--set", "quantize_weights.gptq=true"]
+    if clip:
+        args += ["--set", "quantize_weights.clip_search=true"]
     if done_only and not scores.exists():
         return None
     started = time.perf_counter()
-    read_back = Path(f"{out}.report.json").exists() and scores.exists()
     if not Path(f"{out}.report.json").exists():
         cli(*args)
     seconds = time.perf_counter() - started
@@ -102,31 +118,31 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
         cli("eval-diffusion", str(model), str(out), "--samples", str(samples), "--json", str(scores))
     report = json.loads(Path(f"{out}.report.json").read_text())
     mixed = report.get("mixed_precision") or {}
-    return {"model": model.stem, "recipe": recipe, "wbits": wbits, "gptq": gptq, "w8_budget_percent": budget if wbits == 4 else None,
+    return {"model": model.stem, "recipe": recipe, "wbits": wbits, "gptq": gptq,
+            "clip_search": wbits == 4 and (clip or recipe_clip_search(recipe, wbits)), "w8_budget_percent": budget if wbits == 4 else None,
             "psnr_db": json.loads(scores.read_text())["psnr_db"], "file_bytes": out.stat().st_size,
             "weight_value_bytes": weight_value_bytes(model, report), "compile_seconds": round(seconds, 1) if seconds > 1 else report["compile_seconds"],
             "kept_at_8": mixed.get("kept_at_8", []), "w8_share": mixed.get("w8_share", 0.0),
-            "read_back": read_back, "measured_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime(scores.stat().st_mtime))}
+            "measured_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime(scores.stat().st_mtime))}
 
 
 def markdown(rows: list[dict], samples: int) -> str:
     command = "python benchmarks/bench_mixed_precision.py " + " ".join(sys.argv[1:])
     lines = [f"# W4A8 with a W8 byte budget (mixed_precision), {samples} images per model", "",
              (f"`{command}` (rows compiled by earlier runs of the script into the same `--work` are read back; "
-              "they say so, with the time they were measured, UTC)."), "",
+              "`measured`: when the row's images were scored, UTC)."), "",
              ("PSNR of the final images vs the float model (DDIM 25 steps, guidance 4, same seeds). Weight bytes: "
               "values at their bit widths (int4 two per byte), scales excluded; file: the output .onnx (ORT keeps W4 "
               "Conv values in int8 containers)."), "",
-             "| model | recipe | weights | PSNR dB | weight bytes | × W8 | file bytes | W8 layers (sensitivity) |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             "| model | recipe | weights | PSNR dB | weight bytes | × W8 | file bytes | measured | W8 layers (sensitivity) |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
     w8 = {r["model"]: r["weight_value_bytes"] for r in rows if r["wbits"] == 8}
     for r in rows:
         weights = weights_label(r)
         kept = ", ".join(f"{k['node']} ({k['sensitivity']:.2g})" for k in r["kept_at_8"]) or "–"
         ratio = f"{r['weight_value_bytes'] / w8[r['model']]:.2f}" if r["model"] in w8 else "–"
-        weights += f" (read back, {r['measured_at']})" if r.get("read_back") else ""
         lines.append(f"| {r['model']} | {r['recipe']} | {weights} | {r['psnr_db']:.2f} | {r['weight_value_bytes']:,} | "
-                     f"{ratio} | {r['file_bytes']:,} | {kept} |")
+                     f"{ratio} | {r['file_bytes']:,} | {r.get('measured_at', '–')} | {kept} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,8 +162,9 @@ def criteria(rows: list[dict]) -> list[str]:
             lines.append(f"- {model}: best W4A8 {best['recipe']} ({weights_label(best)}) {best['psnr_db']:.2f} dB at "
                          f"{best['weight_value_bytes'] / ref['weight_value_bytes']:.2f}x W8 bytes vs W8A8 dgq "
                          f"{ref['psnr_db']:.2f} dB: gap {gap:.2f} dB, {'within' if gap <= 3 else 'NOT within'} 3 dB")
-        for quantizer in dict.fromkeys((r["gptq"], r["w8_budget_percent"]) for r in mine if r["wbits"] == 4):
-            pair = {r["recipe"]: r for r in mine if r["wbits"] == 4 and (r["gptq"], r["w8_budget_percent"]) == quantizer}
+        key = lambda r: (r["gptq"], r.get("clip_search", False), r["w8_budget_percent"])
+        for quantizer in dict.fromkeys(key(r) for r in mine if r["wbits"] == 4):
+            pair = {r["recipe"]: r for r in mine if r["wbits"] == 4 and key(r) == quantizer}
             if "dmq" in pair and "minmax" in pair:
                 dmq, minmax = pair["dmq"]["psnr_db"], pair["minmax"]["psnr_db"]
                 lines.append(f"- {model}: dmq {dmq:.2f} vs minmax {minmax:.2f} dB ({weights_label(pair['dmq'])}): "
@@ -158,7 +175,8 @@ def criteria(rows: list[dict]) -> list[str]:
 def weights_label(r: dict) -> str:
     if r["wbits"] == 8:
         return "W8"
-    return f"W4{' GPTQ' if r.get('gptq') else ''}, W8 budget {r['w8_budget_percent']:g}%"
+    quantizer = "+".join(name for name, on in (("GPTQ", r.get("gptq")), ("clip", r.get("clip_search"))) if on)
+    return f"W4{' ' + quantizer if quantizer else ''}, W8 budget {r['w8_budget_percent']:g}%"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -197,10 +215,10 @@ def write(rows: list[dict], args) -> None:
 def grid(args) -> list[tuple[str, int, float, bool]]:
     if args.cells:
         return [parse_cell(cell) for cell in args.cells]
-    cells = [("dgq", 8, 0.0, False)]
+    cells = [("dgq", 8, 0.0, False, False)]
     for recipe in args.recipes:
         for gptq in (False, True) if args.gptq else (False,):
-            cells += [(recipe, 4, budget, gptq) for budget in args.budgets]
+            cells += [(recipe, 4, budget, gptq, False) for budget in args.budgets]
     return cells
 
 
@@ -212,9 +230,9 @@ def main(argv=None) -> int:
     # --cells: every model per cell before the next cell, so a cut-off run has both models' early cells
     order = [(c, m) for c in cells for m in args.models] if args.cells else [(c, m) for m in args.models for c in cells]
     rows = []
-    for (recipe, wbits, budget, gptq), model in order:
+    for (recipe, wbits, budget, gptq, clip), model in order:
         try:
-            row = run_row(model, recipe, wbits, budget, args.samples, args.work, gptq, args.done_only)
+            row = run_row(model, recipe, wbits, budget, args.samples, args.work, gptq, args.done_only, clip)
         except subprocess.CalledProcessError as error:  # one failing cell must not lose the others
             print(f"  {model.stem} {recipe} W{wbits}: failed ({error})", flush=True)
             continue
