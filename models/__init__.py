@@ -7,6 +7,10 @@ from pathlib import Path
 #: The README's default model: the text-to-image UNet trained here (``train_unet``), with its
 #: timestep-tagged calibration folder ``unet_mnist.calib/`` (``qcompile collect``, 16 prompts x 25 steps).
 BUNDLED_DEFAULT = Path(__file__).parent / "unet_mnist.onnx"
+#: A second zoo UNet kept for validation only (``train_unet --name unet_mnist_b --seed 1 --steps 1500``:
+#: widths 32/48/96, cross-attention only at the innermost level), with ``unet_mnist_b.calib/`` collected
+#: the same way; a recipe change should help on it too, not just on the model it was tuned on.
+HELDOUT_UNET = Path(__file__).parent / "unet_mnist_b.onnx"
 #: The small digits ViT (``train_digits_vit``): seconds to compile, held-out data for ``qcompile eval``.
 DIGITS_VIT = Path(__file__).parent / "digits_vit.onnx"
 

@@ -14,6 +14,8 @@ import qcompiler.models
 HERE = Path(qcompiler.models.__file__).parent
 CLASSIFIER, UNET = HERE / "mnist_classifier.onnx", HERE / "unet_mnist.onnx"
 needs_unet = pytest.mark.skipif(not UNET.exists(), reason="unet_mnist.onnx not exported yet (models/train_unet.py)")
+# Every zoo UNet: the default and the held-out variant (other widths and attention placement, seed 1).
+ZOO_UNETS = pytest.mark.parametrize("unet", [UNET, HERE / "unet_mnist_b.onnx"], ids=lambda path: path.stem)
 
 
 def _record(path: Path) -> dict:
@@ -45,25 +47,38 @@ def test_heldout_digits_are_the_mnist_split():
 
 
 @needs_unet
-def test_unet_record_describes_these_files():
-    record = _record(UNET)
-    assert hashlib.sha256(UNET.read_bytes()).hexdigest() == record["onnx_sha256"]
-    text_encoder = HERE / "unet_mnist.text_encoder.onnx"
+@ZOO_UNETS
+def test_unet_record_describes_these_files(unet):
+    record = _record(unet)
+    assert hashlib.sha256(unet.read_bytes()).hexdigest() == record["onnx_sha256"]
+    text_encoder = unet.with_suffix(".text_encoder.onnx")
     assert hashlib.sha256(text_encoder.read_bytes()).hexdigest() == record["text_encoder_sha256"]
 
 
 @needs_unet
-def test_unet_inputs_and_a_two_step_sample():
+@ZOO_UNETS
+def test_unet_inputs_and_a_two_step_sample(unet):
     from qcompiler.diffusion.sampler import OnnxDenoiser, config_for, sample
     from qcompiler.diffusion.text import TextEncoder, prompts_for
 
-    denoiser = OnnxDenoiser(UNET)
+    denoiser = OnnxDenoiser(unet)
     shapes = {i.name: i.shape for i in denoiser.session.get_inputs()}
     assert shapes["sample"][1:] == [1, 32, 32] and shapes["encoder_hidden_states"][1:] == [10, 64]
     assert denoiser.timestep_dtype == np.float32
-    text = TextEncoder.for_denoiser(UNET)
-    images = sample(denoiser, text(prompts_for(4, UNET)[0]), text.empty(), [0, 1, 2, 3], config_for(UNET, steps=2))
+    text = TextEncoder.for_denoiser(unet)
+    images = sample(denoiser, text(prompts_for(4, unet)[0]), text.empty(), [0, 1, 2, 3], config_for(unet, steps=2))
     assert images.shape == (4, 1, 32, 32) and np.isfinite(images).all()
+
+
+def test_heldout_unet_differs_from_the_default_and_has_its_calibration():
+    # The variant is only useful for validation if it is another architecture, trained apart.
+    default, heldout = _record(UNET)["unet_config"], _record(HERE / "unet_mnist_b.onnx")
+    assert heldout["seed"] != _record(UNET)["seed"]
+    assert heldout["unet_config"]["block_out_channels"] != default["block_out_channels"]
+    assert heldout["unet_config"]["down_block_types"] != default["down_block_types"]
+    first = np.load(HERE / "unet_mnist_b.calib" / "b000_s000.npz")
+    assert first["sample"].shape[1:] == (1, 32, 32) and first["encoder_hidden_states"].shape[1:] == (10, 64)
+    assert len(list((HERE / "unet_mnist_b.calib").glob("*.npz"))) == 25
 
 
 @needs_unet
