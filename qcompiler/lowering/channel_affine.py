@@ -174,8 +174,8 @@ def fold_affine(b: Builder, node: gs.Node, ratio: np.ndarray, shift: np.ndarray,
     a weight error is the same on every input, so on activations with a non-zero mean (GELU and
     SiLU outputs) it is a per-output offset that deeper layers and sampling steps accumulate; this
     takes out its mean over the calibration data (zero-mean inputs: no change)."""
-    source = _source_weight(node, rule) if mean is not None else None
-    rescale_weight(b, node, ratio, rule)
+    source = _source_weight(node, rule)  # read once: re-quantized here, compared below
+    rescale_weight(b, node, ratio, rule, source)
     ratio = np.asarray(ratio, np.float64)
     correction = None
     shift = np.asarray(shift, np.float64)
@@ -216,9 +216,11 @@ def _rescaled_grid(node: gs.Node, weight: np.ndarray, ratio: np.ndarray, rule: W
     return (scaled, *quantize_by_rule(scaled, spec, rule), spec)
 
 
-def rescale_weight(b: Builder, node: gs.Node, ratio: np.ndarray, rule: WeightRule) -> None:
+def rescale_weight(b: Builder, node: gs.Node, ratio: np.ndarray, rule: WeightRule,
+                   source: np.ndarray | None = None) -> None:
     """W' = diag(r)·W along the input axis, quantized by ``rule`` (per output channel, or int4 blocks)."""
-    _, q, scale, zero_point, spec = _rescaled_grid(node, _source_weight(node, rule), ratio, rule)
+    source = _source_weight(node, rule) if source is None else source
+    _, q, scale, zero_point, spec = _rescaled_grid(node, source, ratio, rule)
     if node.op == "MatMulNBits":
         node.inputs[1] = b.const("int4_packed", pack_matmul_nbits(q, spec.block_size))
         node.inputs[2] = b.const("int4_scale", scale.astype(np.float32).reshape(-1))
