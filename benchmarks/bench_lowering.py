@@ -93,15 +93,16 @@ def size_bytes(report: dict) -> int:
 def measure(row: Row, model: Path, calib: Path, work: Path, sampler: Sampler, quality: bool) -> dict:
     compiled = compile_row(row, model, calib, work)
     report = compiled["report"]
-    psnr = None
+    psnr, per_image = None, None
     if quality:
         images = sampler.images(compiled["path"])
-        psnr = float(np.mean(sampler.metrics.psnr_per_image(sampler.float_images, images)))
+        per_image = [float(v) for v in sampler.metrics.psnr_per_image(sampler.float_images, images)]
+        psnr = float(np.mean(per_image))
     return {**row.describe(), "deployed": compiled["path"], "compile_s": compiled["wall_s"],
             "peak_rss_mib": compiled["peak_rss_mib"], "size_bytes": size_bytes(report),
             "integer_gemms": report["integer_kernels"]["integer_gemms"], "quantized_gemms": report["quantized_gemms"],
             "float_gemms": report["integer_kernels"]["float_gemms"], "simulated": len(report.get("simulated", [])),
-            "lowering": report["lowering_counts"], "psnr_db": psnr}
+            "lowering": report["lowering_counts"], "psnr_db": psnr, "psnr_per_image": per_image}
 
 
 def denoiser_sqnr(results: list[dict], calib: Path, every: int = 3) -> None:
@@ -124,6 +125,17 @@ def denoiser_sqnr(results: list[dict], calib: Path, every: int = 3) -> None:
         row["denoiser_sqnr_db"] = sqnr_db(expected, np.concatenate([session.run(None, f)[0].ravel() for f in feeds]))
 
 
+def paired_standard_error(values, reference) -> float | None:
+    """Standard error of the mean per-image difference (same seeds and prompts in both lists).
+
+    The sampler's 25 chained steps make one image's PSNR swing by about a dB between two nearly
+    equal models, so a difference of means needs its spread beside it to be read."""
+    if not values or not reference or len(values) != len(reference) or len(values) < 2:
+        return None
+    diff = np.asarray(values) - np.asarray(reference)
+    return float(diff.std(ddof=1) / np.sqrt(diff.size))
+
+
 def relative_to_minmax(results: list[dict]) -> None:
     """× minmax (latency, size) at the same setting, and dgq's PSNR against its split reference."""
     by_key = {(r["setting"], r["recipe"], r.get("variant", "")): r for r in results}
@@ -135,6 +147,7 @@ def relative_to_minmax(results: list[dict]) -> None:
         split = by_key.get((row["setting"], "dgq", "split"))
         if row["recipe"] == "dgq" and not row.get("variant") and split and row.get("psnr_db") is not None:
             row["psnr_vs_split_db"] = row["psnr_db"] - split["psnr_db"]
+            row["psnr_vs_split_se_db"] = paired_standard_error(row.get("psnr_per_image"), split.get("psnr_per_image"))
         if row["recipe"] == "dgq" and not row.get("variant") and split and "denoiser_sqnr_db" in row:
             row["sqnr_vs_split_db"] = row["denoiser_sqnr_db"] - split["denoiser_sqnr_db"]
 

@@ -15,9 +15,17 @@ def _label(row: dict) -> str:
     return row["recipe"] + (f" ({row['variant']})" if row.get("variant") else "")
 
 
+def _delta(row: dict) -> str:
+    """PSNR Δ vs the split reference, with the paired standard error over images where known."""
+    cell = _cell(row, 'psnr_vs_split_db', '+.2f')
+    if row.get("psnr_vs_split_se_db") is not None:
+        cell += f" ± {row['psnr_vs_split_se_db']:.2f}"
+    return cell
+
+
 def table_row(row: dict) -> str:
     gemms = f"{row['integer_gemms']} / {row['quantized_gemms']}" if "integer_gemms" in row else "–"
-    return (f"| {row['setting']} | {_label(row)} | {_cell(row, 'psnr_db', '.2f')} | {_cell(row, 'psnr_vs_split_db', '+.2f')} "
+    return (f"| {row['setting']} | {_label(row)} | {_cell(row, 'psnr_db', '.2f')} | {_delta(row)} "
             f"| {_cell(row, 'denoiser_sqnr_db', '.2f')} | {_cell(row, 'sqnr_vs_split_db', '+.2f')} | {gemms} | {_cell(row, 'simulated', 'd')} | {_cell(row, 'latency_ms', '.1f')} "
             f"| {_cell(row, 'latency_vs_minmax', '.2f')} | {_cell(row, 'latency_vs_float', '.2f')} "
             f"| {row['size_bytes'] / 1e6:.2f} | {_cell(row, 'size_vs_minmax', '.3f')} | {_cell(row, 'compile_s', '.0f')} "
@@ -28,7 +36,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"# Lowering benchmark ({meta['date']})", "",
              f"`{meta['command']}` on {meta['machine']}. Calibration: every {meta['calib_stride']}th row of each "
              f"timestep file. PSNR: final images vs the float model's, {meta['samples']} prompts/seeds, DDIM 25 "
-             f"steps, guidance 4, every row sampled from its deployed model. Latency: median of {meta['runs']} "
+             f"steps, guidance 4, every row sampled from its deployed model; Δ vs split ± the standard error of "
+             "the mean per-image difference (same seeds). Latency: median of {meta['runs']} "
              "denoiser calls on the first calibration batch, 1 thread, all rows of a model interleaved; × minmax "
              "is against minmax at the same bits in the same run. `simulated`: quantized tensors the target "
              "runs as plain ONNX ops (log2 attention here). Denoiser SQNR: one call's output vs float, pooled over "
