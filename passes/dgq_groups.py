@@ -28,9 +28,12 @@ groups are fitted and widened toward the tensor range by each margin m:
 and scored on the held-out rows by Σ_c ‖Ŵ_c‖²·Σ(x_c − x̂_c)², clipping included (the error of the
 GEMM outputs, ‖Ŵ_c‖² summed over the tensor's readers), against the per-tensor grid. Each margin
 is scored with the groups' own zero points and with one shared zero point (``quant.shared_zero_point``:
-δ = 0 in the target's affine, so one Div at run time and a Conv's zero padding stays exact); the
-shared one is used unless free zero points beat it by ``min_gain_db``. The tensor keeps groups (with the best m, applied to the ranges of all the data) only if they
-beat per-tensor by ``min_gain_db`` (an affine costs elementwise ops at run time); otherwise it
+δ = 0 in the target's affine, so one Div at run time and a Conv's zero padding stays exact).
+Each elementwise op the target's lowering adds at run time (``ctx.affine_ops``: ORT needs none where
+a Norm absorbs the affine, a Div, an Add for free zero points, a Pad before a padded Conv) must buy
+``min_gain_db``: free zero points are used only if they beat the shared one by that much per extra
+op, and the tensor keeps groups (with the best m, applied to the ranges of all the data) only if
+they beat per-tensor by ``min_gain_db`` × their ops (any gain where they cost none); otherwise it
 gets no plan and ``insert_activation_qdq`` quantizes it per tensor. Pixel (token) plans are
 not validated, nor are plans with per-timestep ranges (their gain comes from t, which a static score
 does not see) or K = 1. With too little data to split, every tensor keeps its DGQ plan (noted).
@@ -250,14 +253,22 @@ class DgqGroups(Pass):
             labels = kmeans_labels(np.stack([low, high], axis=1), groups, self.config.seed)
             scores = score_grids(rows[name], low, high, labels, self.config.margins, spec, energy.get(name),
                                  self._weight_error(readers.get(name, [])))
-            chosen[name] = scores.choose(self.config.min_gain_db)
+            chosen[name] = scores.choose(self.config.min_gain_db, *self._run_time_ops(ctx, targets[name][0]))
             log.debug("%s: held-out gain %.2f dB, choice %s", name, scores.gain_db(), chosen[name])
         kept = [c for c in chosen.values() if c is not None]
         notes.append(f"held-out validation ({split.held_out_count} rows held out by {split.by}): {len(kept)} of "
                      f"{len(chosen)} channel-grouped tensors keep groups ({sum(c[1] for c in kept)} with one "
-                     f"shared zero point), each beating per-tensor by ≥ {self.config.min_gain_db} dB; the "
+                     f"shared zero point), each beating per-tensor by ≥ {self.config.min_gain_db} dB per "
+                     "elementwise op its lowering adds at run time (free where a Norm absorbs it); the "
                      "others are quantized per tensor")
         return chosen
+
+    @staticmethod
+    def _run_time_ops(ctx: CompileContext, tensor) -> tuple[int, int]:
+        """(ops with a shared zero point, ops with free ones) the target adds to run this tensor's groups."""
+        if ctx.affine_ops is None:
+            return 1, 2
+        return ctx.affine_ops(tensor, True), ctx.affine_ops(tensor, False)
 
     @staticmethod
     def _channel_energy(ctx: CompileContext, targets: dict) -> dict[str, np.ndarray]:

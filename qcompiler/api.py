@@ -7,6 +7,7 @@ transform/quantize (the recipe's passes) → save atomically → ask ORT which k
 from __future__ import annotations
 
 import json
+from functools import partial
 import sys
 import tempfile
 import time
@@ -105,6 +106,7 @@ def quantize(model, recipe: str | Recipe = "minmax", calibration=None, output: s
     batches = _calibration(calibration, float_model, options.calib_limit)
     ctx = CompileContext(float_model, settings, batches, source=source, graph=graph)
     ctx.threads = options.threads
+    ctx.affine_ops = partial(target.affine_ops, ctx)
     dump_prefix = str(Path(output).with_suffix("")) if output else str(Path(source).with_suffix(""))
     # Passes that measure the deployed model (ptqd) run on the lowered graph.
     passes = recipe.build_passes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -85,6 +86,11 @@ class CompileContext:
         self.weight_bits: dict[str, int] = {}
         #: What ``mixed_precision`` measured and kept (for the report); None when it did not run.
         self.mixed_precision: dict | None = None
+        #: What the target's lowering of a DGQ channel affine costs at run time, for grid choices:
+        #: ``affine_ops(tensor, shared_zero_point)`` -> elementwise ops it adds for that tensor (0 where
+        #: a producer absorbs the affine). Set by the compile from its target; None: passes assume
+        #: 1 op with a shared zero point, 2 without.
+        self.affine_ops: Callable[[gs.Tensor, bool], int] | None = None
         #: Extra ``metadata_props`` entries a pass writes into the output model (e.g. ``qcompile.ptqd``).
         self.metadata: dict[str, str] = {}
         self._stats_cache: dict[tuple[str, int | None], Any] = {}

@@ -422,22 +422,31 @@ def fold(ctx: CompileContext, group: ScaleGroup, scale: np.ndarray, shift: np.nd
     return result
 
 
-def absorb_into_norm(ctx: CompileContext, tensor: gs.Tensor, readers: list[gs.Node], scale: np.ndarray,
-                     shift: np.ndarray, pass_name: str) -> str | None:
-    """Make the Norm that writes ``tensor`` write (X − shift)/scale along the last axis, if it can.
+def norm_absorber(ctx: CompileContext, tensor: gs.Tensor, readers: list[gs.Node], channels: int):
+    """The Norm that can write (X − shift)/scale along the last axis for ``readers``, or None.
 
     Only when ``readers`` are all of the tensor's value readers (nothing else may see the change) and
-    the Norm's affine runs along the last axis with one value per channel. Returns what absorbed it,
-    or None (the caller then scales explicitly). Exact in real arithmetic (constants in float64)."""
+    the Norm's affine runs along the last axis with ``channels`` values. Changes nothing."""
     if tensor in ctx.graph.outputs or {id(n) for n in _value_readers(tensor)} != {id(n) for n in readers}:
         return None
     norm = _norm_writing(tensor)
     if not norm or (norm.beta is not None and constant_value(norm.beta) is None):
         return None
     gamma = constant_value(norm.gamma)
-    if norm.kind == "GroupNormalization" or gamma.size != scale.size or _affine_axis(gamma.shape, scale.size) != -1:
+    if norm.kind == "GroupNormalization" or gamma.size != channels or _affine_axis(gamma.shape, channels) != -1:
         return None
     if norm.beta is None and norm.kind != "LayerNormalization":
+        return None
+    return norm
+
+
+def absorb_into_norm(ctx: CompileContext, tensor: gs.Tensor, readers: list[gs.Node], scale: np.ndarray,
+                     shift: np.ndarray, pass_name: str) -> str | None:
+    """Make the Norm that writes ``tensor`` write (X − shift)/scale along the last axis, if it can
+    (``norm_absorber``). Returns what absorbed it, or None (the caller then scales explicitly).
+    Exact in real arithmetic (constants in float64)."""
+    norm = norm_absorber(ctx, tensor, readers, np.asarray(scale).size)
+    if norm is None:
         return None
     _absorb(ctx, Absorber(norm.kind, norm), np.asarray(scale, np.float64), np.asarray(shift, np.float64), pass_name)
     ctx.rescaled_tensors.add(tensor.name)

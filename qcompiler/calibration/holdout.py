@@ -91,16 +91,19 @@ class GridScores:
     free: tuple[float, ...]
     shared: tuple[float, ...]
 
-    def choose(self, min_gain_db: float) -> tuple[float, bool] | None:
+    def choose(self, min_gain_db: float, shared_ops: int = 1, free_ops: int = 2) -> tuple[float, bool] | None:
         """(margin, shared zero point) of the groups to keep, or None where per-tensor wins.
 
-        Groups must beat per-tensor by ``min_gain_db``; free zero points must beat a shared one by as
-        much, since they cost an extra Add (and a Pad before a padded Conv) at run time."""
+        Each elementwise op the lowering adds at run time (``shared_ops`` with one shared zero point,
+        ``free_ops`` with the groups' own) must buy ``min_gain_db`` of held-out gain: groups beat
+        per-tensor by ``min_gain_db`` × their ops, free zero points beat a shared one by as much per
+        extra op. Groups a producer absorbs for free (0 ops) need only a positive gain."""
         free, shared = int(np.argmin(self.free)), int(np.argmin(self.shared))
         best_shared, best_free = self.shared[shared], self.free[free]
-        use_free = _gain_db(best_shared, best_free) >= min_gain_db
-        best = best_free if use_free else best_shared
-        if _gain_db(self.tensor_error, best) < min_gain_db:
+        use_free = _gain_db(best_shared, best_free) >= min_gain_db * max(free_ops - shared_ops, 0)
+        best, ops = (best_free, free_ops) if use_free else (best_shared, shared_ops)
+        gain = _gain_db(self.tensor_error, best)
+        if gain < min_gain_db * ops or gain <= 0.0:
             return None
         return (self.margins[free], False) if use_free else (self.margins[shared], True)
 

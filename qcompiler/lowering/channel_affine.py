@@ -271,20 +271,38 @@ def add_output_bias(b: Builder, node: gs.Node, correction: np.ndarray) -> None:
         if len(node.inputs) == 2:
             node.inputs.append(b.const("bias", correction.astype(np.float32)))
             return
-    output = node.outputs[0]
-    readers = output.outputs
-    if len(readers) == 1 and readers[0].op == "Add" and output not in b.ctx.graph.outputs:
-        add = readers[0]
-        other = 1 if add.inputs[0] is output else 0
+    found = _bias_add(b.ctx.graph, node, correction.size)
+    if found is not None:
+        add, other = found
         bias = constant_value(add.inputs[other])
-        if bias is not None and bias.shape[-1:] == correction.shape and bias.size == correction.size:
-            add.inputs[other] = b.const("bias", (bias.astype(np.float64) + correction.reshape(bias.shape))
-                                        .astype(np.float32))
-            return
+        add.inputs[other] = b.const("bias", (bias.astype(np.float64) + correction.reshape(bias.shape)).astype(np.float32))
+        return
+    output = node.outputs[0]
     inner = gs.Variable(b.ctx.names.make(output.name, b.pass_name, "unbiased"), dtype=np.float32)
     node.outputs[node.outputs.index(output)] = inner
     shape = (-1, 1, 1) if node.op == "Conv" else (-1,)
     b.op("Add", [inner, correction.astype(np.float32).reshape(shape)], np.float32, outputs=[output])
+
+
+def takes_output_bias(graph: gs.Graph, node: gs.Node, channels: int) -> bool:
+    """Whether ``add_output_bias`` changes a constant the GEMM already has (no op added at run time)."""
+    if node.op == "Conv" or (node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) == 1.0):
+        return len(node.inputs) == 2 or constant_value(node.inputs[2]) is not None
+    return _bias_add(graph, node, channels) is not None
+
+
+def _bias_add(graph: gs.Graph, node: gs.Node, channels: int) -> tuple[gs.Node, int] | None:
+    """(the Add after ``node`` that holds its constant bias of ``channels`` values, that input's index)."""
+    output = node.outputs[0]
+    readers = output.outputs
+    if len(readers) != 1 or readers[0].op != "Add" or output in graph.outputs:
+        return None
+    add = readers[0]
+    other = 1 if add.inputs[0] is output else 0
+    bias = constant_value(add.inputs[other])
+    if bias is None or bias.shape[-1:] != (channels,) or bias.size != channels:
+        return None
+    return add, other
 
 
 def scale_rows(b: Builder, node: gs.Node, affine: GroupAffine, tokens: int) -> None:

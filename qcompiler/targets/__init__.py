@@ -35,6 +35,13 @@ class Target:
         """Raise QCompileError naming the pass of ``recipe`` whose own lowering this target cannot run
         (checked before any work); the default accepts every recipe."""
 
+    def affine_ops(self, ctx: CompileContext, tensor, shared_zero_point: bool) -> int:
+        """Elementwise ops this target adds at run time to run DGQ channel groups of ``tensor`` as one
+        per-tensor grid (0 where a producer absorbs the affine). Passes read it as ``ctx.affine_ops``
+        to make each op pay for itself in held-out error; the default assumes a scale, plus a shift
+        without a shared zero point."""
+        return 1 if shared_zero_point else 2
+
     def lower(self, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -35,7 +35,7 @@ from qcompiler.lowering.matmul_bias import keep_matmul_bias_apart
 from qcompiler.lowering.qdq import insert_tensor_qdq, quantize_gemm_bias
 from qcompiler.pass_manager import PassResult
 from qcompiler.targets import Target
-from qcompiler.targets.ort_groups import CHANNEL_GROUP_MODES, lower_group_plans
+from qcompiler.targets.ort_groups import CHANNEL_GROUP_MODES, affine_run_time_ops, lower_group_plans
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ class OrtTarget(Target):
 
     name = "ort"
     Config = OrtTargetConfig
+
+    def affine_ops(self, ctx: CompileContext, tensor, shared_zero_point: bool) -> int:
+        # Every channel-group mode is judged by the affine lowering's cost: "split" is its reference
+        # and must see the same plans.
+        return affine_run_time_ops(ctx, tensor, shared_zero_point, self.config.bias_correction)
 
     def lower(self, ctx: CompileContext) -> PassResult:
         notes = []

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext, QuantRecord
 from qcompiler.errors import PassError
-from qcompiler.folding import absorb_into_norm
+from qcompiler.folding import absorb_into_norm, norm_absorber
 from qcompiler.grids import GroupPlan, WeightRule, quantized_gemms
 from qcompiler.lowering import channel_affine as affine_ops
 from qcompiler.lowering.channel_groups import (
@@ -47,6 +47,45 @@ SPLIT = "K-split integer GEMMs"
 FOLD = "fold into W"
 SIMULATED = "simulated"
 CHANNEL_GROUP_MODES = ("affine", "split", "fold", "simulate")
+
+
+def affine_run_time_ops(ctx: CompileContext, x: gs.Tensor, shared_zero_point: bool, bias_correction: bool) -> int:
+    """Elementwise ops the affine lowering adds at run time for channel groups of ``x``.
+
+    Mirrors ``GroupLowering._affine_codes`` and ``fold_affine``: the codes cost nothing where a Norm
+    producer takes (x − δ)/r for MatMul/Gemm readers, else a Div, plus an Add for free zero points,
+    plus a Pad before a padded Conv (free zero points: δ ≠ 0 moves the padding out of the Conv);
+    each reader with no bias to fold into gets a bias Add when δ ≠ 0 or the bias is corrected."""
+    readers = [n for n in x.outputs if n.op not in ("Shape", "Size")]
+    convs = [n for n in readers if n.op == "Conv"]
+    absorbable = (not convs and readers and all(affine_reason(n) is None for n in readers) and x.shape
+                  and isinstance(x.shape[-1], int) and norm_absorber(ctx, x, readers, x.shape[-1]) is not None)
+    if absorbable:
+        codes = 0
+    elif shared_zero_point:
+        codes = 1
+    else:
+        codes = 2 + int(any(affine_ops.conv_padding(n) for n in convs))
+    if shared_zero_point and not bias_correction:
+        return codes
+    return codes + sum(not affine_ops.takes_output_bias(ctx.graph, n, _output_channels(n)) for n in readers)
+
+
+def _output_channels(node: gs.Node) -> int:
+    """N of a GEMM whose weight is a constant or a DequantizeLinear of one (0 where unknown)."""
+    if node.op == "MatMulNBits":
+        return int(node.attrs["N"])
+    weight = node.inputs[1]
+    if weight.inputs and weight.inputs[0].op == "DequantizeLinear":
+        weight = weight.inputs[0].inputs[0]
+    shape = getattr(weight, "shape", None)
+    if not shape:
+        return 0
+    if node.op == "Conv":
+        return int(shape[0])
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return int(shape[0])
+    return int(shape[-1])
 
 
 def lower_group_plans(ctx: CompileContext, mode: str, target: str, bias_correction: bool = False) -> str:
