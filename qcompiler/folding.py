@@ -412,14 +412,54 @@ def fold(ctx: CompileContext, group: ScaleGroup, scale: np.ndarray, shift: np.nd
     if not absorber:  # fold into the consumers exactly the float32 z and 1/s the explicit nodes will apply
         scale = 1.0 / np.float32(1.0 / scale).astype(np.float64)
         shift = shift.astype(np.float32).astype(np.float64) if shift is not None else None
+    before = _node_inputs(ctx.graph)
     for unit in group.consumers:
         _fold_into_consumer(ctx, unit, scale, shift, pass_name)
     if absorber:
         _absorb(ctx, absorber, scale, shift, pass_name)
     result = absorber.describe() if absorber else _insert_explicit(ctx, group, scale, shift, pass_name,
                                                                    absorber.reason)
-    ctx.invalidate_statistics()
+    _keep_statistics(ctx, group.tensor, group.consumers[0].node.inputs[0], [u.node for u in group.consumers],
+                     group.channel_axis, scale, shift, before)
     return result
+
+
+def _node_inputs(graph: gs.Graph) -> dict[int, tuple]:
+    """Per node (by id): what it reads (tensor and constant value identities) and its attributes, to
+    see afterwards which nodes a fold rewrote (``_changed_tensors``)."""
+    return {id(node): _node_inputs_of(node) for node in graph.nodes}
+
+
+def _changed_tensors(graph: gs.Graph, before: dict[int, tuple], equivalent: set[str]) -> set[str]:
+    """Names of the tensors whose values a fold changed: everything downstream of a rewritten or new
+    node, up to the tensors the fold leaves equivalent (its GEMMs' outputs) and shape-only readers."""
+    rewritten = [node for node in graph.nodes if before.get(id(node)) != _node_inputs_of(node)]
+    changed: set[str] = set()
+    stack = [t for node in rewritten for t in node.outputs]
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in changed or tensor.name in equivalent:
+            continue
+        changed.add(tensor.name)
+        stack.extend(t for reader in tensor.outputs if reader.op not in _SHAPE_ONLY for t in reader.outputs)
+    return changed
+
+
+def _node_inputs_of(node: gs.Node) -> tuple:
+    return (tuple((id(t), id(getattr(t, "_values", None))) for t in node.inputs),
+            tuple(id(t) for t in node.outputs), tuple((k, id(v)) for k, v in node.attrs.items()))
+
+
+def _keep_statistics(ctx: CompileContext, source: gs.Tensor, target: gs.Tensor, consumers: list[gs.Node],
+                     axis: int, scale: np.ndarray, shift: np.ndarray | None, before: dict[int, tuple]) -> None:
+    """After a fold: ``target`` (X itself where a producer absorbed the fold, else the explicit Mul's
+    output) holds (X − z)/s; the outputs of ``consumers`` that are GEMMs (their weights took s and z)
+    are equivalent; everything else downstream of a rewritten node changed."""
+    units = [match_linear(node) or match_conv(node) for node in consumers]
+    equivalent = {unit.output.name for unit in units if unit}
+    changed = _changed_tensors(ctx.graph, before, equivalent)
+    rank = len(source.shape) if source.shape is not None else None
+    ctx.fold_statistics(changed, source.name, target.name, axis, rank, scale, shift)
 
 
 def absorb_into_norm(ctx: CompileContext, tensor: gs.Tensor, readers: list[gs.Node], scale: np.ndarray,
@@ -439,7 +479,9 @@ def absorb_into_norm(ctx: CompileContext, tensor: gs.Tensor, readers: list[gs.No
         return None
     if norm.beta is None and norm.kind != "LayerNormalization":
         return None
-    _absorb(ctx, Absorber(norm.kind, norm), np.asarray(scale, np.float64), np.asarray(shift, np.float64), pass_name)
+    before = _node_inputs(ctx.graph)
+    scale, shift = np.asarray(scale, np.float64), np.asarray(shift, np.float64)
+    _absorb(ctx, Absorber(norm.kind, norm), scale, shift, pass_name)
     ctx.rescaled_tensors.add(tensor.name)
-    ctx.invalidate_statistics()
+    _keep_statistics(ctx, tensor, tensor, readers, -1, scale, shift, before)
     return Absorber(norm.kind, norm).describe()
