@@ -446,8 +446,11 @@ def _changed_tensors(graph: gs.Graph, before: dict[int, tuple], equivalent: set[
 
 
 def _node_inputs_of(node: gs.Node) -> tuple:
-    return (tuple((id(t), id(getattr(t, "_values", None))) for t in node.inputs),
-            tuple(id(t) for t in node.outputs), tuple((k, id(v)) for k, v in node.attrs.items()))
+    # One flat tuple of identities (runs for every node, twice per fold): inputs, constant values,
+    # a separator, outputs, attribute values.
+    inputs = node.inputs
+    return (*map(id, inputs), *[id(t._values) for t in inputs if isinstance(t, gs.Constant)], None,
+            *map(id, node.outputs), *node.attrs.keys(), *map(id, node.attrs.values()))
 
 
 def _keep_statistics(ctx: CompileContext, source: gs.Tensor, target: gs.Tensor, consumers: list[gs.Node],
