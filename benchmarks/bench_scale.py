@@ -66,8 +66,8 @@ class LoadSampler:
         self.samples.append(os.getloadavg()[0])
 
     def summary(self) -> dict:
-        return {"start": self.samples[0], "end": self.samples[-1], "max": max(self.samples),
-                "mean": round(sum(self.samples) / len(self.samples), 2)}
+        return {"start": round(self.samples[0], 2), "end": round(self.samples[-1], 2),
+                "max": round(max(self.samples), 2), "mean": round(sum(self.samples) / len(self.samples), 2)}
 
 
 def _timed(command: list[str], log: Path) -> dict:
