@@ -420,7 +420,8 @@ def fold(ctx: CompileContext, group: ScaleGroup, scale: np.ndarray, shift: np.nd
     result = absorber.describe() if absorber else _insert_explicit(ctx, group, scale, shift, pass_name,
                                                                    absorber.reason)
     _keep_statistics(ctx, group.tensor, group.consumers[0].node.inputs[0], [u.node for u in group.consumers],
-                     group.channel_axis, scale, shift, before)
+                     group.channel_axis, scale, shift, before,
+                     absorber.unit if absorber and isinstance(absorber.unit, Modulation) else None)
     return result
 
 
@@ -430,19 +431,38 @@ def _node_inputs(graph: gs.Graph) -> dict[int, tuple]:
     return {id(node): _node_inputs_of(node) for node in graph.nodes}
 
 
-def _changed_tensors(graph: gs.Graph, before: dict[int, tuple], equivalent: set[str]) -> set[str]:
+def _changed_tensors(graph: gs.Graph, before: dict[int, tuple], equivalent: list[gs.Tensor],
+                     ends: list[gs.Tensor] | None = None) -> set[str]:
     """Names of the tensors whose values a fold changed: everything downstream of a rewritten or new
-    node, up to the tensors the fold leaves equivalent (its GEMMs' outputs) and shape-only readers."""
+    node, up to the tensors the fold leaves equivalent (its GEMMs' outputs) and shape-only readers.
+
+    ``ends`` (an equivalence fold: X' and its GEMMs' outputs): only tensors on a path from a rewritten
+    node to one of them. A fold changes values only on the way from the producer to X (the readers
+    a producer shares are checked by ``find_absorber``; a modulation's other chunks, e.g. its gates,
+    keep factor 1), so a branch off that path (PixArt's gate chunk, feeding the rest of the network)
+    keeps its values."""
     rewritten = [node for node in graph.nodes if before.get(id(node)) != _node_inputs_of(node)]
+    stop = {tensor.name for tensor in equivalent}
     changed: set[str] = set()
     stack = [t for node in rewritten for t in node.outputs]
     while stack:
         tensor = stack.pop()
-        if tensor.name in changed or tensor.name in equivalent:
+        if tensor.name in changed or tensor.name in stop:
             continue
         changed.add(tensor.name)
         stack.extend(t for reader in tensor.outputs if reader.op not in _SHAPE_ONLY for t in reader.outputs)
-    return changed
+    if ends is None:
+        return changed
+    on_path: set[str] = set()
+    stack = list(ends)
+    while stack:  # the ancestors of the ends (only those that changed matter)
+        tensor = stack.pop()
+        if tensor.name in on_path:
+            continue
+        on_path.add(tensor.name)
+        if tensor.inputs:
+            stack.extend(t for t in tensor.inputs[0].inputs if t.name in changed or t.name in stop)
+    return changed & on_path
 
 
 def _node_inputs_of(node: gs.Node) -> tuple:
@@ -454,13 +474,23 @@ def _node_inputs_of(node: gs.Node) -> tuple:
 
 
 def _keep_statistics(ctx: CompileContext, source: gs.Tensor, target: gs.Tensor, consumers: list[gs.Node],
-                     axis: int, scale: np.ndarray, shift: np.ndarray | None, before: dict[int, tuple]) -> None:
+                     axis: int, scale: np.ndarray, shift: np.ndarray | None, before: dict[int, tuple],
+                     modulation: Modulation | None = None) -> None:
     """After a fold: ``target`` (X itself where a producer absorbed the fold, else the explicit Mul's
     output) holds (X − z)/s; the outputs of ``consumers`` that are GEMMs (their weights took s and z)
     are equivalent; everything else downstream of a rewritten node changed."""
     units = [match_linear(node) or match_conv(node) for node in consumers]
-    equivalent = {unit.output.name for unit in units if unit}
-    changed = _changed_tensors(ctx.graph, before, equivalent)
+    equivalent = [unit.output for unit in units if unit]
+    # An equivalence fold (every reader a GEMM that took s and z): only the path to X' and into the
+    # GEMMs changed. Otherwise (a lowering's Q readers) everything downstream did.
+    exact = len(equivalent) == len(consumers)
+    changed = _changed_tensors(ctx.graph, before, equivalent, [target, *equivalent] if exact else None)
+    if exact and modulation is not None:
+        # A modulation's table feeds its other chunks too (the gates, and through them the rest of
+        # the network) with unchanged values: what changed is what its rescale walked through, X',
+        # and the GEMMs' own outputs before their biases.
+        inside = {node.outputs[0].name for node in consumers} - {t.name for t in equivalent}
+        changed &= modulation.changed | inside | {target.name}
     rank = len(source.shape) if source.shape is not None else None
     ctx.fold_statistics(changed, source.name, target.name, axis, rank, scale, shift)
 

@@ -89,3 +89,30 @@ def test_fold_drops_what_it_changes_and_keeps_what_it_does_not():
     assert all(ctx._stats_cache[key] is value for key, value in kept.items())  # equivalent: kept as they were
     assert ("merged", -1) in ctx._derived
     _cached_against_recaptured(ctx)
+
+
+def test_pixart_folds_keep_the_network_cached(tmp_path):
+    """PixArt's AdaLN: a fold rewrites a block's scale/shift chunks, not its gate chunks, which feed the
+    rest of the network; the statistics cached downstream stay (and equal a recapture), so activation
+    quantization after OS+ needs no second calibration pass."""
+    from qcompiler.calibration.readers import CalibrationBatch
+    from tests.dit_graphs import pixart_model
+
+    model = pixart_model(tmp_path)
+    rng = np.random.default_rng(0)
+    batches = [CalibrationBatch({"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+                                 "timestep": np.array([10.0, 500.0], np.float32),
+                                 "encoder_hidden_states": rng.standard_normal((2, 6, 24)).astype(np.float32)},
+                                {}, f"b{i}") for i in range(2)]
+    from qcompiler.context import CompileContext, QuantSettings
+
+    ctx = CompileContext(model, QuantSettings(), batches)
+    ShiftScale(ShiftScale.Config(progress=False)).call(ctx)
+    _cached_against_recaptured(ctx)
+    collected = []
+    ctx._collect = lambda *args, **kwargs: collected.append(args) or {}
+    from qcompiler.passes import InsertActivationQDQ, QuantizeWeights
+
+    QuantizeWeights().call(ctx)
+    InsertActivationQDQ().call(ctx)
+    assert not collected  # every GEMM input and Conv output was served from the cache
