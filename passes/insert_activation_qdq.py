@@ -72,7 +72,7 @@ class InsertActivationQDQ(Pass):
         axes = {name: (1 if any(c.op == "Conv" for c in consumers) else None)
                 for name, (_, consumers) in inputs.items()}
         axes.update({name: 1 for name in outputs})
-        stats = ctx.statistics(axes)
+        stats = ctx.statistics(axes, per_index=False)  # ranges only: derived ones serve across folds
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
         for name, (tensor, consumers) in inputs.items():
             self._insert(ctx, tensor, consumers, stats[name], spec)

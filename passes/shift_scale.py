@@ -13,6 +13,8 @@ the attention output; this pass scores each consumer's own output (no attention 
 Grid: ``grid`` candidates spaced geometrically (outlier ratios span orders of magnitude) from
 r_max = max_j r_j (s = 1: a pure shift) down to 1, as in the paper; when r_max ≤ 1 the floor is
 r_max·``min_fraction`` instead, so the search can still flatten channels of small tensors.
+Where a group has ≥ 4·128 sample rows, every point is first scored on every 4th row and only the 3
+best are scored on all of them (``screen``, ``finalists``; ``scale_search.screened_argmin``).
 
 Two choices beyond the paper, both scored by the same error:
 - ``try_unshifted``: the search also runs with z = 0 (then r_j = max|X_j|) and keeps the better.
@@ -39,7 +41,7 @@ from tqdm import tqdm
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
 from qcompiler.pass_manager import Pass, PassResult
-from qcompiler.scale_search import OutputError, statistics_and_samples
+from qcompiler.scale_search import OutputError, screened_argmin, statistics_and_samples
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,18 @@ class ShiftScaleConfig:
     rows: int = 1024
     #: Output channels of each consumer scored by the search (a seeded uniform draw where N is larger).
     columns: int = 512
+    #: Screening: every grid point is scored on every ``screen``-th row, and the ``finalists`` best on
+    #: all rows (``scale_search.screened_argmin``); screen = 1 scores every point on all rows.
+    screen: int = 4
+    finalists: int = 3
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
-        if self.grid < 2 or self.batches < 1 or self.rows < 1 or self.columns < 1 or not 0 < self.min_fraction < 1:
-            raise ValueError(f"ShiftScaleConfig: grid ≥ 2, batches ≥ 1, rows ≥ 1, columns ≥ 1 and 0 < min_fraction < 1 "
-                             f"are required, got {self}")
+        if self.grid < 2 or self.batches < 1 or self.rows < 1 or self.columns < 1 or not 0 < self.min_fraction < 1 \
+                or self.screen < 1 or self.finalists < 1:
+            raise ValueError(f"ShiftScaleConfig: grid ≥ 2, batches ≥ 1, rows ≥ 1, columns ≥ 1, screen ≥ 1, "
+                             f"finalists ≥ 1 and 0 < min_fraction < 1 are required, got {self}")
 
 
 def search_threshold(stats, probe: OutputError, shift: np.ndarray, config: ShiftScaleConfig
@@ -79,9 +86,9 @@ def search_threshold(stats, probe: OutputError, shift: np.ndarray, config: Shift
         return np.ones_like(shift), 0.0, probe(np.ones_like(shift))
     floor = 1.0 if top > 1.0 else top * config.min_fraction
     candidates = np.geomspace(top, floor, config.grid) if top > floor else np.array([top])
-    errors = [probe(np.maximum(1.0, half_range / t)) for t in candidates]
-    best = int(np.argmin(errors))
-    return np.maximum(1.0, half_range / candidates[best]), float(candidates[best]), errors[best]
+    scales = [np.maximum(1.0, half_range / t) for t in candidates]
+    best, error = screened_argmin(probe, scales, config.screen, config.finalists)
+    return scales[best], float(candidates[best]), error
 
 
 def os_plus_parameters(samples: np.ndarray, group: ScaleGroup, stats, settings: QuantSettings,

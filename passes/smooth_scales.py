@@ -88,7 +88,7 @@ class SmoothScales(Pass):
                                                     self.config.seed, self.config.progress)
         else:
             stats, samples = ctx.statistics({g.name: g.channel_axis for g in groups},
-                                            progress=self.config.progress), {}
+                                            progress=self.config.progress, per_index=False), {}
         kinds: dict[str, int] = {}
         alphas = []
         # Downstream groups first, so max|W_j| is read from weights whose output channels already

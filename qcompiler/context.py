@@ -56,6 +56,11 @@ class QuantRecord:
                 "lowering": self.lowering, "pass": self.pass_name, **self.details}
 
 
+def _key(name: str, axis: int | None) -> tuple[str, int]:
+    """Cache key of a tensor's statistics along a channel axis: None (the last axis) is -1."""
+    return name, -1 if axis is None else axis
+
+
 class CompileContext:
     """Everything a pass may read or change. Passes mutate ``graph`` and append ``records``."""
 
@@ -93,7 +98,10 @@ class CompileContext:
         self.affine_ops: Callable[[gs.Tensor, bool], int] | None = None
         #: Extra ``metadata_props`` entries a pass writes into the output model (e.g. ``qcompile.ptqd``).
         self.metadata: dict[str, str] = {}
-        self._stats_cache: dict[tuple[str, int | None], Any] = {}
+        #: Statistics by ``_key(tensor, channel axis)``.
+        self._stats_cache: dict[tuple[str, int], Any] = {}
+        #: Cache keys whose ranges were derived across a fold (``fold_statistics``): no per-position ranges.
+        self._derived: set[tuple[str, int]] = set()
         self._names: NameScope | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None
         #: ORT intra-op threads of calibration sessions (None: ORT's default). Outputs do not depend
@@ -119,44 +127,72 @@ class CompileContext:
         return to_skeleton(self.graph, self.template)
 
     def invalidate_statistics(self) -> None:
-        """Called when a pass changes values (folds scales): cached statistics no longer hold."""
+        """Called when a pass changes values in a way ``fold_statistics`` cannot follow: cached
+        statistics no longer hold."""
         self._stats_cache.clear()
+        self._derived.clear()
+        self._names = None
+
+    def fold_statistics(self, changed: set[str], source: str, target: str, axis: int, rank: int | None,
+                        scale: np.ndarray, shift: np.ndarray | None) -> None:
+        """Keep the cache valid across an equivalence fold that makes ``target`` hold (X − z)/s of
+        ``source``'s X along channel ``axis`` (negative; ``rank`` when known) and changes the
+        values of ``changed`` tensors (everything else computes what it did: the fold is exact).
+
+        Cached ranges of X along that axis give the ranges of X' directly (``TensorStats.folded``);
+        the other changed tensors are dropped and recaptured if a pass asks for them again."""
+        entries = [(key, self._stats_cache[key]) for key in self._stats_cache if key[0] == source]
+        for key in [key for key in self._stats_cache if key[0] in changed or key[0] == target]:
+            del self._stats_cache[key]
+            self._derived.discard(key)
+        for (_, key_axis), stats in entries:
+            same_axis = key_axis == axis or (rank is not None and key_axis % rank == axis % rank)
+            if same_axis and stats.channel_min.size == np.size(scale):
+                self._stats_cache[(target, key_axis)] = stats.folded(target, shift, scale)
+                self._derived.add((target, key_axis))
         self._names = None
 
     def statistics(self, tensors: Mapping[str, int | None], progress: bool = True, batches=None,
-                   rows=None) -> dict:
+                   rows=None, per_index: bool = True) -> dict:
         """Calibration statistics of ``tensors`` (name -> channel axis) on the current graph, cached.
 
         ``batches``: a subset of the calibration data (e.g. the fit rows of a hold-out split)
         instead of all of it; those statistics are computed fresh and not cached. ``rows``: a
         ``row_samples.RowSampler`` (in-process only) that draws its rows in the same forward
-        passes when the statistics need one; ``rows.done`` says whether it ran."""
+        passes when the statistics need one; ``rows.done`` says whether it ran. ``per_index``:
+        the caller reads per-position ranges, which ranges derived across a fold lack (they are
+        then recaptured); False where channel and tensor ranges are all it reads."""
         if batches is not None:
             return self._collect(dict(tensors), batches, progress)
-        wanted = {name: axis for name, axis in tensors.items() if (name, axis) not in self._stats_cache}
+        wanted = {name: axis for name, axis in tensors.items() if _key(name, axis) not in self._stats_cache
+                  or (per_index and _key(name, axis) in self._derived)}
         if wanted:
             wanted = {**self._quantization_points(), **wanted}
             fresh = self._collect(wanted, self.calibration, progress, rows)
             for name, axis in wanted.items():
-                self._stats_cache[(name, axis)] = fresh[name]
-        return {name: self._stats_cache[(name, axis)] for name, axis in tensors.items()}
+                self._stats_cache[_key(name, axis)] = fresh[name]
+                self._derived.discard(_key(name, axis))
+        return {name: self._stats_cache[_key(name, axis)] for name, axis in tensors.items()}
 
     def _quantization_points(self) -> dict[str, int | None]:
         """Every integer-weight GEMM's input (channel axis 1 for Conv, else the last) and every such
-        Conv's output (axis 1) not cached yet: what activation quantization asks for later. A
-        calibration pass costs about the same with them (the reductions are small next to the
-        forward pass), so the statistics a later pass needs are already cached unless a fold
-        changes the values in between."""
+        Conv's output (axis 1) not cached yet: what activation quantization asks for later. Before
+        the weights are quantized, the same for every Linear and Conv with a constant weight (the
+        ones ``quantize_weights`` will take). A calibration pass costs about the same with them (the
+        reductions are small next to the forward pass), so the statistics a later pass needs are
+        already cached; a fold keeps them valid (``fold_statistics``)."""
         from qcompiler.grids import quantized_gemms
+        from qcompiler.patterns import find_convs, find_linears
 
         points: dict[str, int | None] = {}
-        for node in quantized_gemms(self.graph):
+        gemms = quantized_gemms(self.graph) + [unit.node for unit in find_linears(self.graph) + find_convs(self.graph)]
+        for node in gemms:
             source = node.inputs[0]
             if isinstance(source, gs.Variable):
                 points.setdefault(source.name, 1 if node.op == "Conv" else None)
             if node.op == "Conv":
                 points[node.outputs[0].name] = 1
-        return {name: axis for name, axis in points.items() if (name, axis) not in self._stats_cache}
+        return {name: axis for name, axis in points.items() if _key(name, axis) not in self._stats_cache}
 
     def statistics_of_parts(self, tensors: Mapping[str, int | None], parts, progress: bool = True) -> list[dict]:
         """Statistics of ``tensors`` on each part of a partition of the calibration rows (e.g. a
@@ -171,7 +207,8 @@ class CompileContext:
             merged = copy.deepcopy(results[0][name])
             for result in results[1:]:
                 merged.merge(result[name], source=self.source)
-            self._stats_cache[(name, axis)] = merged
+            self._stats_cache[_key(name, axis)] = merged
+            self._derived.discard(_key(name, axis))
         return results
 
     def _collect(self, tensors: dict, batches, progress: bool, rows=None) -> dict:

@@ -94,17 +94,21 @@ def _run_pairs(reference: OutputRunner, quant_model, batches, names: list[str], 
     """The float model through the capture engine (its weights memory-mapped and shared with ORT,
     not copied: the reference of a 3.4 GB UNet costs no second 3.4 GB), the candidate in ORT fully
     optimized from its file, so it runs its integer kernels as deployed."""
-    from qcompiler.runtimes.ort import make_session, run
+    from qcompiler.runtimes.ort import make_session
 
     quant_proto, quant_folder = quant_model
     wanted = names or reference.model_outputs
     float_session = reference.session(wanted)
-    candidate = make_session(add_outputs(quant_proto, names) if names else quant_proto, external_folder=quant_folder)
+    # Lean (no prepacked second copy of the integer weights, no arena, file order): the same kernels
+    # and numbers as deployed, at a resident set that fits beside the float reference at real size.
+    candidate = make_session(add_outputs(quant_proto, names) if names else quant_proto, external_folder=quant_folder,
+                             lean=True)
     for batch in batches:
         expected = dict(zip(wanted, run_batch(float_session, wanted, batch)))
-        got = run(candidate, batch.feeds, wanted)
+        got = dict(zip(wanted, run_batch(candidate, wanted, batch)))
         for name in wanted:
             accumulators[name].add(expected[name], got[name])
+        del expected, got
         if bar is not None:
             bar.update(1)
 

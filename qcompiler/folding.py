@@ -28,12 +28,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext
+from qcompiler.fold_tracking import SHAPE_ONLY, keep_statistics, node_inputs
 from qcompiler.graph import constant_value
 from qcompiler.modulation import Modulation, fold_into_modulation, match_modulation, static_ints
 from qcompiler.patterns import Conv, Linear, NoMatch, Norm, match_conv, match_linear, match_norm, weight_array
 
-#: Ops that read only the shape of their input: a folded X does not change what they compute.
-_SHAPE_ONLY = ("Shape", "Size")
 
 
 @dataclass(eq=False)
@@ -97,7 +96,7 @@ def _producer(tensor: gs.Tensor) -> gs.Node | None:
 
 
 def _value_readers(tensor: gs.Tensor) -> list[gs.Node]:
-    return [node for node in tensor.outputs if node.op not in _SHAPE_ONLY]
+    return [node for node in tensor.outputs if node.op not in SHAPE_ONLY]
 
 
 def _linear_writing(tensor: gs.Tensor) -> Linear | None:
@@ -412,13 +411,16 @@ def fold(ctx: CompileContext, group: ScaleGroup, scale: np.ndarray, shift: np.nd
     if not absorber:  # fold into the consumers exactly the float32 z and 1/s the explicit nodes will apply
         scale = 1.0 / np.float32(1.0 / scale).astype(np.float64)
         shift = shift.astype(np.float32).astype(np.float64) if shift is not None else None
+    before = node_inputs(ctx.graph)
     for unit in group.consumers:
         _fold_into_consumer(ctx, unit, scale, shift, pass_name)
     if absorber:
         _absorb(ctx, absorber, scale, shift, pass_name)
     result = absorber.describe() if absorber else _insert_explicit(ctx, group, scale, shift, pass_name,
                                                                    absorber.reason)
-    ctx.invalidate_statistics()
+    keep_statistics(ctx, group.tensor, group.consumers[0].node.inputs[0], [u.node for u in group.consumers],
+                     group.channel_axis, scale, shift, before,
+                     absorber.unit if absorber and isinstance(absorber.unit, Modulation) else None)
     return result
 
 
@@ -448,7 +450,9 @@ def absorb_into_norm(ctx: CompileContext, tensor: gs.Tensor, readers: list[gs.No
     norm = norm_absorber(ctx, tensor, readers, np.asarray(scale).size)
     if norm is None:
         return None
-    _absorb(ctx, Absorber(norm.kind, norm), np.asarray(scale, np.float64), np.asarray(shift, np.float64), pass_name)
+    before = node_inputs(ctx.graph)
+    scale, shift = np.asarray(scale, np.float64), np.asarray(shift, np.float64)
+    _absorb(ctx, Absorber(norm.kind, norm), scale, shift, pass_name)
     ctx.rescaled_tensors.add(tensor.name)
-    ctx.invalidate_statistics()
+    keep_statistics(ctx, tensor, tensor, readers, -1, scale, shift, before)
     return Absorber(norm.kind, norm).describe()

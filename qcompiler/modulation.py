@@ -24,7 +24,7 @@ Exact in real arithmetic (constants computed in float64, rounded once to float32
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -47,6 +47,8 @@ class Modulation:
     normalized: gs.Tensor
     scale: gs.Tensor
     shift: gs.Tensor | None
+    #: After ``fold_into_modulation``: the tensors whose values it changed (the S and T paths and X).
+    changed: set[str] = field(default_factory=set)
 
     @property
     def node(self) -> gs.Node:
@@ -156,6 +158,8 @@ class _Rescaler:
         self.ctx, self.pass_name = ctx, pass_name
         self.explicit: list[str] = []
         self.absorbed: list[str] = []
+        #: Tensors whose values the rewrite changed (in full or in the sliced region): those walked through.
+        self.changed: set[str] = set()
 
     def rescale(self, tensor: gs.Tensor, reader: gs.Node, divide: np.ndarray, add: np.ndarray | None,
                 shared_ok: bool = False) -> None:
@@ -172,6 +176,8 @@ class _Rescaler:
         reason = rule(node, divide, add) if rule is not None else f"{node.op if node else 'a graph input'} writes it"
         if reason:
             self._explicit(tensor, reader, divide, add, reason)
+        else:
+            self.changed.add(tensor.name)
 
     # Each _through_<op> pushes V/m + a into the producer's inputs, or returns why it cannot.
     def _through_add(self, node, divide, add):
@@ -349,4 +355,5 @@ def fold_into_modulation(ctx: CompileContext, modulation: Modulation, scale: np.
         rescaler.rescale(modulation.shift, modulation.add, _reduce(divide, modulation.shift), _reduce(add, modulation.shift))
     for note in rescaler.explicit:
         ctx.fallbacks.append(f"{pass_name}: modulation '{modulation.node.name}': explicit rescale of {note}")
+    modulation.changed = rescaler.changed | {modulation.mul.outputs[0].name, modulation.output.name}
     return rescaler.absorbed, rescaler.explicit

@@ -11,6 +11,10 @@ Core, not a pass: several passes share it, and ``passes/`` holds passes only.
 
 from __future__ import annotations
 
+import copy
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from qcompiler.calibration.row_samples import RowSamples
@@ -18,6 +22,10 @@ from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.folding import ScaleGroup
 from qcompiler.patterns import Linear, match_linear, weight_array
 from qcompiler.quant import QuantSpec, fake_quantize, scale_zero_point
+
+
+#: Fewest rows a screening subset keeps (``screened_argmin``); below it every candidate is scored in full.
+SCREEN_MIN_ROWS = 128
 
 
 def sample_inputs(ctx: CompileContext, groups: list[ScaleGroup], batches: int, rows: int, seed: int = 0
@@ -49,7 +57,7 @@ def statistics_and_samples(ctx: CompileContext, groups: list[ScaleGroup], batche
     sampled = ctx.calibration[:batches]
     sampler = RowSampler(axes, -(-rows // max(len(sampled), 1)), seed, list(axes), len(sampled), ctx.threads,
                          keep=ctx.spill)
-    stats = ctx.statistics(axes, progress=progress, rows=sampler if ctx.cluster is None else None)
+    stats = ctx.statistics(axes, progress=progress, rows=sampler if ctx.cluster is None else None, per_index=False)
     if not sampler.done:
         return stats, sample_inputs(ctx, groups, batches, rows, seed)
     return stats, RowSamples(sampler.samples, rows)
@@ -104,6 +112,18 @@ class OutputError:
                         else QuantSpec(bits=settings.wbits, symmetric=True, granularity="axis", axis=1)
                         for unit in group.consumers]
 
+    @property
+    def rows(self) -> int:
+        return self.centred.shape[0]
+
+    def subset(self, step: int) -> OutputError:
+        """The same probe on every ``step``-th sample row (same columns, grids and weights): an
+        estimate of the error at 1/step of the cost, for screening candidates."""
+        probe = copy.copy(self)
+        probe.centred = self.centred[::step]
+        probe.references = [reference[::step] for reference in self.references]
+        return probe
+
     def __call__(self, scale: np.ndarray) -> float:
         a_scale, a_zero = scale_zero_point(float(np.min(self.low / scale)), float(np.max(self.high / scale)),
                                            self.a_spec)
@@ -113,6 +133,37 @@ class OutputError:
             w_hat = fake_quantize((weight * scale[:, None]).astype(np.float32), spec)
             error += float(np.square(reference - x_hat @ w_hat, dtype=np.float64).sum(axis=0) @ share)
         return error
+
+
+def screened_argmin(probe: OutputError, candidates: list[np.ndarray], step: int, finalists: int
+                    ) -> tuple[int, float]:
+    """(index, error) of the candidate scale of least ``probe`` error, scoring on all rows only the
+    ``finalists`` best on every ``step``-th row (``step`` ≤ 1, or too few rows: every candidate on
+    all rows). The row GEMM is most of a probe's cost, so a 20-point grid costs 20/step + finalists
+    full probes instead of 20; the pick equals the full search's whenever its best candidate is among
+    the screen's ``finalists`` (measured: docs/algorithms.md §5.1)."""
+    from threadpoolctl import threadpool_limits
+
+    indices = list(range(len(candidates)))
+    # Candidates are scored in parallel, one per core, each GEMM on one BLAS thread: the elementwise
+    # quantization runs in parallel too, and on a loaded machine a 2-thread BLAS call waits for its
+    # slower thread (measured under load ~6 on 2 cores: a 1024×640·640×512 GEMM 6.5 ms on one
+    # thread, 17.6 ms on two). Each probe computes the same value either way.
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(_workers()) as pool:
+        if step > 1 and finalists < len(candidates) and probe.rows >= step * SCREEN_MIN_ROWS:
+            screen = list(pool.map(probe.subset(step), candidates))
+            indices = sorted(np.argsort(screen, kind="stable")[:finalists].tolist())
+        errors = dict(zip(indices, pool.map(probe, [candidates[index] for index in indices])))
+    best = min(errors, key=lambda index: (errors[index], index))
+    return best, errors[best]
+
+
+def _workers() -> int:
+    """Cores this process may run on (its affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _column_draw(energy: np.ndarray, columns: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

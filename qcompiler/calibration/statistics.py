@@ -167,6 +167,31 @@ class TensorStats:
         if "channel_sum" in parts:
             self._add_channel_sum(parts["channel_sum"], samples * shape3[1])
 
+    def folded(self, name: str, shift: np.ndarray | None, scale: np.ndarray) -> TensorStats:
+        """Range statistics of X' = (X − z)/s per channel (s > 0), derived without a forward pass.
+
+        x ↦ (x − z_c)/s_c is increasing on channel c, so min_c(X') = (min_c(X) − z_c)/s_c and
+        max_c(X') = (max_c(X) − z_c)/s_c exactly (in real arithmetic; the runtime computes X' in
+        float32, so a recaptured range may differ in the last bits); the per-tensor range is the
+        min/max over channels, and Σ_c X' = (Σ_c X − z_c·n)/s_c. Per-position ranges mix channels
+        of different s: not derivable, so they are None. Histograms are dropped (ranges only)."""
+        scale = np.asarray(scale, np.float64).reshape(-1)
+        shift = np.zeros_like(scale) if shift is None else np.asarray(shift, np.float64).reshape(-1)
+        if scale.size != self.channel_min.size or np.any(scale <= 0):
+            raise ValueError(f"folded '{self.name}': {scale.size} positive scales needed for "
+                             f"{self.channel_min.size} channels")
+        low, high = (self.channel_min - shift) / scale, (self.channel_max - shift) / scale
+        derived = TensorStats.empty(name, self.channel_axis, low.size, None)
+        derived.channel_min, derived.channel_max = low, high
+        derived.samples, derived.count, derived.nonfinite, derived.shape = (self.samples, self.count,
+                                                                              self.nonfinite, self.shape)
+        if self.samples:
+            derived.min, derived.max = float(low.min()), float(high.max())
+            derived.absmax = max(derived.max, -derived.min, 0.0)
+        if self.channel_sum is not None:
+            derived._add_channel_sum((self.channel_sum - shift * self.channel_rows) / scale, self.channel_rows)
+        return derived
+
     def update(self, array: np.ndarray, source: str) -> None:
         """Fold one batch (axis 0 = batch) into the statistics; ``source`` names it in errors."""
         array = _as_float(array)
