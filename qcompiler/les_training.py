@@ -233,15 +233,16 @@ class GroupProblem:
             total = total + error.reshape(error.shape[0], -1).mean(dim=1)
         return total
 
-    def pool_losses(self, gamma, chunk: int = 16) -> np.ndarray:
-        """ℓ_n for every item (no gradients), in chunks."""
+    def pool_losses(self, gamma, chunk: int = 16, items: np.ndarray | None = None) -> np.ndarray:
+        """ℓ_n for every item of ``items`` (default: all), no gradients, in chunks."""
         torch = self.torch
+        items = np.arange(self.items) if items is None else np.asarray(items)
         out = []
         with torch.no_grad():
-            for start in range(0, self.items, chunk):
-                index = torch.arange(start, min(start + chunk, self.items))
+            for start in range(0, len(items), chunk):
+                index = torch.from_numpy(items[start:start + chunk].astype(np.int64))
                 out.append(self.losses(gamma, index).numpy())
-        return np.concatenate(out).astype(np.float64)
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
 def _scale_rows(torch, weight, conv: bool, block: int | None):
@@ -288,9 +289,29 @@ def fake_quant_weight(torch, weight, bits: int, conv: bool, block: int | None, c
     return _from_scale_rows(torch.clamp(rounded, -qmax, qmax) * scale, weight, conv, block)
 
 
+def holdout_items(item_samples: np.ndarray | None, items: int, held_samples: np.ndarray,
+                  every: int) -> np.ndarray:
+    """Items (leading rows of a group input) whose sample is held out; without a row → sample map,
+    every ``every``-th item (interleaved, so the held-out items span the calibration order)."""
+    if every < 2:
+        return np.zeros(0, np.int64)
+    if item_samples is not None and len(item_samples) == items:
+        return np.flatnonzero(np.isin(item_samples, held_samples))
+    return np.arange(every - 1, items, every)
+
+
 def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: LearnedScalesConfig,
-                item_timesteps: np.ndarray | None, desc: str = "", progress: bool = False) -> dict:
-    """Adam on θ = log γ with cosine-decayed lr; returns γ (after the guard) and what happened."""
+                item_timesteps: np.ndarray | None, desc: str = "", progress: bool = False,
+                held_out: np.ndarray | None = None) -> dict:
+    """Adam on θ = log γ with cosine-decayed lr; returns γ (after the guard) and what happened.
+
+    ``held_out``: items (leading rows of the group input) kept out of training. Then every
+    ``config.check_every`` steps the mean held-out loss is measured, the best θ so far is kept
+    (early stopping: training ends after ``config.patience`` checks without a new best), and the
+    guard picks among learned / init / γ = 1 by held-out error, so γ is never accepted when it
+    raises the held-out error over the unscaled layer. Without held-out items (None or all
+    items) training and the guard use every item.
+    """
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -298,17 +319,28 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     steps = config.iterations
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    everything = np.arange(problem.items)
+    held = np.zeros(0, np.int64) if held_out is None else np.unique(np.asarray(held_out, np.int64))
+    if len(held) == 0 or len(held) == problem.items:
+        train, judge, held = everything, everything, None
+    else:
+        train, judge = np.setdiff1d(everything, held), held
+    initial = problem.pool_losses(torch.exp(theta.detach()), items=train)
     weighting = None
-    initial = problem.pool_losses(torch.exp(theta.detach()))
     if config.timestep_weighting != "off" and item_timesteps is not None:
         power = config.power if config.timestep_weighting == "adaptive" else 1.0
-        weighting = TimestepWeights(item_timesteps, initial, config.momentum, power)
-    batch = min(config.batch_size, problem.items)
-    for _ in tqdm(range(steps), desc=desc, unit="it", leave=False, disable=None if progress else True):
-        index = torch.randperm(problem.items, generator=generator)[:batch]
+        weighting = TimestepWeights(item_timesteps[train], initial, config.momentum, power)
+    initial_judged = initial if held is None else problem.pool_losses(torch.exp(theta.detach()), items=judge)
+    best = {"error": float(initial_judged.mean()), "theta": theta.detach().clone(), "step": 0}
+    stale = 0
+    batch = min(config.batch_size, len(train))
+    train_index = torch.from_numpy(train.astype(np.int64))
+    for step in tqdm(range(1, steps + 1), desc=desc, unit="it", leave=False, disable=None if progress else True):
+        pick = torch.randperm(len(train), generator=generator)[:batch]
+        index = train_index[pick]
         losses = problem.losses(torch.exp(theta), index)
         if weighting is not None:
-            slots = weighting.slot[index.numpy()]
+            slots = weighting.slot[pick.numpy()]
             weighting.update(slots, losses.detach().numpy())
             weights = torch.from_numpy(weighting.weights()[slots].astype(np.float32))
             loss = (weights * losses).mean()
@@ -318,13 +350,23 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
         loss.backward()
         optimizer.step()
         scheduler.step()
-    learned = torch.exp(theta.detach()).double().numpy()
+        if held is not None and (step % config.check_every == 0 or step == steps):
+            error = float(problem.pool_losses(torch.exp(theta.detach()), items=judge).mean())
+            if error < best["error"]:
+                best, stale = {"error": error, "theta": theta.detach().clone(), "step": step}, 0
+            else:
+                stale += 1
+                if config.patience and stale >= config.patience:
+                    break
+    final = theta.detach() if held is None else best["theta"]
+    learned = torch.exp(final).double().numpy()
     candidates = {"learned": learned, "init": gamma0, "ones": np.ones_like(gamma0)}
-    errors = {"init": float(initial.mean())}
-    errors["learned"] = float(problem.pool_losses(torch.from_numpy(learned.astype(np.float32))).mean())
+    errors = {"init": float(initial_judged.mean())}
+    errors["learned"] = float(problem.pool_losses(torch.from_numpy(learned.astype(np.float32)), items=judge).mean())
     errors["ones"] = (errors["init"] if np.all(gamma0 == 1.0)
-                      else float(problem.pool_losses(torch.ones(len(gamma0))).mean()))
+                      else float(problem.pool_losses(torch.ones(len(gamma0)), items=judge).mean()))
     kept = min(("learned", "init", "ones"), key=lambda key: errors[key])
-    return {"gamma": candidates[kept], "kept": kept, "errors": errors,
+    return {"gamma": candidates[kept], "kept": kept, "errors": errors, "judged_on": "held-out" if held is not None else "all",
+            "best_step": best["step"] if held is not None else steps,
             "weights": None if weighting is None else dict(zip(weighting.values.tolist(),
                                                                weighting.weights().round(4).tolist()))}
