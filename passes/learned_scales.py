@@ -90,6 +90,15 @@ class LearnedScalesConfig:
     #: prompts), every round(1/holdout)-th one, or every such sample when there are fewer batches.
     #: They decide early stopping and the guard (0: train and judge on every sample, as before).
     holdout: float = 0.25
+    #: ℓ_n relative to the sample's output energy, ‖Y_n − Ŷ_n‖²/‖Y_n‖², in training and the guard:
+    #: the noisy early timesteps, whose activations are largest, then do not decide γ alone.
+    relative_loss: bool = False
+    #: The weight quantizer that early stopping and the guard measure with: the clip-search ratios of
+    #: the recipe's ``quantize_weights`` (what will be lowered), None: the training quantizer above.
+    #: A γ that helps min/max weights can hurt clip-searched ones, which already cut the outliers.
+    guard_clip_ratios: tuple[float, ...] | None = None
+    #: γ ≠ 1 is kept only when it lowers the judged error by at least this share over γ = 1.
+    min_gain: float = 0.0
     #: Held-out error measured every this many Adam steps; the best θ so far is kept.
     check_every: int = 10
     #: Stop after this many checks without a new best held-out error (0: run every iteration).
@@ -110,6 +119,10 @@ class LearnedScalesConfig:
                              f"got '{self.timestep_weighting}'")
         if not self.weight_clip_ratios or not all(0 < r <= 1 for r in self.weight_clip_ratios):
             raise ValueError(f"LearnedScalesConfig: weight_clip_ratios must be in (0, 1], got {self.weight_clip_ratios}")
+        if self.guard_clip_ratios is not None and not all(0 < r <= 1 for r in self.guard_clip_ratios or (0,)):
+            raise ValueError(f"LearnedScalesConfig: guard_clip_ratios must be in (0, 1], got {self.guard_clip_ratios}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"LearnedScalesConfig: 0 ≤ min_gain < 1 required, got {self.min_gain}")
         if not 0.0 <= self.holdout < 1.0 or self.check_every < 1 or self.patience < 0:
             raise ValueError(f"LearnedScalesConfig: 0 ≤ holdout < 1, check_every ≥ 1, patience ≥ 0 required, got {self}")
         if not 0.0 <= self.momentum < 1.0 or self.power <= 0:
@@ -168,7 +181,7 @@ class LearnedScales(Pass):
                     item_timesteps = timesteps[rows] if timesteps is not None and rows is not None else None
                     unmapped += timesteps is not None and rows is None
                     problem = GroupProblem(torch, group, x, *stats[group.name], ctx.settings,
-                                           config.weight_clip_ratios)
+                                           config.weight_clip_ratios, config.relative_loss)
                     gamma0 = self._initial(group, stats[group.name])
                     held = holdout_items(rows, problem.items, held_samples, every)
                     result = learn_gamma(torch, problem, gamma0, config, item_timesteps,

@@ -154,9 +154,10 @@ class GroupProblem:
     """The torch model of one scale group: float references and the fake-quantized forward for a γ."""
 
     def __init__(self, torch, group: ScaleGroup, x: np.ndarray, channel_min: np.ndarray, channel_max: np.ndarray,
-                 settings, clip_ratios: tuple[float, ...] = (1.0,)):
+                 settings, clip_ratios: tuple[float, ...] = (1.0,), relative: bool = False):
         self.torch, self.group = torch, group
         self.clip_ratios = tuple(clip_ratios)
+        self.relative = relative
         self.conv = isinstance(group.consumers[0], Conv)
         if self.conv:
             self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
@@ -211,16 +212,17 @@ class GroupProblem:
         rounded = scaled + (torch.round(scaled) - scaled).detach()
         return (torch.clamp(rounded + zero, 0, qmax) - zero) * scale
 
-    def _fake_quant_weight(self, weight, block):
-        return fake_quant_weight(self.torch, weight, self.wbits, self.conv, block, self.clip_ratios)
+    def _fake_quant_weight(self, weight, block, clip_ratios=None):
+        return fake_quant_weight(self.torch, weight, self.wbits, self.conv, block, clip_ratios or self.clip_ratios)
 
     def references(self, index):
         with self.torch.no_grad():
             x = self.x[index]
             return [self._apply(x, weight, spec) for weight, spec, _ in self.consumers]
 
-    def losses(self, gamma, index, references=None):
-        """ℓ_n per item of ``index`` (summed over consumers), with gradients to γ."""
+    def losses(self, gamma, index, references=None, clip_ratios=None):
+        """ℓ_n per item of ``index`` (summed over consumers), with gradients to γ; ``clip_ratios``:
+        the weight quantizer's clip search (default: the training one, ``self.clip_ratios``)."""
         x = self.x[index]
         references = references if references is not None else self.references(index)
         axis = 1 if self.conv else -1
@@ -228,12 +230,14 @@ class GroupProblem:
         total = 0.0
         for (weight, spec, block), reference in zip(self.consumers, references):
             in_axis = 1 if self.conv else 0
-            w_hat = self._fake_quant_weight(weight * self._gamma_shape(gamma, weight.ndim, in_axis), block)
-            error = (self._apply(x_hat, w_hat, spec) - reference) ** 2
-            total = total + error.reshape(error.shape[0], -1).mean(dim=1)
+            w_hat = self._fake_quant_weight(weight * self._gamma_shape(gamma, weight.ndim, in_axis), block, clip_ratios)
+            error = ((self._apply(x_hat, w_hat, spec) - reference) ** 2).reshape(reference.shape[0], -1).mean(dim=1)
+            if self.relative:  # per sample ‖Y − Ŷ‖²/‖Y‖²: every timestep's sample weighs alike
+                error = error / (reference.reshape(reference.shape[0], -1) ** 2).mean(dim=1).clamp(min=1e-12)
+            total = total + error
         return total
 
-    def pool_losses(self, gamma, chunk: int = 16, items: np.ndarray | None = None) -> np.ndarray:
+    def pool_losses(self, gamma, chunk: int = 16, items: np.ndarray | None = None, clip_ratios=None) -> np.ndarray:
         """ℓ_n for every item of ``items`` (default: all), no gradients, in chunks."""
         torch = self.torch
         items = np.arange(self.items) if items is None else np.asarray(items)
@@ -241,7 +245,7 @@ class GroupProblem:
         with torch.no_grad():
             for start in range(0, len(items), chunk):
                 index = torch.from_numpy(items[start:start + chunk].astype(np.int64))
-                out.append(self.losses(gamma, index).numpy())
+                out.append(self.losses(gamma, index, clip_ratios=clip_ratios).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
@@ -330,8 +334,14 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
     if config.timestep_weighting != "off" and item_timesteps is not None:
         power = config.power if config.timestep_weighting == "adaptive" else 1.0
         weighting = TimestepWeights(item_timesteps[train], initial, config.momentum, power)
-    initial_judged = initial if held is None else problem.pool_losses(torch.exp(theta.detach()), items=judge)
-    best = {"error": float(initial_judged.mean()), "theta": theta.detach().clone(), "step": 0}
+    judge_ratios = config.guard_clip_ratios  # the lowering's weight quantizer (None: the training one)
+
+    def judged(gamma) -> float:
+        return float(problem.pool_losses(gamma, items=judge, clip_ratios=judge_ratios).mean())
+
+    initial_judged = (float(initial.mean()) if held is None and judge_ratios is None
+                      else judged(torch.exp(theta.detach())))
+    best = {"error": initial_judged, "theta": theta.detach().clone(), "step": 0}
     stale = 0
     batch = min(config.batch_size, len(train))
     train_index = torch.from_numpy(train.astype(np.int64))
@@ -351,7 +361,7 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
         optimizer.step()
         scheduler.step()
         if held is not None and (step % config.check_every == 0 or step == steps):
-            error = float(problem.pool_losses(torch.exp(theta.detach()), items=judge).mean())
+            error = judged(torch.exp(theta.detach()))
             if error < best["error"]:
                 best, stale = {"error": error, "theta": theta.detach().clone(), "step": step}, 0
             else:
@@ -361,11 +371,11 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
     final = theta.detach() if held is None else best["theta"]
     learned = torch.exp(final).double().numpy()
     candidates = {"learned": learned, "init": gamma0, "ones": np.ones_like(gamma0)}
-    errors = {"init": float(initial_judged.mean())}
-    errors["learned"] = float(problem.pool_losses(torch.from_numpy(learned.astype(np.float32)), items=judge).mean())
-    errors["ones"] = (errors["init"] if np.all(gamma0 == 1.0)
-                      else float(problem.pool_losses(torch.ones(len(gamma0)), items=judge).mean()))
+    errors = {"init": initial_judged, "learned": judged(torch.from_numpy(learned.astype(np.float32)))}
+    errors["ones"] = errors["init"] if np.all(gamma0 == 1.0) else judged(torch.ones(len(gamma0)))
     kept = min(("learned", "init", "ones"), key=lambda key: errors[key])
+    if kept != "ones" and errors[kept] > (1.0 - config.min_gain) * errors["ones"]:
+        kept = "ones"  # a small simulated gain: not worth redistributing the layer's error (min_gain)
     return {"gamma": candidates[kept], "kept": kept, "errors": errors, "judged_on": "held-out" if held is not None else "all",
             "best_step": best["step"] if held is not None else steps,
             "weights": None if weighting is None else dict(zip(weighting.values.tolist(),

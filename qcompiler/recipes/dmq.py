@@ -30,6 +30,7 @@ from qcompiler.passes.learned_scales import LearnedScalesConfig
 from qcompiler.passes.pow2_skip_scales import Pow2SkipScalesConfig
 from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
 from qcompiler.recipes import Recipe, Step
+from qcompiler.weight_quant import DEFAULT_CLIP_RATIOS
 
 DMQ = Recipe(
     name="dmq",
@@ -37,7 +38,7 @@ DMQ = Recipe(
                 "adaptive timestep weighting optional, off by default: measured worse here), folded exactly; power-of-two per-channel activation scales on "
                 "decoder skip-concat shortcuts by voting (one int8 GEMM at W4); per-channel weights (int4 with "
                 "MSE clip search) and per-tensor static activations on ORT integer kernels",
-    steps=(Step("learned_scales", LearnedScalesConfig(timestep_weighting="off")), Step("pow2_skip_scales", Pow2SkipScalesConfig()),
+    steps=(Step("learned_scales", LearnedScalesConfig(timestep_weighting="off", guard_clip_ratios=DEFAULT_CLIP_RATIOS)), Step("pow2_skip_scales", Pow2SkipScalesConfig()),
            Step("quantize_weights", QuantizeWeightsConfig(clip_search=True)), Step("insert_activation_qdq")),
     wbits=4,
 )

@@ -96,7 +96,7 @@ class _ShiftProblem:
     def losses(self, gamma, index):
         return ((torch.log(gamma)[None, :] - self.targets[index][:, None]) ** 2).mean(dim=1)
 
-    def pool_losses(self, gamma, chunk=16, items=None):
+    def pool_losses(self, gamma, chunk=16, items=None, clip_ratios=None):
         items = np.arange(self.items) if items is None else np.asarray(items)
         with torch.no_grad():
             return self.losses(gamma, torch.from_numpy(items.astype(np.int64))).numpy().astype(np.float64)
