@@ -114,6 +114,13 @@ def test_held_out_error_stops_training_and_guards_gamma():
     along = learn_gamma(torch, _ShiftProblem([1.0] * 16), np.ones(3), config, None, held_out=held)
     assert along["best_step"] > 0 and along["kept"] == "learned" and np.all(along["gamma"] > 1.2)
     assert along["errors"]["learned"] < 0.5 * along["errors"]["ones"]
+    # a gain below min_gain does not count: γ = 1 is kept
+    short = {"iterations": 5, "lr": 0.05, "check_every": 5}  # log γ ≈ 0.25: the held-out error falls ~44%
+    loose = learn_gamma(torch, _ShiftProblem([1.0] * 16), np.ones(3), _config(**short), None, held_out=held)
+    strict = learn_gamma(torch, _ShiftProblem([1.0] * 16), np.ones(3), _config(**short, min_gain=0.6), None,
+                         held_out=held)
+    assert 0.4 < loose["errors"]["learned"] / loose["errors"]["ones"] < 0.9 and loose["kept"] == "learned"
+    assert strict["kept"] == "ones" and np.all(strict["gamma"] == 1.0)
     # without held-out items: the old behaviour, trained and judged on every item
     plain = learn_gamma(torch, _ShiftProblem([1.0] * 12 + [-1.0] * 4), np.ones(3), config, None)
     assert plain["judged_on"] == "all" and plain["kept"] == "learned" and np.all(plain["gamma"] > 1.0)
@@ -202,3 +209,11 @@ def test_training_weight_quantizer_matches_the_clip_search_lowering(layout, shap
     np.testing.assert_allclose(trained.numpy(), reference, rtol=1e-5, atol=1e-6)
     minmax = fake_quant_weight(torch, torch.from_numpy(weight), 4, layout == "conv", block)
     assert not np.allclose(minmax.numpy(), reference)  # the search chose r < 1 somewhere
+
+
+def test_relative_loss_stays_exact_and_guarded():
+    ctx = context(fold_graphs.outlier_model(), {"x": (4, 8, 16)}, wbits=4)
+    record = _run(ctx, _config(relative_loss=True, guard_clip_ratios=(1.0, 0.9, 0.8), iterations=30, lr=0.05))
+    assert record.verify["max_relative_error"] <= EXACT_RTOL
+    note = next(note for note in record.notes if "median ×" in note)
+    assert float(note.split("median ×")[1].split(",")[0]) <= 1.0
