@@ -323,12 +323,7 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     steps = config.iterations
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    everything = np.arange(problem.items)
-    held = np.zeros(0, np.int64) if held_out is None else np.unique(np.asarray(held_out, np.int64))
-    if len(held) == 0 or len(held) == problem.items:
-        train, judge, held = everything, everything, None
-    else:
-        train, judge = np.setdiff1d(everything, held), held
+    train, judge, held = _split_items(problem.items, held_out)
     initial = problem.pool_losses(torch.exp(theta.detach()), items=train)
     weighting = None
     if config.timestep_weighting != "off" and item_timesteps is not None:
@@ -370,13 +365,28 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
                     break
     final = theta.detach() if held is None else best["theta"]
     learned = torch.exp(final).double().numpy()
-    candidates = {"learned": learned, "init": gamma0, "ones": np.ones_like(gamma0)}
     errors = {"init": initial_judged, "learned": judged(torch.from_numpy(learned.astype(np.float32)))}
     errors["ones"] = errors["init"] if np.all(gamma0 == 1.0) else judged(torch.ones(len(gamma0)))
-    kept = min(("learned", "init", "ones"), key=lambda key: errors[key])
-    if kept != "ones" and errors[kept] > (1.0 - config.min_gain) * errors["ones"]:
-        kept = "ones"  # a small simulated gain: not worth redistributing the layer's error (min_gain)
+    kept = _guard(errors, config.min_gain)
+    candidates = {"learned": learned, "init": gamma0, "ones": np.ones_like(gamma0)}
     return {"gamma": candidates[kept], "kept": kept, "errors": errors, "judged_on": "held-out" if held is not None else "all",
             "best_step": best["step"] if held is not None else steps,
             "weights": None if weighting is None else dict(zip(weighting.values.tolist(),
                                                                weighting.weights().round(4).tolist()))}
+
+
+def _split_items(items: int, held_out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(training items, judged items, held-out items or None): no or only held-out items → all, None."""
+    everything = np.arange(items)
+    held = np.zeros(0, np.int64) if held_out is None else np.unique(np.asarray(held_out, np.int64))
+    if len(held) == 0 or len(held) == items:
+        return everything, everything, None
+    return np.setdiff1d(everything, held), held, held
+
+
+def _guard(errors: dict[str, float], min_gain: float) -> str:
+    """The candidate with the least judged error; γ = 1 unless the winner gains ≥ ``min_gain`` over it."""
+    kept = min(("learned", "init", "ones"), key=lambda key: errors[key])
+    if kept != "ones" and errors[kept] > (1.0 - min_gain) * errors["ones"]:
+        return "ones"  # a small simulated gain: not worth redistributing the layer's error (min_gain)
+    return kept
