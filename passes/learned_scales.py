@@ -24,9 +24,14 @@ Row → timestep: a group input's leading axis is the model's batch axis; when i
 k of the batch rows (e.g. (B·T, C)) row i belongs to sample i // k; otherwise (or when the
 calibration has no ``__timestep__``) the group is trained unweighted and the notes say so.
 
-Guard: after training, the unweighted pool error of the learned γ, of the initial γ and of γ = 1
-are compared and the lowest wins (recorded as ``kept``), so the pass never makes a layer's
-simulated quantized output error worse than plain per-tensor quantization on the samples.
+Held-out samples (``holdout``, default 25%): every 4th selected calibration batch (a timestep or
+prompt file; every 4th sample when there are fewer than 4 batches) is kept out of training. Every
+``check_every`` steps the mean held-out ℓ is measured and the best θ so far kept; training stops
+after ``patience`` checks without a new best (early stopping picks the number of steps).
+Guard: after training, the unweighted error of the learned γ, of the initial γ and of γ = 1 on the
+held-out samples are compared and the lowest wins (recorded as ``kept``), so the pass never accepts
+a γ that raises a layer's simulated quantized output error on samples it did not train on over
+plain per-tensor quantization (``holdout = 0``: trained and judged on every sample, as before).
 
 Exact before quantization: X·W = (X/γ)·(γ·W); the producer (Norm affine, a Linear/Conv's output
 channels, the V projection) or an explicit Mul (after SiLU/GELU; listed in ``ctx.fallbacks``)
@@ -45,8 +50,8 @@ from qcompiler.context import CompileContext
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
 from qcompiler.les_training import (TIMESTEP_KEY, GroupProblem, TimestepWeights, collect_inputs,
-                                           import_torch, learn_gamma, sample_timesteps, select_samples,
-                                           timestep_weights)
+                                           holdout_items, import_torch, learn_gamma, sample_timesteps,
+                                           select_samples, timestep_weights)
 from qcompiler.passes.smooth_scales import smooth_scale, weight_row_absmax
 from qcompiler.patterns import Conv, match_conv, weight_array
 
@@ -81,6 +86,23 @@ class LearnedScalesConfig:
     #: Also learn γ for groups that no producer can absorb (an explicit Mul at run time).
     allow_explicit: bool = True
     exclude_nodes: tuple[str, ...] = ()
+    #: Share of the selected samples held out of training: whole calibration batches (timesteps /
+    #: prompts), every round(1/holdout)-th one, or every such sample when there are fewer batches.
+    #: They decide early stopping and the guard (0: train and judge on every sample, as before).
+    holdout: float = 0.25
+    #: ℓ_n relative to the sample's output energy, ‖Y_n − Ŷ_n‖²/‖Y_n‖², in training and the guard:
+    #: the noisy early timesteps, whose activations are largest, then do not decide γ alone.
+    relative_loss: bool = False
+    #: The weight quantizer that early stopping and the guard measure with: the clip-search ratios of
+    #: the recipe's ``quantize_weights`` (what will be lowered), None: the training quantizer above.
+    #: A γ that helps min/max weights can hurt clip-searched ones, which already cut the outliers.
+    guard_clip_ratios: tuple[float, ...] | None = None
+    #: γ ≠ 1 is kept only when it lowers the judged error by at least this share over γ = 1.
+    min_gain: float = 0.0
+    #: Held-out error measured every this many Adam steps; the best θ so far is kept.
+    check_every: int = 10
+    #: Stop after this many checks without a new best held-out error (0: run every iteration).
+    patience: int = 3
     #: Group inputs read per ORT run while collecting samples (bounds memory).
     tensors_per_run: int = 8
     threads: int = 1
@@ -97,6 +119,12 @@ class LearnedScalesConfig:
                              f"got '{self.timestep_weighting}'")
         if not self.weight_clip_ratios or not all(0 < r <= 1 for r in self.weight_clip_ratios):
             raise ValueError(f"LearnedScalesConfig: weight_clip_ratios must be in (0, 1], got {self.weight_clip_ratios}")
+        if self.guard_clip_ratios is not None and not all(0 < r <= 1 for r in self.guard_clip_ratios or (0,)):
+            raise ValueError(f"LearnedScalesConfig: guard_clip_ratios must be in (0, 1], got {self.guard_clip_ratios}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"LearnedScalesConfig: 0 ≤ min_gain < 1 required, got {self.min_gain}")
+        if not 0.0 <= self.holdout < 1.0 or self.check_every < 1 or self.patience < 0:
+            raise ValueError(f"LearnedScalesConfig: 0 ≤ holdout < 1, check_every ≥ 1, patience ≥ 0 required, got {self}")
         if not 0.0 <= self.momentum < 1.0 or self.power <= 0:
             raise ValueError(f"LearnedScalesConfig: 0 ≤ momentum < 1 and power > 0 required, got {self}")
 
@@ -130,6 +158,8 @@ class LearnedScales(Pass):
         stats = {g.name: (stats[g.name].channel_min.copy(), stats[g.name].channel_max.copy()) for g in groups}
         batches = select_samples(ctx.calibration, config.samples, config.seed)
         timesteps = sample_timesteps(batches) if config.timestep_weighting != "off" else None
+        held_samples, every = held_out_samples(batches, config.holdout)
+        best_steps = []
         notes = []
         if config.timestep_weighting != "off" and timesteps is None:
             notes.append("timestep weighting off: the calibration has no __timestep__ (not a diffusion collection)")
@@ -151,10 +181,13 @@ class LearnedScales(Pass):
                     item_timesteps = timesteps[rows] if timesteps is not None and rows is not None else None
                     unmapped += timesteps is not None and rows is None
                     problem = GroupProblem(torch, group, x, *stats[group.name], ctx.settings,
-                                           config.weight_clip_ratios)
+                                           config.weight_clip_ratios, config.relative_loss)
                     gamma0 = self._initial(group, stats[group.name])
+                    held = holdout_items(rows, problem.items, held_samples, every)
                     result = learn_gamma(torch, problem, gamma0, config, item_timesteps,
-                                         desc=f"{self.name} {number}/{len(ordered)}", progress=config.progress)
+                                         desc=f"{self.name} {number}/{len(ordered)}", progress=config.progress,
+                                         held_out=held)
+                    best_steps.append(result["best_step"])
                     del problem
                     kept[result["kept"]] = kept.get(result["kept"], 0) + 1
                     if result["errors"]["ones"] > 0:
@@ -170,8 +203,11 @@ class LearnedScales(Pass):
         notes.insert(0, f"{len(groups)} groups, {config.iterations} iterations each on {samples}"
                         f" samples ({time.perf_counter() - started:.1f} s); folded into: {summary}")
         if ratios:
-            notes.append(f"simulated output error vs γ = 1: median ×{np.median(ratios):.3f}, "
+            judged = (f"on {len(held_samples)} held-out samples" if len(held_samples) else "on the training samples")
+            notes.append(f"simulated output error vs γ = 1 {judged}: median ×{np.median(ratios):.3f}, "
                          f"best ×{np.min(ratios):.3f}; kept {kept}")
+        if len(held_samples) and best_steps:
+            notes.append(f"early stopping: best held-out step median {int(np.median(best_steps))} of {config.iterations}")
         if config.timestep_weighting != "off" and timesteps is not None:
             notes.append(f"timestep weighting '{config.timestep_weighting}' over {len(np.unique(timesteps))} timesteps"
                          + (f"; {unmapped} groups unweighted (rows not a multiple of the batch)" if unmapped else ""))
@@ -182,6 +218,22 @@ class LearnedScales(Pass):
             return np.ones(group.channels)
         absmax = np.maximum(np.abs(ranges[0]), np.abs(ranges[1]))
         return smooth_scale(absmax, weight_row_absmax_any(group), self.config.alpha)
+
+
+def held_out_samples(batches, share: float) -> tuple[np.ndarray, int]:
+    """(indices of held-out samples, every): every round(1/share)-th selected batch (a timestep or
+    prompt file) is held out whole; with fewer batches than that, every such sample."""
+    if share <= 0:
+        return np.zeros(0, np.int64), 0
+    every = max(2, int(round(1 / share)))
+    sizes = [b.batch_size for b in batches]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+    if len(batches) >= every:
+        held = [np.arange(start, start + size) for j, (start, size) in enumerate(zip(starts, sizes))
+                if j % every == every - 1]
+        return np.concatenate(held).astype(np.int64), every
+    total = int(sum(sizes))
+    return np.arange(every - 1, total, every, dtype=np.int64), every
 
 
 def weight_row_absmax_any(group: ScaleGroup) -> np.ndarray:

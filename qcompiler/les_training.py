@@ -154,9 +154,10 @@ class GroupProblem:
     """The torch model of one scale group: float references and the fake-quantized forward for a γ."""
 
     def __init__(self, torch, group: ScaleGroup, x: np.ndarray, channel_min: np.ndarray, channel_max: np.ndarray,
-                 settings, clip_ratios: tuple[float, ...] = (1.0,)):
+                 settings, clip_ratios: tuple[float, ...] = (1.0,), relative: bool = False):
         self.torch, self.group = torch, group
         self.clip_ratios = tuple(clip_ratios)
+        self.relative = relative
         self.conv = isinstance(group.consumers[0], Conv)
         if self.conv:
             self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
@@ -211,16 +212,17 @@ class GroupProblem:
         rounded = scaled + (torch.round(scaled) - scaled).detach()
         return (torch.clamp(rounded + zero, 0, qmax) - zero) * scale
 
-    def _fake_quant_weight(self, weight, block):
-        return fake_quant_weight(self.torch, weight, self.wbits, self.conv, block, self.clip_ratios)
+    def _fake_quant_weight(self, weight, block, clip_ratios=None):
+        return fake_quant_weight(self.torch, weight, self.wbits, self.conv, block, clip_ratios or self.clip_ratios)
 
     def references(self, index):
         with self.torch.no_grad():
             x = self.x[index]
             return [self._apply(x, weight, spec) for weight, spec, _ in self.consumers]
 
-    def losses(self, gamma, index, references=None):
-        """ℓ_n per item of ``index`` (summed over consumers), with gradients to γ."""
+    def losses(self, gamma, index, references=None, clip_ratios=None):
+        """ℓ_n per item of ``index`` (summed over consumers), with gradients to γ; ``clip_ratios``:
+        the weight quantizer's clip search (default: the training one, ``self.clip_ratios``)."""
         x = self.x[index]
         references = references if references is not None else self.references(index)
         axis = 1 if self.conv else -1
@@ -228,20 +230,23 @@ class GroupProblem:
         total = 0.0
         for (weight, spec, block), reference in zip(self.consumers, references):
             in_axis = 1 if self.conv else 0
-            w_hat = self._fake_quant_weight(weight * self._gamma_shape(gamma, weight.ndim, in_axis), block)
-            error = (self._apply(x_hat, w_hat, spec) - reference) ** 2
-            total = total + error.reshape(error.shape[0], -1).mean(dim=1)
+            w_hat = self._fake_quant_weight(weight * self._gamma_shape(gamma, weight.ndim, in_axis), block, clip_ratios)
+            error = ((self._apply(x_hat, w_hat, spec) - reference) ** 2).reshape(reference.shape[0], -1).mean(dim=1)
+            if self.relative:  # per sample ‖Y − Ŷ‖²/‖Y‖²: every timestep's sample weighs alike
+                error = error / (reference.reshape(reference.shape[0], -1) ** 2).mean(dim=1).clamp(min=1e-12)
+            total = total + error
         return total
 
-    def pool_losses(self, gamma, chunk: int = 16) -> np.ndarray:
-        """ℓ_n for every item (no gradients), in chunks."""
+    def pool_losses(self, gamma, chunk: int = 16, items: np.ndarray | None = None, clip_ratios=None) -> np.ndarray:
+        """ℓ_n for every item of ``items`` (default: all), no gradients, in chunks."""
         torch = self.torch
+        items = np.arange(self.items) if items is None else np.asarray(items)
         out = []
         with torch.no_grad():
-            for start in range(0, self.items, chunk):
-                index = torch.arange(start, min(start + chunk, self.items))
-                out.append(self.losses(gamma, index).numpy())
-        return np.concatenate(out).astype(np.float64)
+            for start in range(0, len(items), chunk):
+                index = torch.from_numpy(items[start:start + chunk].astype(np.int64))
+                out.append(self.losses(gamma, index, clip_ratios=clip_ratios).numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
 def _scale_rows(torch, weight, conv: bool, block: int | None):
@@ -288,9 +293,29 @@ def fake_quant_weight(torch, weight, bits: int, conv: bool, block: int | None, c
     return _from_scale_rows(torch.clamp(rounded, -qmax, qmax) * scale, weight, conv, block)
 
 
+def holdout_items(item_samples: np.ndarray | None, items: int, held_samples: np.ndarray,
+                  every: int) -> np.ndarray:
+    """Items (leading rows of a group input) whose sample is held out; without a row → sample map,
+    every ``every``-th item (interleaved, so the held-out items span the calibration order)."""
+    if every < 2:
+        return np.zeros(0, np.int64)
+    if item_samples is not None and len(item_samples) == items:
+        return np.flatnonzero(np.isin(item_samples, held_samples))
+    return np.arange(every - 1, items, every)
+
+
 def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: LearnedScalesConfig,
-                item_timesteps: np.ndarray | None, desc: str = "", progress: bool = False) -> dict:
-    """Adam on θ = log γ with cosine-decayed lr; returns γ (after the guard) and what happened."""
+                item_timesteps: np.ndarray | None, desc: str = "", progress: bool = False,
+                held_out: np.ndarray | None = None) -> dict:
+    """Adam on θ = log γ with cosine-decayed lr; returns γ (after the guard) and what happened.
+
+    ``held_out``: items (leading rows of the group input) kept out of training. Then every
+    ``config.check_every`` steps the mean held-out loss is measured, the best θ so far is kept
+    (early stopping: training ends after ``config.patience`` checks without a new best), and the
+    guard picks among learned / init / γ = 1 by held-out error, so γ is never accepted when it
+    raises the held-out error over the unscaled layer. Without held-out items (None or all
+    items) training and the guard use every item.
+    """
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -298,17 +323,29 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     steps = config.iterations
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    train, judge, held = _split_items(problem.items, held_out)
+    initial = problem.pool_losses(torch.exp(theta.detach()), items=train)
     weighting = None
-    initial = problem.pool_losses(torch.exp(theta.detach()))
     if config.timestep_weighting != "off" and item_timesteps is not None:
         power = config.power if config.timestep_weighting == "adaptive" else 1.0
-        weighting = TimestepWeights(item_timesteps, initial, config.momentum, power)
-    batch = min(config.batch_size, problem.items)
-    for _ in tqdm(range(steps), desc=desc, unit="it", leave=False, disable=None if progress else True):
-        index = torch.randperm(problem.items, generator=generator)[:batch]
+        weighting = TimestepWeights(item_timesteps[train], initial, config.momentum, power)
+    judge_ratios = config.guard_clip_ratios  # the lowering's weight quantizer (None: the training one)
+
+    def judged(gamma) -> float:
+        return float(problem.pool_losses(gamma, items=judge, clip_ratios=judge_ratios).mean())
+
+    initial_judged = (float(initial.mean()) if held is None and judge_ratios is None
+                      else judged(torch.exp(theta.detach())))
+    best = {"error": initial_judged, "theta": theta.detach().clone(), "step": 0}
+    stale = 0
+    batch = min(config.batch_size, len(train))
+    train_index = torch.from_numpy(train.astype(np.int64))
+    for step in tqdm(range(1, steps + 1), desc=desc, unit="it", leave=False, disable=None if progress else True):
+        pick = torch.randperm(len(train), generator=generator)[:batch]
+        index = train_index[pick]
         losses = problem.losses(torch.exp(theta), index)
         if weighting is not None:
-            slots = weighting.slot[index.numpy()]
+            slots = weighting.slot[pick.numpy()]
             weighting.update(slots, losses.detach().numpy())
             weights = torch.from_numpy(weighting.weights()[slots].astype(np.float32))
             loss = (weights * losses).mean()
@@ -318,13 +355,38 @@ def learn_gamma(torch, problem: GroupProblem, gamma0: np.ndarray, config: Learne
         loss.backward()
         optimizer.step()
         scheduler.step()
-    learned = torch.exp(theta.detach()).double().numpy()
+        if held is not None and (step % config.check_every == 0 or step == steps):
+            error = judged(torch.exp(theta.detach()))
+            if error < best["error"]:
+                best, stale = {"error": error, "theta": theta.detach().clone(), "step": step}, 0
+            else:
+                stale += 1
+                if config.patience and stale >= config.patience:
+                    break
+    final = theta.detach() if held is None else best["theta"]
+    learned = torch.exp(final).double().numpy()
+    errors = {"init": initial_judged, "learned": judged(torch.from_numpy(learned.astype(np.float32)))}
+    errors["ones"] = errors["init"] if np.all(gamma0 == 1.0) else judged(torch.ones(len(gamma0)))
+    kept = _guard(errors, config.min_gain)
     candidates = {"learned": learned, "init": gamma0, "ones": np.ones_like(gamma0)}
-    errors = {"init": float(initial.mean())}
-    errors["learned"] = float(problem.pool_losses(torch.from_numpy(learned.astype(np.float32))).mean())
-    errors["ones"] = (errors["init"] if np.all(gamma0 == 1.0)
-                      else float(problem.pool_losses(torch.ones(len(gamma0))).mean()))
-    kept = min(("learned", "init", "ones"), key=lambda key: errors[key])
-    return {"gamma": candidates[kept], "kept": kept, "errors": errors,
+    return {"gamma": candidates[kept], "kept": kept, "errors": errors, "judged_on": "held-out" if held is not None else "all",
+            "best_step": best["step"] if held is not None else steps,
             "weights": None if weighting is None else dict(zip(weighting.values.tolist(),
                                                                weighting.weights().round(4).tolist()))}
+
+
+def _split_items(items: int, held_out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(training items, judged items, held-out items or None): no or only held-out items → all, None."""
+    everything = np.arange(items)
+    held = np.zeros(0, np.int64) if held_out is None else np.unique(np.asarray(held_out, np.int64))
+    if len(held) == 0 or len(held) == items:
+        return everything, everything, None
+    return np.setdiff1d(everything, held), held, held
+
+
+def _guard(errors: dict[str, float], min_gain: float) -> str:
+    """The candidate with the least judged error; γ = 1 unless the winner gains ≥ ``min_gain`` over it."""
+    kept = min(("learned", "init", "ones"), key=lambda key: errors[key])
+    if kept != "ones" and errors[kept] > (1.0 - min_gain) * errors["ones"]:
+        return "ones"  # a small simulated gain: not worth redistributing the layer's error (min_gain)
+    return kept

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--limit", type=int, help="use at most this many samples")
     parser.add_argument("--worst", type=int, default=10, help="how many worst layers to print")
+    parser.add_argument("--include-padding", action="store_true",
+                        help="count positions where the attention_mask input is 0 (left out by default: "
+                             "their outputs are masked by every consumer)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,9 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from qcompiler.evaluate import EvalOptions, evaluate
 
     result = evaluate(args.float_model, args.quant_model, args.data,
-                      EvalOptions(limit=args.limit, progress=not args.quiet))
+                      EvalOptions(limit=args.limit, progress=not args.quiet,
+                                  mask_input=None if args.include_padding else "attention_mask"))
     console = Console(width=110)
-    table = Table(title=f"{args.quant_model} vs {args.float_model} ({result['samples']} samples)")
+    padding = (f"; positions where {result['padding_excluded_by']} = 0 left out"
+               if result.get("padding_excluded_by") else "")
+    table = Table(title=f"{args.quant_model} vs {args.float_model} ({result['samples']} samples{padding})")
     for column in ("output", "SQNR dB", "cosine", "max abs err"):
         table.add_column(column, justify="left" if column == "output" else "right")
     rows = list(result["outputs"].items()) + [("overall", result["overall"])]

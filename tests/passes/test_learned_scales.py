@@ -10,8 +10,9 @@ from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import QCompileError
 from qcompiler.pass_manager import EXACT_RTOL, ManagerOptions, PassManager
 from qcompiler.passes import InsertActivationQDQ, LearnedScales, QuantizeWeights
-from qcompiler.passes.learned_scales import (TimestepWeights, collect_inputs, import_torch, sample_timesteps,
-                                             select_samples, timestep_weights)
+from qcompiler.les_training import holdout_items, learn_gamma
+from qcompiler.passes.learned_scales import (TimestepWeights, collect_inputs, held_out_samples, import_torch,
+                                             sample_timesteps, select_samples, timestep_weights)
 from qcompiler.quant import sqnr_db
 from qcompiler.verify import compare_models
 from tests import fold_graphs, graphs
@@ -77,8 +78,64 @@ def test_outlier_layer_is_folded_exactly_and_quantizes_better():
 def test_guard_never_worse_than_identity():
     ctx = context(fold_graphs.outlier_model(), {"x": (4, 8, 16)}, wbits=8)
     record = _run(ctx, _config(iterations=5))
-    ratio = float(record.notes[-1].split("median ×")[1].split(",")[0])
-    assert ratio <= 1.0
+    note = next(note for note in record.notes if "median ×" in note)
+    assert "held-out samples" in note
+    assert float(note.split("median ×")[1].split(",")[0]) <= 1.0
+
+
+class _ShiftProblem:
+    """A stand-in GroupProblem: ℓ_n(γ) = mean_c (log γ_c − a_n)², item n's optimum log γ = a_n."""
+
+    def __init__(self, targets):
+        self.targets = torch.tensor(targets, dtype=torch.float32)
+
+    @property
+    def items(self):
+        return len(self.targets)
+
+    def losses(self, gamma, index):
+        return ((torch.log(gamma)[None, :] - self.targets[index][:, None]) ** 2).mean(dim=1)
+
+    def pool_losses(self, gamma, chunk=16, items=None, clip_ratios=None):
+        items = np.arange(self.items) if items is None else np.asarray(items)
+        with torch.no_grad():
+            return self.losses(gamma, torch.from_numpy(items.astype(np.int64))).numpy().astype(np.float64)
+
+
+def test_held_out_error_stops_training_and_guards_gamma():
+    config = _config(iterations=60, lr=0.05, check_every=5, patience=2)
+    held = np.arange(12, 16)
+    # held-out items want γ = e^-1 while the training items pull towards e^+1: every step raises the
+    # held-out error, so the best held-out θ is the start and γ = 1 is kept (never accepted worse)
+    against = learn_gamma(torch, _ShiftProblem([1.0] * 12 + [-1.0] * 4), np.ones(3), config, None, held_out=held)
+    assert against["best_step"] == 0 and np.all(against["gamma"] == 1.0)
+    assert against["errors"]["learned"] <= against["errors"]["ones"] == pytest.approx(1.0)
+    # held-out items that agree with training: γ moves and the held-out error falls
+    along = learn_gamma(torch, _ShiftProblem([1.0] * 16), np.ones(3), config, None, held_out=held)
+    assert along["best_step"] > 0 and along["kept"] == "learned" and np.all(along["gamma"] > 1.2)
+    assert along["errors"]["learned"] < 0.5 * along["errors"]["ones"]
+    # a gain below min_gain does not count: γ = 1 is kept
+    short = {"iterations": 5, "lr": 0.05, "check_every": 5}  # log γ ≈ 0.25: the held-out error falls ~44%
+    loose = learn_gamma(torch, _ShiftProblem([1.0] * 16), np.ones(3), _config(**short), None, held_out=held)
+    strict = learn_gamma(torch, _ShiftProblem([1.0] * 16), np.ones(3), _config(**short, min_gain=0.6), None,
+                         held_out=held)
+    assert 0.4 < loose["errors"]["learned"] / loose["errors"]["ones"] < 0.9 and loose["kept"] == "learned"
+    assert strict["kept"] == "ones" and np.all(strict["gamma"] == 1.0)
+    # without held-out items: the old behaviour, trained and judged on every item
+    plain = learn_gamma(torch, _ShiftProblem([1.0] * 12 + [-1.0] * 4), np.ones(3), config, None)
+    assert plain["judged_on"] == "all" and plain["kept"] == "learned" and np.all(plain["gamma"] > 1.0)
+
+
+def test_held_out_samples_are_whole_batches_spread_over_the_calibration():
+    batches = [CalibrationBatch({"x": np.zeros((2, 1))}, {}, f"b{i}") for i in range(8)]
+    held, every = held_out_samples(batches, 0.25)
+    assert every == 4 and list(held) == [6, 7, 14, 15]  # batches 3 and 7, both rows each
+    held, every = held_out_samples(batches[:2], 0.25)  # fewer batches than 4: every 4th sample
+    assert list(held) == [3]
+    assert len(held_out_samples(batches, 0.0)[0]) == 0
+    # a group input with 3 rows per sample (e.g. (B·T, C)): all rows of the held-out samples
+    assert list(holdout_items(np.repeat(np.arange(4), 3), 12, np.array([3]), 4)) == [9, 10, 11]
+    assert list(holdout_items(None, 8, np.array([3]), 4)) == [3, 7]  # no row map: interleaved items
 
 
 def test_block_with_attention_and_gelu_fallback_stays_exact():
@@ -152,3 +209,11 @@ def test_training_weight_quantizer_matches_the_clip_search_lowering(layout, shap
     np.testing.assert_allclose(trained.numpy(), reference, rtol=1e-5, atol=1e-6)
     minmax = fake_quant_weight(torch, torch.from_numpy(weight), 4, layout == "conv", block)
     assert not np.allclose(minmax.numpy(), reference)  # the search chose r < 1 somewhere
+
+
+def test_relative_loss_stays_exact_and_guarded():
+    ctx = context(fold_graphs.outlier_model(), {"x": (4, 8, 16)}, wbits=4)
+    record = _run(ctx, _config(relative_loss=True, guard_clip_ratios=(1.0, 0.9, 0.8), iterations=30, lr=0.05))
+    assert record.verify["max_relative_error"] <= EXACT_RTOL
+    note = next(note for note in record.notes if "median ×" in note)
+    assert float(note.split("median ×")[1].split(",")[0]) <= 1.0
