@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_diffusion import models_dir  # noqa: E402
 
 
 def parse_args(argv):
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     wbits, abits = int(args.setting[1]), int(args.setting[3])
-    model_path = Path(qcompiler.__file__).parent / "models" / "dit_mnist.onnx"
+    model_path = models_dir() / "dit_mnist.onnx"
     args.work.mkdir(parents=True, exist_ok=True)
     model = load_model(model_path)
     ctx = CompileContext(model, QuantSettings(wbits=wbits, abits=abits), load_calibration(args.calib, model))
