@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             "samples": args.samples, "steps": 25, "guidance": 4.0}
     write_outputs(results, meta, args.out, name="dit_recipes")
     path = args.out / "dit_recipes.md"
-    path.write_text(path.read_text() + "\n" + comparisons(results))
+    notes = args.out / "dit_recipes.notes.md"  # the hand-written reading of the measured rows, kept across runs
+    path.write_text(path.read_text() + "\n" + comparisons(results) + ("\n" + notes.read_text() if notes.exists() else ""))
     print(comparisons(results))
     return 0
 

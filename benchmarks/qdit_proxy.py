@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_diffusion import models_dir  # noqa: E402
 
 
 def parse_args(argv):
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     from qcompiler.calibration.readers import load_calibration
     from qcompiler.context import CompileContext, QuantSettings
     from qcompiler.diffusion import metrics
-    from qcompiler.diffusion.evaluate import quality, real_heldout_features, sample_model
+    from qcompiler.diffusion.evaluate import cached_sample_model, quality, real_heldout_features, sample_model
     from qcompiler.diffusion.sampler import config_for
     from qcompiler.graph import load_model
     from qcompiler.passes.qdit_groups import PAPER_SIZES, QditGroupsConfig, error_table, evolve, linear_units
@@ -79,27 +80,38 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     wbits, abits = int(args.setting[1]), int(args.setting[3])
-    model_path = Path(qcompiler.__file__).parent / "models" / "dit_mnist.onnx"
+    model_path = models_dir() / "dit_mnist.onnx"
     args.work.mkdir(parents=True, exist_ok=True)
     model = load_model(model_path)
     ctx = CompileContext(model, QuantSettings(wbits=wbits, abits=abits), load_calibration(args.calib, model))
     config = QditGroupsConfig()
-    started = time.perf_counter()
-    groups, units, candidates, _ = linear_units(ctx.graph)
-    errors = error_table(ctx, groups, units, candidates, config)
-    table_s = time.perf_counter() - started
-    evolve(errors, config.budget, config)
-    search_s = time.perf_counter() - started
+    timing = args.work / f"search_{args.setting}.json"
+    if timing.exists():  # a resumed run: the error table (deterministic on the same calibration) from the first
+        saved = json.loads(timing.read_text())
+        errors, table_s, search_s = np.array(saved["errors"]), saved["error_table_s"], saved["search_s"]
+    else:
+        started = time.perf_counter()
+        groups, units, candidates, _ = linear_units(ctx.graph)
+        errors = error_table(ctx, groups, units, candidates, config)
+        table_s = time.perf_counter() - started
+        evolve(errors, config.budget, config)
+        search_s = time.perf_counter() - started
+        timing.write_text(json.dumps({"errors": errors.tolist(), "error_table_s": table_s, "search_s": search_s}))
     picks = candidate_pool(errors, config, args.candidates)
 
     sampler_config = config_for(model_path, steps=25, guidance_scale=4.0)
     classifier = metrics.Classifier.for_denoiser(model_path)
     real = real_heldout_features(classifier)
-    float_images, labels = sample_model(model_path, args.samples, sampler_config)
+    float_images, labels = cached_sample_model(model_path, args.samples, sampler_config, 0, args.work / "float")
     float_features = classifier(float_images)[1]
+    rows_path = args.work / f"rows_{args.setting}.s{args.samples}.json"
+    done = {json.dumps(r["sizes"]): r for r in json.loads(rows_path.read_text())} if rows_path.exists() else {}
     rows = []
     for index, choice in enumerate(picks):
         sizes = [PAPER_SIZES[c] for c in choice]
+        if json.dumps(sizes) in done:  # measured by an earlier, interrupted run (same sizes, samples, seeds)
+            rows.append({**done[json.dumps(sizes)], "candidate": index})
+            continue
         recipe = get_recipe("qdit").with_settings({"qdit_groups": {"sizes": tuple(sizes)}})
         out = args.work / f"candidate{index}.onnx"
         qcompiler.quantize(str(model_path), recipe, str(args.calib), out,
@@ -113,7 +125,7 @@ def main(argv=None) -> int:
                      "frechet_real": scored["frechet"],
                      "psnr_db": float(np.mean(metrics.psnr_per_image(float_images, images)))})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "sizes"}), flush=True)
-        (args.work / "rows.json").write_text(json.dumps(rows))  # partial results survive an interrupted run
+        rows_path.write_text(json.dumps(list({**done, **{json.dumps(r["sizes"]): r for r in rows}}.values())))
     proxy = [r["proxy"] for r in rows]
     summary = {"setting": args.setting.upper(), "samples": args.samples, "candidates": len(rows),
                "error_table_s": table_s, "search_s": search_s,
