@@ -37,7 +37,7 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"`{meta['command']}` on {meta['machine']}. Calibration: every {meta['calib_stride']}th row of each "
              f"timestep file. PSNR: final images vs the float model's, {meta['samples']} prompts/seeds, DDIM 25 "
              f"steps, guidance 4, every row sampled from its deployed model; Δ vs split ± the standard error of "
-             "the mean per-image difference (same seeds). Latency: median of {meta['runs']} "
+             f"the mean per-image difference (same seeds). Latency: median of {meta['runs']} "
              "denoiser calls on the first calibration batch, 1 thread, all rows of a model interleaved; × minmax "
              "is against minmax at the same bits in the same run. `simulated`: quantized tensors the target "
              "runs as plain ONNX ops (log2 attention here). Denoiser SQNR: one call's output vs float, pooled over "
