@@ -99,7 +99,7 @@ class OutputError:
             reference = self.centred @ weight
             share = np.ones(weight.shape[1])
             if columns is not None and weight.shape[1] > columns:
-                kept, share = _column_draw(np.square(reference, dtype=np.float64).sum(axis=0), columns,
+                kept, share = column_draw(np.square(reference, dtype=np.float64).sum(axis=0), columns,
                                            np.random.default_rng([seed, index, weight.shape[1]]))
                 weight, reference = weight[:, kept], reference[:, kept]
             self.column_weights.append(share)
@@ -166,7 +166,7 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _column_draw(energy: np.ndarray, columns: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def column_draw(energy: np.ndarray, columns: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(kept column indices in order, their weights): the ``columns // 2`` columns of largest
     ``energy`` with weight 1, and a uniform draw of the rest of the budget from the other columns,
     each weighted by how many columns it stands for."""

@@ -147,10 +147,17 @@ def _float_weight(node: gs.Node) -> np.ndarray:
 
 def input_channel_energy(node: gs.Node) -> np.ndarray:
     """Σ over everything but the input channel c of Ŵ²: how much an error on input channel c moves
-    the GEMM's outputs (E‖ΔY‖² = Σ_c E[Δx_c²]·‖Ŵ_c‖² for independent errors)."""
-    weight = _float_weight(node)
-    moved = np.moveaxis(weight, weight_in_axis(node), 0)
-    return np.square(moved).reshape(moved.shape[0], -1).sum(axis=1)
+    the GEMM's outputs (E‖ΔY‖² = Σ_c E[Δx_c²]·‖Ŵ_c‖² for independent errors). Squares in float32
+    (Ŵ's own precision), summed in float64: no weight-sized float64 copy (SD-1.5's Convs: 118 MB)."""
+    if node.op == "MatMulNBits":
+        weight = _float_weight(node)
+    else:
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        weight = dequantized_weight(node)
+        weight = weight * np.float32(alpha) if alpha != 1.0 else weight
+    axis = weight_in_axis(node)
+    other = tuple(a for a in range(weight.ndim) if a != axis)
+    return np.square(weight).sum(axis=other, dtype=np.float64)
 
 
 def output_correction(node: gs.Node, shift: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
@@ -173,35 +180,53 @@ def fold_affine(b: Builder, node: gs.Node, ratio: np.ndarray, shift: np.ndarray,
     error the GEMM runs. Re-quantizing diag(r)·W magnifies channel c's weight error by ~1/r_c, and
     a weight error is the same on every input, so on activations with a non-zero mean (GELU and
     SiLU outputs) it is a per-output offset that deeper layers and sampling steps accumulate; this
-    takes out its mean over the calibration data (zero-mean inputs: no change)."""
+    takes out its mean over the calibration data (zero-mean inputs: no change).
+
+    Both terms are one correction, Σ_c ((δ_c − μ_c)/r_c)·Ŵ'[c, n] + Σ_c μ_c·W[c, n]: W is read once
+    and Ŵ' dequantized once, with no weight-sized difference formed."""
     source = _source_weight(node, rule)  # read once: re-quantized here, compared below
     rescale_weight(b, node, ratio, rule, source)
     ratio = np.asarray(ratio, np.float64)
-    correction = None
     shift = np.asarray(shift, np.float64)
-    if np.any(shift):
-        correction = output_correction(node, shift / ratio)
+    if not np.any(shift) and mean is None:
+        return
+    mean = None if mean is None else np.asarray(mean, np.float64)
+    through_deployed = (shift if mean is None else shift - mean) / ratio  # (δ − μ)/r
+    correction = output_correction(node, through_deployed, _float_weight(node))
     if mean is not None:
-        deployed = _float_weight(node) / along_axis(ratio, weight_in_axis(node), source.ndim)
-        offset = output_correction(node, np.asarray(mean, np.float64), deployed - source)
-        correction = -offset if correction is None else correction - offset
-    if correction is not None:
-        add_output_bias(b, node, correction)
+        correction = correction + output_correction(node, mean, source)
+    add_output_bias(b, node, correction)
 
 
-def _source_weight(node: gs.Node, rule: WeightRule) -> np.ndarray:
+def _weight_shape(node: gs.Node) -> tuple[int, ...]:
+    """The shape of Ŵ as ``_float_weight`` returns it, without dequantizing it."""
+    if node.op == "MatMulNBits":
+        return int(node.attrs["K"]), int(node.attrs["N"])
+    return tuple(node.inputs[1].inputs[0].inputs[0].shape)
+
+
+def _out_axis(node: gs.Node) -> int:
+    """The output-channel axis of Ŵ (the axis its grid quantizes each slice of on its own)."""
+    return 1 if node.op == "MatMulNBits" else weight_dq(node)[2]
+
+
+def _source_weight(node: gs.Node, rule: WeightRule, keep: np.ndarray | None = None) -> np.ndarray:
     """W as the GEMM multiplies (Gemm's α folded in): the float weight the rule was computed from when
-    the rule kept it (so W' is rounded once), else Ŵ.
+    the rule kept it (so W' is rounded once), else Ŵ; ``keep``: only those output channels (read
+    from the source alone, so a probe never holds the whole weight).
 
     A memory-mapped source is read through a map of its own that ends here, so the pages read leave
     the resident set: read through ``rule.source`` itself, they stayed for as long as the rule lives
     (PixArt-α dgq: the held-out probes and the affine lowering read every weight, 2.9 GiB of file
     pages resident at the compile's peak)."""
-    weight = _float_weight(node)
-    if rule.source is not None and rule.source.shape == weight.shape:
+    if rule.source is not None and rule.source.shape == _weight_shape(node):
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-        weight = fresh_map(rule.source).astype(np.float64) * alpha
-    return weight
+        source = fresh_map(rule.source)
+        if keep is not None:
+            source = np.take(source, keep, axis=_out_axis(node))
+        return source.astype(np.float64) * alpha
+    weight = _float_weight(node)
+    return weight if keep is None else np.take(weight, keep, axis=_out_axis(node))
 
 
 def _rescaled_grid(node: gs.Node, weight: np.ndarray, ratio: np.ndarray, rule: WeightRule):
@@ -236,17 +261,22 @@ class RescaledWeightError:
     diag(r)·W. The affine lowering computes x̂_c·Ŵ'_c/r_c, so this is the weight error channel c
     carries in the deployed GEMM (r ≡ 1: the rule's own error; a small r_c magnifies it by ~1/r_c).
 
-    W is read once; each output channel is quantized on its own, so at most ``columns`` of them (a
-    seeded draw) are scored and the sum scaled by N/columns: an unbiased estimate at bounded cost."""
+    Each output channel n is quantized on its own, so the error is a sum over n and at most
+    ``columns`` of them are scored (``scale_search.column_draw``): the ``columns // 2`` of largest
+    Σ s_n² (their grid steps, hence their errors, are the largest: about K·s_n²/12) exactly, and a
+    seeded uniform draw from the rest, each weighted by (rest)/(drawn). Unbiased, with the heavy
+    columns' variance removed; only the kept columns of W are ever read (not the whole weight)."""
 
-    def __init__(self, node: gs.Node, rule: WeightRule, columns: int = 256, seed: int = 0):
-        weight = _source_weight(node, rule)
-        out_axis = 1 if node.op == "MatMulNBits" else weight_dq(node)[2]
-        total = weight.shape[out_axis]
-        if total > columns:
-            keep = np.sort(np.random.default_rng([seed, total]).choice(total, size=columns, replace=False))
-            weight = np.take(weight, keep, axis=out_axis)
-        self.node, self.rule, self.weight, self.share = node, rule, weight, total / weight.shape[out_axis]
+    def __init__(self, node: gs.Node, rule: WeightRule, columns: int = 128, seed: int = 0):
+        from qcompiler.scale_search import column_draw
+
+        heaviness = _column_heaviness(node)
+        keep, share = None, np.ones(heaviness.size)
+        if heaviness.size > columns:
+            keep, share = column_draw(heaviness, columns, np.random.default_rng([seed, heaviness.size]))
+        self.weight = _source_weight(node, rule, keep)
+        self.node, self.rule = node, rule
+        self.share = along_axis(share, _out_axis(node), self.weight.ndim)
 
     def __call__(self, ratio: np.ndarray) -> np.ndarray:
         scaled, q, scale, zero_point, spec = _rescaled_grid(self.node, self.weight, ratio, self.rule)
@@ -255,8 +285,16 @@ class RescaledWeightError:
         deq = deq.T if self.node.op == "MatMulNBits" else deq
         axis = weight_in_axis(self.node)
         error = self.weight - deq / along_axis(np.asarray(ratio, np.float64), axis, self.weight.ndim)
-        moved = np.moveaxis(np.square(error), axis, 0)
-        return self.share * moved.reshape(moved.shape[0], -1).sum(axis=1)
+        other = tuple(a for a in range(error.ndim) if a != axis)
+        return (np.square(error) * self.share).sum(axis=other)
+
+
+def _column_heaviness(node: gs.Node) -> np.ndarray:
+    """Σ s² of each output channel's weight grid (its scale; the sum of its blocks' for int4)."""
+    if node.op == "MatMulNBits":
+        scales = constant_value(node.inputs[2]).astype(np.float64)
+        return np.square(scales.reshape(int(node.attrs["N"]), -1)).sum(axis=1)
+    return np.square(weight_dq(node)[1].astype(np.float64))
 
 
 def add_output_bias(b: Builder, node: gs.Node, correction: np.ndarray) -> None:

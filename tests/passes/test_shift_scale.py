@@ -156,13 +156,13 @@ def test_column_draw_estimates_the_full_output_error():
 def test_column_draw_keeps_heavy_columns_and_is_unbiased():
     """The heaviest half of the budget is always scored; the drawn half stands for the rest, so the
     weighted sum estimates the total without bias (mean over seeds) and each draw counts N columns."""
-    from qcompiler.scale_search import _column_draw
+    from qcompiler.scale_search import column_draw
 
     energy = np.random.default_rng(0).exponential(size=300)
     energy[[7, 123, 250]] = 1000.0   # a few columns that carry most of the output
     estimates = []
     for seed in range(400):
-        kept, share = _column_draw(energy, 40, np.random.default_rng(seed))
+        kept, share = column_draw(energy, 40, np.random.default_rng(seed))
         assert kept.size == 40 and np.all(np.diff(kept) > 0) and {7, 123, 250} <= set(kept.tolist())
         assert share.sum() == pytest.approx(energy.size)
         estimates.append(float(energy[kept] @ share))
