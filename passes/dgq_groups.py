@@ -165,15 +165,19 @@ class DgqGroups(Pass):
                 notes.append(f"too little calibration data to hold out 1 row in {self.config.holdout_every}: "
                              "groups not validated")
         # With a split, the fit and held-out rows' statistics come from one pass over the data and
-        # merge into the whole set's (exact for ranges), which ctx.statistics then serves from its cache.
-        fit = ctx.statistics_of_parts(wanted, [split.fit, split.held_out])[0] if split is not None else None
+        # merge into the whole set's (exact for ranges), which ctx.statistics then serves from its cache;
+        # the held-out rows are drawn in the held-out part's forward passes (no capture pass of their own).
+        fit, sampler = None, None
+        if split is not None:
+            sampler = self._holdout_sampler(ctx, split, targets)
+            fit = ctx.statistics_of_parts(wanted, [split.fit, split.held_out], rows=sampler)[0]
         stats = ctx.statistics(wanted)
         spec = QuantSpec(bits=ctx.settings.abits, symmetric=False)
         axes = {name: self._axis(tensor, axis, stats[name], notes) for name, (tensor, axis) in targets.items()}
         grids: dict[str, tuple[float, bool] | None] = {name: (0.0, False) for name in targets}
         if split is not None:
             channel_grouped = {name: targets[name] for name, a in axes.items() if a == "channel"}
-            grids.update(self._validated_grids(ctx, channel_grouped, groups, spec, split, fit, notes))
+            grids.update(self._validated_grids(ctx, channel_grouped, groups, spec, split, fit, sampler, notes))
         for name, (tensor, axis) in targets.items():
             if grids[name] is not None:
                 plans[name] = self._plan(tensor, axis, stats[name], axes[name], groups, spec, *grids[name])
@@ -234,17 +238,36 @@ class DgqGroups(Pass):
             return "channel"
         return axis
 
+    def _holdout_sampler(self, ctx: CompileContext, split, targets: dict):
+        """The ``RowSampler`` of up to ``holdout_rows`` held-out rows of every target, which rides on
+        the held-out part's statistics pass (None on a cluster: ``_validated_grids`` then samples).
+        Every target is sampled, since the axis choice needs the statistics; the draws are keyed by
+        the targets' order, as ``held_out_rows`` keys them by the channel-grouped ones'."""
+        from qcompiler.calibration.row_samples import RowSampler
+
+        if ctx.cluster is not None:
+            return None
+        axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
+        per_batch = -(-self.config.holdout_rows // max(len(split.held_out), 1))
+        return RowSampler(axes, per_batch, self.config.seed, list(axes), len(split.held_out), ctx.threads,
+                          keep=ctx.spill)
+
     def _validated_grids(self, ctx: CompileContext, targets: dict, groups: int, spec: QuantSpec, split,
-                         fit: dict, notes: list[str]) -> dict[str, tuple[float, bool] | None]:
+                         fit: dict, sampler, notes: list[str]) -> dict[str, tuple[float, bool] | None]:
         """Per channel-grouped tensor: (margin, shared zero point) of the best grouped grid on held-out
         rows, or None where per-tensor wins (``GridScores.choose``). ``fit``: statistics of the
-        split's fit rows."""
+        split's fit rows; ``sampler``: the held-out rows drawn with them (``_holdout_sampler``), or
+        None to draw them in a pass of their own."""
         from qcompiler.calibration.holdout import held_out_rows, score_grids
+        from qcompiler.calibration.row_samples import RowSamples
 
         if not targets:
             return {}
         axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
-        rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
+        if sampler is not None and sampler.done:
+            rows = RowSamples(sampler.samples, self.config.holdout_rows)
+        else:
+            rows = held_out_rows(ctx, split.held_out, axes, self.config.holdout_rows, self.config.seed)
         energy = self._channel_energy(ctx, targets) if self.config.weigh_by_weights else {}
         readers = self._weighted_readers(ctx, targets) if self.config.weigh_by_weights else {}
         chosen: dict[str, tuple[float, bool] | None] = {}

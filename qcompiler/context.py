@@ -194,15 +194,25 @@ class CompileContext:
                 points[node.outputs[0].name] = 1
         return {name: axis for name, axis in points.items() if _key(name, axis) not in self._stats_cache}
 
-    def statistics_of_parts(self, tensors: Mapping[str, int | None], parts, progress: bool = True) -> list[dict]:
+    def statistics_of_parts(self, tensors: Mapping[str, int | None], parts, progress: bool = True,
+                            rows=None) -> list[dict]:
         """Statistics of ``tensors`` on each part of a partition of the calibration rows (e.g. a
         hold-out split's fit and held-out rows): one pass over the data in all. The whole set's
         statistics, merged from the parts (exact: ranges and counts do not depend on order), go
-        into the cache that ``statistics`` serves. ``parts`` must cover every calibration row once."""
+        into the cache that ``statistics`` serves. ``parts`` must cover every calibration row once.
+
+        ``rows``: a ``row_samples.RowSampler`` (in-process only) that draws its rows in the last
+        part's forward passes (e.g. held-out rows: no capture pass of their own); it learns the
+        tensors' sizes per sample from the first part's statistics (``RowSampler.expect``)."""
         import copy
 
         tensors = {**self._quantization_points(), **tensors}
-        results = [self._collect(dict(tensors), part, progress) for part in parts]
+        results = []
+        for index, part in enumerate(parts):
+            sampler = rows if index == len(parts) - 1 else None
+            if sampler is not None and results:
+                sampler.expect(results[0])
+            results.append(self._collect(dict(tensors), part, progress, sampler))
         for name, axis in tensors.items():
             merged = copy.deepcopy(results[0][name])
             for result in results[1:]:
