@@ -243,14 +243,18 @@ class DgqGroups(Pass):
         the held-out part's statistics pass (None on a cluster: ``_validated_grids`` then samples).
         Every target is sampled, since the axis choice needs the statistics; the draws are keyed by
         the targets' order, as ``held_out_rows`` keys them by the channel-grouped ones'."""
+        from qcompiler.calibration.capture import default_chunk_bytes
         from qcompiler.calibration.row_samples import RowSampler
 
         if ctx.cluster is not None:
             return None
         axes = {name: (-1 if axis is None else axis) for name, (_, axis) in targets.items()}
         per_batch = -(-self.config.holdout_rows // max(len(split.held_out), 1))
+        # Tensors with a run-time row count come back whole rather than cost a shape-probe pass when
+        # one held-out batch of them fits an eighth of the available memory (not a quarter of the
+        # weights: they are int8 by now, and the whole tensors are freed batch by batch).
         return RowSampler(axes, per_batch, self.config.seed, list(axes), len(split.held_out), ctx.threads,
-                          keep=ctx.spill)
+                          keep=ctx.spill, whole_bytes=default_chunk_bytes())
 
     def _validated_grids(self, ctx: CompileContext, targets: dict, groups: int, spec: QuantSpec, split,
                          fit: dict, sampler, notes: list[str]) -> dict[str, tuple[float, bool] | None]:

@@ -120,8 +120,20 @@ def quantize(x: np.ndarray, scale, zero_point, spec: QuantSpec, axis: int | None
     scale = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
     zero_point = _broadcast(np.asarray(zero_point).astype(np.int32), x.ndim, axis)
     # Divide in float32 like ORT's QuantizeLinear so rounding ties land identically.
-    q = np.rint(x.astype(np.float32) / scale) + zero_point
-    return np.clip(q, spec.qmin, spec.qmax).astype(spec.container)
+    return _round_clamp(x.astype(np.float32) / scale, zero_point, spec)
+
+
+def _round_clamp(scaled: np.ndarray, zero_point, spec: QuantSpec) -> np.ndarray:
+    """clamp(round(scaled) + z, qmin, qmax) in the container type, computed in place in float32
+    (``scaled``: a float32 array the caller owns). Exact: below 2^24 a rounded value plus an integer
+    z is exact in float32, and anything larger clamps to the same code; a float64 sum (float32 plus
+    int32 arrays) would only double the memory traffic of weight-sized arrays."""
+    q = np.rint(scaled, out=scaled)
+    zero_point = np.asarray(zero_point)
+    if np.any(zero_point):
+        q += zero_point.astype(np.float32)
+    np.clip(q, spec.qmin, spec.qmax, out=q)
+    return q.astype(spec.container)
 
 
 def dequantize(q: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
@@ -209,8 +221,7 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndar
     """Integer weight and its (scale, zero_point) at the spec's granularity (min/max ranges)."""
     scale, zero_point = params_from_tensor(w, spec)
     s, z = element_params(w, spec, scale, zero_point)
-    q = np.clip(np.rint(w.astype(np.float32) / s.astype(np.float32)) + z.astype(np.int32), spec.qmin, spec.qmax)
-    return q.astype(spec.container), scale, zero_point
+    return _round_clamp(w.astype(np.float32) / s.astype(np.float32), z, spec), scale, zero_point
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:

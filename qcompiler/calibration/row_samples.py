@@ -175,14 +175,17 @@ class RowSampler:
 
     Tensors whose row count shape inference leaves open need a probe pass for their shapes, unless
     ``expect`` gave their sizes per sample (from statistics of earlier rows) and the whole tensors
-    of one batch fit the capture's chunk budget (``capture.default_chunk_bytes``): they then come
-    back whole from the pass itself and are drawn in numpy, the same rows (DGQ's held-out rows on
-    SD-1.5: 48 open tensors of one latent, one forward pass fewer)."""
+    of one batch fit ``whole_bytes`` (default: the capture's chunk budget, ``capture.default_chunk_bytes``):
+    they then come back whole from the pass itself and are drawn in numpy, the same rows (DGQ's
+    held-out rows on SD-1.5: 48 open tensors, 0.28 GB for one latent, and one forward pass fewer)."""
 
     def __init__(self, tensors: Mapping[str, int], per_batch: int, seed: int, order: Sequence[str],
                  sampled: int, threads: int | None = None,
-                 keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows, first: int = 0):
+                 keep: Callable[[np.ndarray], np.ndarray] = lambda rows: rows, first: int = 0,
+                 whole_bytes: int | None = None):
         self.tensors, self.per_batch, self.seed, self.sampled = dict(tensors), per_batch, seed, sampled
+        #: Budget of tensors returned whole per forward pass (None: the capture's chunk budget).
+        self.whole_bytes = whole_bytes
         self.position = {name: index for index, name in enumerate(order)}
         self.threads, self.keep, self.first = threads, keep, first
         self.gathered: dict[str, tuple[int, int, int]] = {}
@@ -227,7 +230,7 @@ class RowSampler:
                 whole.append(name)
             else:
                 self.gathered[name], self.counts[name] = static
-        budget = default_chunk_bytes(skel.weight_bytes)
+        budget = default_chunk_bytes(skel.weight_bytes) if self.whole_bytes is None else self.whole_bytes
         if whole and self._fit_whole(whole, sampled, budget):
             log.info("%d of %d sampled tensors have no static row count: returned whole (%.0f MiB per "
                      "sample) and drawn in numpy", len(whole), len(self.tensors),

@@ -99,3 +99,34 @@ def test_rows_riding_on_the_ranges_pass_equal_their_own_pass(monkeypatch, model,
             np.testing.assert_array_equal(sampler.samples[name][b], alone_rows[name][b])
         for field in ("channel_min", "channel_max", "index_min", "index_max"):
             np.testing.assert_array_equal(getattr(ranges[name], field), getattr(alone_ranges[name], field))
+
+
+@pytest.mark.parametrize("budget, probed", [(None, False), (0, True)])
+def test_open_row_counts_with_expected_sizes_come_back_whole_from_the_ranges_pass(monkeypatch, caplog, budget,
+                                                                                probed):
+    """Sizes per sample learned from earlier statistics (``expect``) let a tensor whose row count
+    shape inference leaves open come back whole from the ranges pass itself: no probe pass, and
+    the same rows bit for bit; over the chunk budget it is probed as before."""
+    from qcompiler.calibration import reductions, row_samples
+    from qcompiler.calibration.row_samples import RowSampler
+
+    model = graphs.linear_model()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "tokens"  # rows no longer static
+    del model.graph.value_info[:]
+    tensors, order, per_batch, seed = {"x": -1, "mm": -1}, ["x", "mm"], 5, 3
+    batches, config = _batches((2, 4, 16)), StatsConfig(progress=False)
+    alone = sample_rows(model, batches[1:], tensors, per_batch, seed, order, first=1)
+    if budget is not None:
+        monkeypatch.setattr(row_samples, "default_chunk_bytes", lambda weight_bytes: budget)
+    probes = []
+    original = row_samples.run_batch
+    monkeypatch.setattr(row_samples, "run_batch", lambda *a: probes.append(1) or original(*a))
+    sampler = RowSampler(tensors, per_batch, seed, order, sampled=2, first=1)
+    sampler.expect(reductions.collect_ranges(model, batches[:1], tensors, config))
+    assert sampler.sample_bytes["mm"] == 4 * 4 * 8  # 4 tokens × 8 channels of float32
+    with caplog.at_level("INFO", logger="qcompiler.calibration.row_samples"):
+        reductions.collect_ranges(model, batches[1:], tensors, config, rows=sampler)
+    assert bool(probes) == probed and ("returned whole" in caplog.text) != probed
+    for name in tensors:
+        for b in (1, 2):
+            np.testing.assert_array_equal(sampler.samples[name][b], alone[name][b])

@@ -200,3 +200,45 @@ def test_validation_needs_enough_rows_to_hold_out():
     _, _, paper = planned(graphs.linear_model(k=16, n=8), "x", arrays)
     assert np.array_equal(plans["x"].scales, paper["x"].scales)
     assert any("groups not validated" in note for note in result.notes)
+
+
+def test_held_out_rows_ride_on_the_statistics_pass(monkeypatch):
+    """Validation reads the calibration data once: one forward pass per batch (fit and held-out parts)
+    gives the statistics and the held-out rows. The rows are ``held_out_rows``' own pass's seeded draw
+    bit for bit (same order), and the merged statistics equal a plain capture's."""
+    from qcompiler.calibration import reductions, row_samples
+    from qcompiler.calibration.holdout import held_out_rows, split_holdout
+
+    model, arrays = graphs.conv_model(), feeds((4, 4, 8, 8), count=3, outlier=lambda x: x.__setitem__(
+        (slice(None), 2), x[:, 2] * 30.0))
+    batches = [CalibrationBatch({"x": x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
+    runs = []
+    for module in (reductions, row_samples):
+        original = module.run_batch
+        monkeypatch.setattr(module, "run_batch", lambda *a, _m=module.__name__, _f=original: runs.append(_m) or _f(*a))
+    ctx = CompileContext(model, QuantSettings(), batches)
+    QuantizeWeights().call(ctx)
+    result = DgqGroups(DgqGroupsConfig(min_gain_db=0.0)).call(ctx)
+    assert any("held-out validation" in note for note in result.notes)
+    assert runs == [reductions.__name__] * 2 * len(batches)  # fit rows + held-out rows of each batch
+
+    monkeypatch.undo()
+    fresh = CompileContext(model, QuantSettings(), batches)
+    QuantizeWeights().call(fresh)
+    dgq = DgqGroups(DgqGroupsConfig())
+    targets = dgq._targets(fresh, [])
+    axes = {name: axis for name, (_, axis) in targets.items()}
+    split = split_holdout(batches, 4)
+    sampler = dgq._holdout_sampler(fresh, split, targets)
+    fresh.statistics_of_parts(axes, [split.fit, split.held_out], rows=sampler)
+    assert sampler.done and set(axes) == {"x", "r1"}
+    alone = held_out_rows(fresh, split.held_out, {name: 1 for name in axes}, 512, 0)
+    for name in axes:
+        joined = np.concatenate([sampler.samples[name][b] for b in sorted(sampler.samples[name])])[:512]
+        np.testing.assert_array_equal(joined, alone[name])
+    plain = CompileContext(model, QuantSettings(), batches)
+    QuantizeWeights().call(plain)
+    merged, whole = fresh.statistics(axes), plain.statistics(axes)
+    for name in axes:
+        for field in ("channel_min", "channel_max", "index_min", "index_max"):
+            np.testing.assert_array_equal(getattr(merged[name], field), getattr(whole[name], field))
