@@ -164,9 +164,9 @@ def output_correction(node: gs.Node, shift: np.ndarray, weight: np.ndarray | Non
     """δ·Ŵ per output channel: Σ_c δ_c Ŵ[c, n] (Conv: summed over the kernel taps too); ``weight``
     replaces the node's dequantized Ŵ (same layout)."""
     weight = _float_weight(node) if weight is None else weight
-    moved = np.moveaxis(weight, weight_in_axis(node), 0)
-    out = np.tensordot(shift, moved, axes=([0], [0]))
-    return out.reshape(out.shape[0], -1).sum(axis=1) if node.op == "Conv" else out
+    if node.op == "Conv":  # [O, I, taps…]: the taps summed first (contiguous), then one matrix-vector product
+        return weight.reshape(weight.shape[0], weight.shape[1], -1).sum(axis=2) @ shift
+    return np.dot(shift, np.moveaxis(weight, weight_in_axis(node), 0))  # BLAS reads a transposed view as is
 
 
 def fold_affine(b: Builder, node: gs.Node, ratio: np.ndarray, shift: np.ndarray, rule: WeightRule,
@@ -281,12 +281,17 @@ class RescaledWeightError:
     def __call__(self, ratio: np.ndarray) -> np.ndarray:
         scaled, q, scale, zero_point, spec = _rescaled_grid(self.node, self.weight, ratio, self.rule)
         s, z = element_params(scaled, spec, np.asarray(scale), np.asarray(zero_point))
-        deq = (q.astype(np.float64) - z) * s
-        deq = deq.T if self.node.op == "MatMulNBits" else deq
+        error = q.astype(np.float64)  # one buffer, updated in place: (q − z)·s/r, then (W − ·)²·share
+        if np.any(z):
+            error -= z
+        error *= s
+        error = error.T if self.node.op == "MatMulNBits" else error
         axis = weight_in_axis(self.node)
-        error = self.weight - deq / along_axis(np.asarray(ratio, np.float64), axis, self.weight.ndim)
-        other = tuple(a for a in range(error.ndim) if a != axis)
-        return (np.square(error) * self.share).sum(axis=other)
+        error /= along_axis(np.asarray(ratio, np.float64), axis, self.weight.ndim)
+        np.subtract(self.weight, error, out=error)
+        np.square(error, out=error)
+        error *= self.share
+        return error.sum(axis=tuple(a for a in range(error.ndim) if a != axis))
 
 
 def _column_heaviness(node: gs.Node) -> np.ndarray:
