@@ -147,17 +147,22 @@ def _float_weight(node: gs.Node) -> np.ndarray:
 
 def input_channel_energy(node: gs.Node) -> np.ndarray:
     """Σ over everything but the input channel c of Ŵ²: how much an error on input channel c moves
-    the GEMM's outputs (E‖ΔY‖² = Σ_c E[Δx_c²]·‖Ŵ_c‖² for independent errors). Squares in float32
-    (Ŵ's own precision), summed in float64: no weight-sized float64 copy (SD-1.5's Convs: 118 MB)."""
-    if node.op == "MatMulNBits":
+    the GEMM's outputs (E‖ΔY‖² = Σ_c E[Δx_c²]·‖Ŵ_c‖² for independent errors). With per-output
+    scales and zero point 0 (Ŵ = q·s_n): Σ_n s_n²·Σ_taps q², the integer squares summed exactly in
+    float32, so no float copy of Ŵ is made (SD-1.5's widest Convs: 118 MB each in float64)."""
+    found = weight_dq(node) if node.op != "MatMulNBits" else None
+    if found is None:
         weight = _float_weight(node)
-    else:
-        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-        weight = dequantized_weight(node)
-        weight = weight * np.float32(alpha) if alpha != 1.0 else weight
-    axis = weight_in_axis(node)
-    other = tuple(a for a in range(weight.ndim) if a != axis)
-    return np.square(weight).sum(axis=other, dtype=np.float64)
+        moved = np.moveaxis(weight, weight_in_axis(node), 0)
+        return np.square(moved).reshape(moved.shape[0], -1).sum(axis=1)
+    q, scale, out_axis = found
+    in_axis = weight_in_axis(node)
+    alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+    squares = np.square(q.astype(np.float32))
+    taps = tuple(a for a in range(q.ndim) if a not in (in_axis, out_axis))
+    per_pair = squares.sum(axis=taps) if taps else squares  # exact: integers below 2^24
+    per_pair = per_pair if in_axis < out_axis else per_pair.T  # [in, out]
+    return (per_pair.astype(np.float64) @ np.square(scale.astype(np.float64))) * alpha**2
 
 
 def output_correction(node: gs.Node, shift: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:

@@ -275,11 +275,14 @@ def test_input_channel_energy_sums_squared_weights_over_everything_but_the_input
     from qcompiler.lowering.channel_affine import input_channel_energy
     from qcompiler.lowering.channel_groups import dequantized_weight
 
-    for model, node_name, axis in ((padded_conv(), "conv", 1), (ln_linear_model(), "fc0", 0)):
+    for model, node_name, axis in ((padded_conv(), "conv", 1), (ln_linear_model(), "fc0", 0),
+                                   (graphs.gemm_model(trans_b=1, alpha=0.5), "head", 1),
+                                   (graphs.gemm_model(trans_b=0), "head", 0)):
         ctx = CompileContext(model, QuantSettings(), [])
         QuantizeWeights().call(ctx)
         node = gemm(ctx, node_name)
-        weight = np.moveaxis(dequantized_weight(node).astype(np.float64), axis, 0)
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        weight = np.moveaxis(dequantized_weight(node).astype(np.float64) * alpha, axis, 0)
         expected = np.square(weight).reshape(weight.shape[0], -1).sum(axis=1)
         np.testing.assert_allclose(input_channel_energy(node), expected, rtol=1e-6)
 
