@@ -8,7 +8,7 @@ Bytes: the output file, and the weight values at their bit widths (int4 counted 
 MatMulNBits packs them; ORT's W4 Convs hold int4 values in int8 containers, so the file does not
 shrink by that much), scales excluded. Also lists the layers each budget kept at 8 bits.
 
-Usage: python benchmarks/bench_mixed_precision.py [--models unet_mnist unet_mnist_b ...] [--samples 8]
+Usage: python benchmarks/bench_mixed_precision.py [--models unet_mnist unet_mnist_b unet_mnist_c ...] [--samples 8]
        [--recipes minmax dgq] [--budgets 0 10 25] [--gptq] [--work DIR] [--out benchmarks/results]
        python benchmarks/bench_mixed_precision.py --models unet_mnist unet_mnist_b --name zoo_w4a8 \
        --cells dgq:8 minmax:4 osplus:4 dgq:4 dmq:4 minmax:4:0:clip minmax:4:10:gptq dgq:4:10:gptq
