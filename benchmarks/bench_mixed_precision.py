@@ -163,8 +163,8 @@ def criteria(rows: list[dict]) -> list[str]:
         ref = next((r for r in mine if r["wbits"] == 8 and r["recipe"] == "dgq"), None)
         if ref is None:
             lines.append(f"- {model}: no W8A8 dgq row measured")
-            continue
-        small = [r for r in mine if r["wbits"] == 4 and r["weight_value_bytes"] <= 0.6 * ref["weight_value_bytes"]]
+        small = [r for r in mine if ref is not None and r["wbits"] == 4
+                 and r["weight_value_bytes"] <= 0.6 * ref["weight_value_bytes"]]
         if small:
             best = max(small, key=lambda r: r["psnr_db"])
             gap = ref["psnr_db"] - best["psnr_db"]
