@@ -17,7 +17,8 @@ Steps, in order:
   SQNR rose 21.8 → 22.4 dB). With these defaults, W4A8, 16 images, paired difference to minmax + clip
   search ± SE: ``unet_mnist`` 23.72 dB (+0.44 ± 0.77), ``unet_mnist_b`` 21.22 dB (+0.06 ± 0.26).
   ``learned_scales.output_weighting="downstream"`` (the loss weighted per output channel by the next
-  layers' weights) measured no better (−0.47 ± 0.30 dB on ``unet_mnist_b``), so it is off.
+  layers' weights) measured no better on every zoo UNet (−0.47 ± 0.30 dB vs minmax + clip on
+  ``unet_mnist_b``, +0.37 ± 0.64 on ``unet_mnist_c``), so it is off.
 - ``pow2_skip_scales``: decoder shortcut Convs reading concat(h, skip) get per-channel multipliers
   m_c ∈ {1, ½, ¼, ⅛} by voting (``variance_ratio = 16`` in a recipe file adds every input whose
   channel ranges differ more than 16×); at W4 lowered exactly to one int8 GEMM with int4 weights
