@@ -55,9 +55,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffusion_rows import Row, ablation_rows, dmq_rows, fold_rows, main_rows, weight_clip_rows
 
-# unet_b: the held-out zoo UNet (other widths, attention only at the innermost level, seed 1), not
+# unet_b, unet_c: the held-out zoo UNets (other widths, depth and attention placement, seeds 1, 2), not
 # in the default runs: it checks that a recipe change helps beyond the model it was tuned on.
-MODELS = {"unet": "unet_mnist", "unet_b": "unet_mnist_b", "dit": "dit_mnist"}
+MODELS = {"unet": "unet_mnist", "unet_b": "unet_mnist_b", "unet_c": "unet_mnist_c", "dit": "dit_mnist"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Lowering benchmark: every recipe's deployed output beside minmax's, at the same bits, in one run.
 
-For each model (``unet``, ``dit`` of the zoo; ``unet_b``, the held-out zoo UNet, on request) and
+For each model (``unet``, ``dit`` of the zoo; ``unet_b``, ``unet_c``, the held-out zoo UNets, on request) and
 setting (W8A8, W8A6, W4A8) the rows are minmax,
 smoothquant, osplus, dgq (default lowering: channel groups as one per-tensor affine, one integer
 GEMM each), dgq with ``--channel-groups split`` (K partial integer GEMMs: the bit-exact reference)
@@ -21,7 +21,7 @@ timestep file, so all timesteps stay represented), then measured:
 MiniLM's rows (every recipe's latency beside minmax's) come from ``bench_minilm.py --recipes all``.
 Rows are cached in ``--work``; writes ``lowering.json``, ``lowering.md`` and ``lowering.png``.
 
-Usage: python benchmarks/bench_lowering.py [--models unet unet_b dit] [--settings w8a8 w8a6 w4a8]
+Usage: python benchmarks/bench_lowering.py [--models unet unet_b unet_c dit] [--settings w8a8 w8a6 w4a8]
        [--samples 16] [--runs 10] [--work build/bench_lowering]
 """
 

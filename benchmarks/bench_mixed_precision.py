@@ -8,13 +8,13 @@ Bytes: the output file, and the weight values at their bit widths (int4 counted 
 MatMulNBits packs them; ORT's W4 Convs hold int4 values in int8 containers, so the file does not
 shrink by that much), scales excluded. Also lists the layers each budget kept at 8 bits.
 
-Usage: python benchmarks/bench_mixed_precision.py [--models unet_mnist unet_mnist_b ...] [--samples 8]
+Usage: python benchmarks/bench_mixed_precision.py [--models unet_mnist unet_mnist_b unet_mnist_c ...] [--samples 8]
        [--recipes minmax dgq] [--budgets 0 10 25] [--gptq] [--work DIR] [--out benchmarks/results]
        python benchmarks/bench_mixed_precision.py --models unet_mnist unet_mnist_b --name zoo_w4a8 \
        --cells dgq:8 minmax:4 osplus:4 dgq:4 dmq:4 minmax:4:0:clip minmax:4:10:gptq dgq:4:10:gptq
 Writes ``NAME.json`` and ``NAME.md`` (``--name``, default ``mixed_precision``) to ``--out`` after every
-row, so a cut-off run keeps what it measured; ``--cells`` (``RECIPE:WBITS[:BUDGET%][:gptq][:clip]``,
-``clip`` = ``quantize_weights.clip_search=true``) replaces the recipes x budgets grid and adds ``NAME.png``
+row, so a cut-off run keeps what it measured; ``--cells`` (``RECIPE:WBITS[:BUDGET%][:gptq][:clip][:PASS.FIELD=VALUE]``,
+``clip`` = ``quantize_weights.clip_search=true``, ``PASS.FIELD=VALUE`` = a ``--set`` for the compile) replaces the recipes x budgets grid and adds ``NAME.png``
 and a per-model check of the issue's criteria. Each row records its effective int4 weight quantizer
 (clip search on by flag or by the recipe's own default, GPTQ or not), the key the dmq-vs-minmax check pairs on.
 """
@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -54,15 +55,18 @@ def parse_args(argv):
     return args
 
 
-def parse_cell(text: str) -> tuple[str, int, float, bool, bool]:
-    """``"dgq:4:10:gptq"`` -> ("dgq", 4, 10.0, True, False); budget defaults to 0 and applies to W4 only."""
+def parse_cell(text: str) -> tuple[str, int, float, bool, bool, tuple[str, ...]]:
+    """``"dgq:4:10:gptq"`` -> ("dgq", 4, 10.0, True, False, ()); budget defaults to 0 and applies to W4 only;
+    ``PASS.FIELD=VALUE`` parts are ``--set`` overrides (last element)."""
     parts = text.split(":")
     flags = {part for part in parts[2:] if part in ("gptq", "clip")}
-    parts = [part for part in parts if part not in flags]
+    sets = tuple(part for part in parts[2:] if "=" in part)
+    parts = [part for part in parts if part not in flags and part not in sets]
     if len(parts) not in (2, 3) or parts[1] not in ("4", "8"):
-        raise SystemExit(f"--cells: {text!r} is not RECIPE:WBITS[:BUDGET][:gptq][:clip] with WBITS 4 or 8")
+        raise SystemExit(f"--cells: {text!r} is not RECIPE:WBITS[:BUDGET][:gptq][:clip][:PASS.FIELD=VALUE] "
+                         "with WBITS 4 or 8")
     budget = float(parts[2].rstrip("%")) if len(parts) == 3 else 0.0
-    return parts[0], int(parts[1]), budget, "gptq" in flags, "clip" in flags
+    return parts[0], int(parts[1]), budget, "gptq" in flags, "clip" in flags, sets
 
 
 def recipe_clip_search(recipe: str, bits: int) -> bool:
@@ -96,9 +100,10 @@ def weight_value_bytes(float_model: Path, report: dict) -> int:
 
 
 def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, work: Path, gptq: bool = False,
-            done_only: bool = False, clip: bool = False) -> dict | None:
+            done_only: bool = False, clip: bool = False, sets: tuple[str, ...] = ()) -> dict | None:
     """Compile and score one row; a row whose model, report and scores are in ``work`` already is read back."""
     tag = f"{model.stem}.{recipe}.w{wbits}a8" + (f".b{budget:g}" if wbits == 4 else "") + (".gptq" if gptq else "") + (".clip" if clip else "")
+    tag += "".join("." + s.split(".", 1)[-1].replace("=", "-") for s in sets)
     out, scores = work / f"{tag}.onnx", work / f"{tag}.eval.json"
     args = [str(model), "--recipe", recipe, "--wbits", str(wbits), "--abits", "8", "-o", str(out), "--quiet"]
     if wbits == 4:  # one sensitivity measurement per model and recipe, whatever the budget
@@ -108,6 +113,8 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
         args += ["--set", "quantize_weights.gptq=true"]
     if clip:
         args += ["--set", "quantize_weights.clip_search=true"]
+    for override in sets:
+        args += ["--set", override]
     if done_only and not scores.exists():
         return None
     started = time.perf_counter()
@@ -118,9 +125,11 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
         cli("eval-diffusion", str(model), str(out), "--samples", str(samples), "--json", str(scores))
     report = json.loads(Path(f"{out}.report.json").read_text())
     mixed = report.get("mixed_precision") or {}
-    return {"model": model.stem, "recipe": recipe, "wbits": wbits, "gptq": gptq,
+    evaluation = json.loads(scores.read_text())
+    return {"model": model.stem, "recipe": recipe, "wbits": wbits, "gptq": gptq, "sets": list(sets),
             "clip_search": wbits == 4 and (clip or recipe_clip_search(recipe, wbits)), "w8_budget_percent": budget if wbits == 4 else None,
-            "psnr_db": json.loads(scores.read_text())["psnr_db"], "file_bytes": out.stat().st_size,
+            "psnr_db": evaluation["psnr_db"], "psnr_db_per_image": evaluation.get("psnr_db_per_image"),
+            "samples": evaluation["samples"], "file_bytes": out.stat().st_size,
             "weight_value_bytes": weight_value_bytes(model, report), "compile_seconds": round(seconds, 1) if seconds > 1 else report["compile_seconds"],
             "kept_at_8": mixed.get("kept_at_8", []), "w8_share": mixed.get("w8_share", 0.0),
             "measured_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime(scores.stat().st_mtime))}
@@ -141,7 +150,7 @@ def markdown(rows: list[dict], samples: int) -> str:
         weights = weights_label(r)
         kept = ", ".join(f"{k['node']} ({k['sensitivity']:.2g})" for k in r["kept_at_8"]) or "–"
         ratio = f"{r['weight_value_bytes'] / w8[r['model']]:.2f}" if r["model"] in w8 else "–"
-        lines.append(f"| {r['model']} | {r['recipe']} | {weights} | {r['psnr_db']:.2f} | {r['weight_value_bytes']:,} | "
+        lines.append(f"| {r['model']} | {recipe_label(r)} | {weights} | {r['psnr_db']:.2f} | {r['weight_value_bytes']:,} | "
                      f"{ratio} | {r['file_bytes']:,} | {r.get('measured_at', '–')} | {kept} |")
     return "\n".join(lines) + "\n"
 
@@ -154,8 +163,8 @@ def criteria(rows: list[dict]) -> list[str]:
         ref = next((r for r in mine if r["wbits"] == 8 and r["recipe"] == "dgq"), None)
         if ref is None:
             lines.append(f"- {model}: no W8A8 dgq row measured")
-            continue
-        small = [r for r in mine if r["wbits"] == 4 and r["weight_value_bytes"] <= 0.6 * ref["weight_value_bytes"]]
+        small = [r for r in mine if ref is not None and r["wbits"] == 4
+                 and r["weight_value_bytes"] <= 0.6 * ref["weight_value_bytes"]]
         if small:
             best = max(small, key=lambda r: r["psnr_db"])
             gap = ref["psnr_db"] - best["psnr_db"]
@@ -164,12 +173,26 @@ def criteria(rows: list[dict]) -> list[str]:
                          f"{ref['psnr_db']:.2f} dB: gap {gap:.2f} dB, {'within' if gap <= 3 else 'NOT within'} 3 dB")
         key = lambda r: (r["gptq"], r.get("clip_search", False), r["w8_budget_percent"])
         for quantizer in dict.fromkeys(key(r) for r in mine if r["wbits"] == 4):
-            pair = {r["recipe"]: r for r in mine if r["wbits"] == 4 and key(r) == quantizer}
-            if "dmq" in pair and "minmax" in pair:
-                dmq, minmax = pair["dmq"]["psnr_db"], pair["minmax"]["psnr_db"]
-                lines.append(f"- {model}: dmq {dmq:.2f} vs minmax {minmax:.2f} dB ({weights_label(pair['dmq'])}): "
-                             f"dmq {'>=' if dmq >= minmax else '<'} minmax")
+            same = [r for r in mine if r["wbits"] == 4 and key(r) == quantizer]
+            minmax = next((r for r in same if r["recipe"] == "minmax" and not r.get("sets")), None)
+            for dmq in (r for r in same if r["recipe"] == "dmq" and minmax is not None):
+                lines.append(f"- {model}: {recipe_label(dmq)} {dmq['psnr_db']:.2f} vs minmax {minmax['psnr_db']:.2f} dB "
+                             f"({weights_label(dmq)}{paired(dmq, minmax)}): "
+                             f"dmq {'>=' if dmq['psnr_db'] >= minmax['psnr_db'] else '<'} minmax")
     return lines
+
+
+def paired(row: dict, reference: dict) -> str:
+    """", paired difference d ± SE over N images" when both rows scored the same seeds image by image."""
+    a, b = row.get("psnr_db_per_image"), reference.get("psnr_db_per_image")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return ""
+    diff = np.asarray(a) - np.asarray(b)
+    return f"; paired difference {diff.mean():+.2f} ± {diff.std(ddof=1) / np.sqrt(diff.size):.2f} dB (SE, {diff.size} images)"
+
+
+def recipe_label(r: dict) -> str:
+    return r["recipe"] + "".join(f" {s.split('.', 1)[-1]}" for s in r.get("sets") or ())
 
 
 def weights_label(r: dict) -> str:
@@ -186,11 +209,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    labels = list(dict.fromkeys(f"{r['recipe']} {weights_label(r)}" for r in rows))
+    labels = list(dict.fromkeys(f"{recipe_label(r)} {weights_label(r)}" for r in rows))
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 4))
     width = 0.8 / len(models)
     for m, model in enumerate(models):
-        psnr = {f"{r['recipe']} {weights_label(r)}": r["psnr_db"] for r in rows if r["model"] == model}
+        psnr = {f"{recipe_label(r)} {weights_label(r)}": r["psnr_db"] for r in rows if r["model"] == model}
         xs = [i + m * width for i, label in enumerate(labels) if label in psnr]
         ax.bar(xs, [psnr[label] for label in labels if label in psnr], width, label=model)
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(labels))])
@@ -215,10 +238,10 @@ def write(rows: list[dict], args) -> None:
 def grid(args) -> list[tuple[str, int, float, bool]]:
     if args.cells:
         return [parse_cell(cell) for cell in args.cells]
-    cells = [("dgq", 8, 0.0, False, False)]
+    cells = [("dgq", 8, 0.0, False, False, ())]
     for recipe in args.recipes:
         for gptq in (False, True) if args.gptq else (False,):
-            cells += [(recipe, 4, budget, gptq, False) for budget in args.budgets]
+            cells += [(recipe, 4, budget, gptq, False, ()) for budget in args.budgets]
     return cells
 
 
@@ -230,9 +253,9 @@ def main(argv=None) -> int:
     # --cells: every model per cell before the next cell, so a cut-off run has both models' early cells
     order = [(c, m) for c in cells for m in args.models] if args.cells else [(c, m) for m in args.models for c in cells]
     rows = []
-    for (recipe, wbits, budget, gptq, clip), model in order:
+    for (recipe, wbits, budget, gptq, clip, sets), model in order:
         try:
-            row = run_row(model, recipe, wbits, budget, args.samples, args.work, gptq, args.done_only, clip)
+            row = run_row(model, recipe, wbits, budget, args.samples, args.work, gptq, args.done_only, clip, sets)
         except subprocess.CalledProcessError as error:  # one failing cell must not lose the others
             print(f"  {model.stem} {recipe} W{wbits}: failed ({error})", flush=True)
             continue

@@ -66,8 +66,15 @@ UNET_CONFIG_B = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 )
+#: A third zoo UNet (issue 20): four levels (16, 32, 64, 64) down to 4x4, two ResNets per block,
+#: cross-attention only at the 16x16 level and in the mid block (4x4), 16-dimensional heads.
+UNET_CONFIG_C = dict(
+    UNET_CONFIG, block_out_channels=(16, 32, 64, 64), layers_per_block=2, attention_head_dim=16,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
 #: ``--name`` -> UNet configuration; the export writes ``<name>.onnx`` and ``<name>.json``.
-UNET_VARIANTS = {"unet_mnist": UNET_CONFIG, "unet_mnist_b": UNET_CONFIG_B}
+UNET_VARIANTS = {"unet_mnist": UNET_CONFIG, "unet_mnist_b": UNET_CONFIG_B, "unet_mnist_c": UNET_CONFIG_C}
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 
 

@@ -6,6 +6,8 @@ Rewrite, per scale group (an activation X and the Linears/Convs reading it; Q, K
 on the group's recorded calibration inputs X_n (n = one batch row of the model input = one sample):
     Ŷ_n = Q_a(X_n/γ) ⊛ Q_w(W·γ)          Y_n = X_n ⊛ W          (⊛: MatMul or the Conv; bias cancels)
     ℓ_n = mean((Y_n − Ŷ_n)²)  summed over the group's consumers
+         (``output_weighting="downstream"``: mean(v_o·(Y_n,o − Ŷ_n,o)²) with v_o, mean 1, what the next
+         Linear/Conv layers weigh output channel o by, Σ‖W_next[:, o]‖²; ``qcompiler.downstream``)
     Q_a: asymmetric per tensor, ``abits``: s = (hi − lo)/(2^b − 1), z = round(−lo/s), with
          [lo, hi] = [min_c(min_c X/γ_c), max_c(max_c X/γ_c)] ∪ {0} recomputed from γ at every step
          (min_c, max_c: per-channel ranges over the WHOLE calibration set, the range that
@@ -48,6 +50,7 @@ import numpy as np
 
 from qcompiler.context import CompileContext
 from qcompiler.pass_manager import Pass, PassResult
+from qcompiler.downstream import output_channel_weights
 from qcompiler.folding import ScaleGroup, find_absorber, find_scale_groups, fold
 from qcompiler.les_training import (TIMESTEP_KEY, GroupProblem, TimestepWeights, collect_inputs,
                                            holdout_items, import_torch, learn_gamma, sample_timesteps,
@@ -93,6 +96,11 @@ class LearnedScalesConfig:
     #: ℓ_n relative to the sample's output energy, ‖Y_n − Ŷ_n‖²/‖Y_n‖², in training and the guard:
     #: the noisy early timesteps, whose activations are largest, then do not decide γ alone.
     relative_loss: bool = False
+    #: "downstream": weight each output channel's squared error by what the next Linear/Conv layers
+    #: give it, v_o = Σ ‖W_next[:, o]‖²·(per-channel constant factors on the way)², normalised to mean 1
+    #: (``qcompiler.downstream``; unweighted where a path ends elsewhere, e.g. attention scores).
+    #: "off": every output channel alike (the layer's plain output error).
+    output_weighting: str = "off"
     #: The weight quantizer that early stopping and the guard measure with: the clip-search ratios of
     #: the recipe's ``quantize_weights`` (what will be lowered), None: the training quantizer above.
     #: A γ that helps min/max weights can hurt clip-searched ones, which already cut the outliers.
@@ -121,6 +129,9 @@ class LearnedScalesConfig:
             raise ValueError(f"LearnedScalesConfig: weight_clip_ratios must be in (0, 1], got {self.weight_clip_ratios}")
         if self.guard_clip_ratios is not None and not all(0 < r <= 1 for r in self.guard_clip_ratios or (0,)):
             raise ValueError(f"LearnedScalesConfig: guard_clip_ratios must be in (0, 1], got {self.guard_clip_ratios}")
+        if self.output_weighting not in ("off", "downstream"):
+            raise ValueError(f"LearnedScalesConfig: output_weighting must be 'off' or 'downstream', "
+                             f"got '{self.output_weighting}'")
         if not 0.0 <= self.min_gain < 1.0:
             raise ValueError(f"LearnedScalesConfig: 0 ≤ min_gain < 1 required, got {self.min_gain}")
         if not 0.0 <= self.holdout < 1.0 or self.check_every < 1 or self.patience < 0:
@@ -167,7 +178,7 @@ class LearnedScales(Pass):
         torch.set_num_threads(config.threads)
         kinds: dict[str, int] = {}
         kept: dict[str, int] = {}
-        ratios, unmapped = [], 0
+        ratios, unmapped, weighted = [], 0, 0
         started = time.perf_counter()
         try:
             # Downstream groups first (as smooth_scales): an upstream group then trains on weights whose
@@ -180,8 +191,11 @@ class LearnedScales(Pass):
                     x, rows = values.pop(group.name)
                     item_timesteps = timesteps[rows] if timesteps is not None and rows is not None else None
                     unmapped += timesteps is not None and rows is None
+                    weights = ([output_channel_weights(ctx.graph, unit) for unit in group.consumers]
+                               if config.output_weighting == "downstream" else None)
+                    weighted += weights is not None and any(w is not None for w in weights)
                     problem = GroupProblem(torch, group, x, *stats[group.name], ctx.settings,
-                                           config.weight_clip_ratios, config.relative_loss)
+                                           config.weight_clip_ratios, config.relative_loss, weights)
                     gamma0 = self._initial(group, stats[group.name])
                     held = holdout_items(rows, problem.items, held_samples, every)
                     result = learn_gamma(torch, problem, gamma0, config, item_timesteps,
@@ -206,6 +220,8 @@ class LearnedScales(Pass):
             judged = (f"on {len(held_samples)} held-out samples" if len(held_samples) else "on the training samples")
             notes.append(f"simulated output error vs γ = 1 {judged}: median ×{np.median(ratios):.3f}, "
                          f"best ×{np.min(ratios):.3f}; kept {kept}")
+        if config.output_weighting == "downstream":
+            notes.append(f"output error weighted by the next layers' channel weights in {weighted} of {len(groups)} groups")
         if len(held_samples) and best_steps:
             notes.append(f"early stopping: best held-out step median {int(np.median(best_steps))} of {config.iterations}")
         if config.timestep_weighting != "off" and timesteps is not None:

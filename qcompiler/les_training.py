@@ -154,8 +154,11 @@ class GroupProblem:
     """The torch model of one scale group: float references and the fake-quantized forward for a γ."""
 
     def __init__(self, torch, group: ScaleGroup, x: np.ndarray, channel_min: np.ndarray, channel_max: np.ndarray,
-                 settings, clip_ratios: tuple[float, ...] = (1.0,), relative: bool = False):
-        self.torch, self.group = torch, group
+                 settings, clip_ratios: tuple[float, ...] = (1.0,), relative: bool = False,
+                 output_weights: list[np.ndarray | None] | None = None):
+        self.torch, self.group = torch, group  # output_weights: v_o per consumer (qcompiler.downstream) or None
+        self.output_weights = [None if w is None else torch.from_numpy(np.asarray(w, np.float32))
+                               for w in (output_weights or [None] * len(group.consumers))]
         self.clip_ratios = tuple(clip_ratios)
         self.relative = relative
         self.conv = isinstance(group.consumers[0], Conv)
@@ -228,12 +231,17 @@ class GroupProblem:
         axis = 1 if self.conv else -1
         x_hat = self._fake_quant_activation(x / self._gamma_shape(gamma, x.ndim, axis), gamma)
         total = 0.0
-        for (weight, spec, block), reference in zip(self.consumers, references):
+        for (weight, spec, block), reference, out_w in zip(self.consumers, references, self.output_weights):
             in_axis = 1 if self.conv else 0
             w_hat = self._fake_quant_weight(weight * self._gamma_shape(gamma, weight.ndim, in_axis), block, clip_ratios)
-            error = ((self._apply(x_hat, w_hat, spec) - reference) ** 2).reshape(reference.shape[0], -1).mean(dim=1)
+            squared = (self._apply(x_hat, w_hat, spec) - reference) ** 2
+            energy = reference ** 2
+            if out_w is not None:  # Σ_o v_o·(Y_o − Ŷ_o)²: the channels the next layers weigh most count most
+                v = self._gamma_shape(out_w, reference.ndim, 1 if self.conv else -1)
+                squared, energy = squared * v, energy * v
+            error = squared.reshape(reference.shape[0], -1).mean(dim=1)
             if self.relative:  # per sample ‖Y − Ŷ‖²/‖Y‖²: every timestep's sample weighs alike
-                error = error / (reference.reshape(reference.shape[0], -1) ** 2).mean(dim=1).clamp(min=1e-12)
+                error = error / energy.reshape(reference.shape[0], -1).mean(dim=1).clamp(min=1e-12)
             total = total + error
         return total
 

@@ -5,7 +5,8 @@ noise (seed i for prompt i) and the same contexts (the float model's conditioner
 encoder for the UNet, the prompted digit's label for the class-conditioned DiT), so any
 difference in the final images is the quantization's. Reported:
 
-- ``psnr_db`` (mean over images of per-image PSNR; +inf if every image is identical) and
+- ``psnr_db`` (mean over images of per-image PSNR; +inf if every image is identical; the values,
+  in seed order, in ``psnr_db_per_image`` for paired comparisons between two quantized models) and
   ``psnr_db_all`` (PSNR over all pixels at once), ``ssim`` (mean) of quantized vs float images;
 - ``accuracy``: the bundled MNIST classifier's arg-max equals the prompted digit, per model;
 - ``frechet``: Fréchet distance in the classifier's penultimate features, per model, against
@@ -152,11 +153,13 @@ def evaluate_diffusion(float_path: str | os.PathLike, quant_path: str | os.PathL
     classifier = (metrics.Classifier(options.classifier) if options.classifier
                   else metrics.Classifier.for_denoiser(float_path))
     real = real_heldout_features(classifier)
+    per_image = metrics.psnr_per_image(float_images, quant_images)
     float_quality, quant_quality = (quality(x, labels, classifier, real) for x in (float_images, quant_images))
     result = {
         "float_model": str(float_path), "quant_model": str(quant_path), "samples": options.samples,
         "steps": options.steps, "guidance_scale": options.guidance_scale, "eta": options.eta, "seed": options.seed,
-        "psnr_db": float(np.mean(metrics.psnr_per_image(float_images, quant_images))),
+        "psnr_db": float(np.mean(per_image)),
+        "psnr_db_per_image": [round(float(v), 4) for v in per_image],  # seed order: paired comparisons
         "psnr_db_all": metrics.psnr(float_images, quant_images),
         "ssim": metrics.ssim(float_images, quant_images),
         "accuracy": {"float": float_quality["accuracy"], "quant": quant_quality["accuracy"]},

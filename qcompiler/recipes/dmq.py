@@ -14,8 +14,11 @@ Steps, in order:
   every group's learned γ lowered its own held-out error (median ×0.90) and the final image still
   lost 5.7 dB (16.56 vs 22.26 dB with γ = 1), because the upstream layers' error moved into the
   channels the next layers weigh most (through ``conv_out``: 30.6 → 28.0 dB while ``conv_act``'s own
-  SQNR rose 21.8 → 22.4 dB). With these defaults: ``unet_mnist_b`` 21.86 dB (minmax + clip 21.95),
-  ``unet_mnist`` 24.18 dB (22.56), W4A8, 8 images.
+  SQNR rose 21.8 → 22.4 dB). With these defaults, W4A8, 16 images, paired difference to minmax + clip
+  search ± SE: ``unet_mnist`` 23.72 dB (+0.44 ± 0.77), ``unet_mnist_b`` 21.22 dB (+0.06 ± 0.26).
+  ``learned_scales.output_weighting="downstream"`` (the loss weighted per output channel by the next
+  layers' weights) measured no better on every zoo UNet (−0.47 ± 0.30 dB vs minmax + clip on
+  ``unet_mnist_b``, +0.37 ± 0.64 on ``unet_mnist_c``), so it is off.
 - ``pow2_skip_scales``: decoder shortcut Convs reading concat(h, skip) get per-channel multipliers
   m_c ∈ {1, ½, ¼, ⅛} by voting (``variance_ratio = 16`` in a recipe file adds every input whose
   channel ranges differ more than 16×); at W4 lowered exactly to one int8 GEMM with int4 weights

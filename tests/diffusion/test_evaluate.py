@@ -26,6 +26,7 @@ def test_a_model_against_itself_is_lossless(tiny_denoiser, tmp_path):
     options = DiffusionEvalOptions(samples=4, steps=2, grid_columns=2)
     result = evaluate_diffusion(tiny_denoiser, tiny_denoiser, options, grid=tmp_path / "grid.png")
     assert result["psnr_db"] == math.inf and result["psnr_db_all"] == math.inf
+    assert result["psnr_db_per_image"] == [math.inf] * 4  # one per seed, for paired comparisons
     assert result["ssim"] == pytest.approx(1.0)
     assert result["accuracy"]["float"] == result["accuracy"]["quant"]
     assert result["frechet"]["float"] == pytest.approx(result["frechet"]["quant"])

@@ -14,8 +14,9 @@ import qcompiler.models
 HERE = Path(qcompiler.models.__file__).parent
 CLASSIFIER, UNET = HERE / "mnist_classifier.onnx", HERE / "unet_mnist.onnx"
 needs_unet = pytest.mark.skipif(not UNET.exists(), reason="unet_mnist.onnx not exported yet (models/train_unet.py)")
-# Every zoo UNet: the default and the held-out variant (other widths and attention placement, seed 1).
-ZOO_UNETS = pytest.mark.parametrize("unet", [UNET, HERE / "unet_mnist_b.onnx"], ids=lambda path: path.stem)
+# Every zoo UNet: the default and the held-out variants (other widths, depth and attention placement, seeds 1, 2).
+HELDOUT_UNETS = [HERE / "unet_mnist_b.onnx", HERE / "unet_mnist_c.onnx"]
+ZOO_UNETS = pytest.mark.parametrize("unet", [UNET, *HELDOUT_UNETS], ids=lambda path: path.stem)
 
 
 def _record(path: Path) -> dict:
@@ -70,15 +71,18 @@ def test_unet_inputs_and_a_two_step_sample(unet):
     assert images.shape == (4, 1, 32, 32) and np.isfinite(images).all()
 
 
-def test_heldout_unet_differs_from_the_default_and_has_its_calibration():
-    # The variant is only useful for validation if it is another architecture, trained apart.
-    default, heldout = _record(UNET)["unet_config"], _record(HERE / "unet_mnist_b.onnx")
-    assert heldout["seed"] != _record(UNET)["seed"]
-    assert heldout["unet_config"]["block_out_channels"] != default["block_out_channels"]
-    assert heldout["unet_config"]["down_block_types"] != default["down_block_types"]
-    first = np.load(HERE / "unet_mnist_b.calib" / "b000_s000.npz")
+@pytest.mark.parametrize("heldout", HELDOUT_UNETS, ids=lambda path: path.stem)
+def test_heldout_unet_differs_from_the_others_and_has_its_calibration(heldout):
+    # A variant is only useful for validation if it is another architecture, trained apart.
+    record = _record(heldout)
+    for other in (path for path in [UNET, *HELDOUT_UNETS] if path != heldout):
+        assert record["seed"] != _record(other)["seed"]
+        assert record["unet_config"]["block_out_channels"] != _record(other)["unet_config"]["block_out_channels"]
+        assert record["unet_config"]["down_block_types"] != _record(other)["unet_config"]["down_block_types"]
+    calib = heldout.with_suffix(".calib")
+    first = np.load(calib / "b000_s000.npz")
     assert first["sample"].shape[1:] == (1, 32, 32) and first["encoder_hidden_states"].shape[1:] == (10, 64)
-    assert len(list((HERE / "unet_mnist_b.calib").glob("*.npz"))) == 25
+    assert len(list(calib.glob("*.npz"))) == 25
 
 
 @needs_unet

@@ -217,3 +217,44 @@ def test_relative_loss_stays_exact_and_guarded():
     assert record.verify["max_relative_error"] <= EXACT_RTOL
     note = next(note for note in record.notes if "median ×" in note)
     assert float(note.split("median ×")[1].split(",")[0]) <= 1.0
+
+
+def test_downstream_output_weights_move_the_error_to_the_channels_weighed_less():
+    from qcompiler.folding import find_scale_groups
+    from qcompiler.les_training import GroupProblem
+
+    ctx = context(fold_graphs.outlier_model(), {"x": (4, 8, 16)}, wbits=4)
+    group = find_scale_groups(ctx.graph, include_conv=True)[0]
+    stats = ctx.statistics({group.name: group.channel_axis}, progress=False)[group.name]
+    x, _ = collect_inputs(ctx, ctx.calibration, [group.name])[group.name]
+
+    def problem(weights=None):
+        return GroupProblem(torch, group, x, stats.channel_min, stats.channel_max, ctx.settings,
+                            output_weights=None if weights is None else [np.asarray(weights, np.float64)])
+
+    outputs = 16
+    first = np.r_[np.ones(8), np.zeros(8)]  # the next layer reads output channels 0-7 far more than 8-15
+    gamma = torch.from_numpy(np.random.default_rng(0).uniform(0.5, 2.0, 16).astype(np.float32))
+    # uniform weights (mean 1): exactly the unweighted loss
+    np.testing.assert_allclose(problem(np.ones(outputs)).pool_losses(gamma), problem().pool_losses(gamma), rtol=1e-6)
+    config = _config(iterations=150, lr=0.05, holdout=0.0)
+    plain = learn_gamma(torch, problem(), np.ones(16), config, None)["gamma"]
+    weighted = learn_gamma(torch, problem(0.1 + 1.8 * first), np.ones(16), config, None)["gamma"]
+    assert not np.allclose(plain, weighted)
+
+    def error_in(channels, gamma):
+        return problem(channels).pool_losses(torch.from_numpy(gamma.astype(np.float32))).mean()
+
+    share = {name: error_in(first, g) / (error_in(first, g) + error_in(1 - first, g))
+             for name, g in (("plain", plain), ("weighted", weighted))}
+    assert share["weighted"] < 0.8 * share["plain"], share  # measured 0.30 vs 0.49
+
+
+def test_downstream_weighting_in_the_pass_stays_exact_and_says_where_it_applied():
+    ctx = context(fold_graphs.linear_chain_model(), {"x": (4, 4, 8)}, wbits=4)
+    record = _run(ctx, _config(output_weighting="downstream", iterations=10, min_gain=0.0))
+    assert record.verify["max_relative_error"] <= EXACT_RTOL
+    # fc1's output feeds fc2 (weighted); fc2 writes the model output (no downstream layer: unweighted)
+    assert any("weighted by the next layers' channel weights in 1 of 2 groups" in note for note in record.notes)
+    with pytest.raises(ValueError, match="output_weighting"):
+        _config(output_weighting="sideways")
