@@ -14,7 +14,11 @@ training rows plus each index's extremes at the calibrated t, with a penalty λ�
 The calibration rows are split by trajectory (every 4th prompt held out; each file of a collected
 set holds one timestep of every trajectory, so a split by file would hold out timesteps): per
 activation the tuned correction is kept only if it lowers the full-tensor relative error of the
-held-out rows summed over the calibrated timesteps, else the table is the envelope. The deployed
+held-out rows summed over the calibrated timesteps, else the table is the envelope. Those choices
+are local, so they are then judged together on the denoiser's output (``output_check``,
+``qcompiler/tdq_output_check.py``): the envelope everywhere and the sets of corrections whose own
+held-out gain exceeds each of ``output_check_gains`` are compared by the held-out output error
+Σ_t ‖Y_t − Ŷ_t‖²/‖Y_t‖² with every activation fake-quantized at once; the lowest wins. The deployed
 envelope is that of every row's ranges.
 Deploy: the MLP evaluated at every t in [0, T) gives tables S[t], Z[t] (T × K) that the target
 gathers by the model's timestep input at run time, so timesteps the calibration never saw (another
@@ -52,6 +56,10 @@ class TdqConfig(TrainSettings):
     rows_per_timestep: int = 32
     #: One calibration trajectory in this many is held out to accept or reject each tuned correction.
     heldout_every: int = 4
+    #: Judge the kept corrections together on the denoiser's output (``qcompiler/tdq_output_check.py``):
+    #: the envelope everywhere, or the corrections whose own held-out gain exceeds each of ``output_check_gains``.
+    output_check: bool = True
+    output_check_gains: tuple[float, ...] = (0.0, 0.1, 0.3)
     timestep_input: str = "timestep"
     #: T of the table; None: the model JSON's scheduler_config.num_train_timesteps, else 1000.
     num_train_timesteps: int | None = None
@@ -117,7 +125,8 @@ class Tdq(Pass):
         names = list(plans)
         mlps = dict(zip(names, train_mlps([samples[n] for n in names], spec, T, self.config.train_settings())))
         trained = time.perf_counter()
-        kept = self._validate(ctx, plans, mlps, samples, heldout, spec) if self.config.tune_iterations else {}
+        check: list[str] = []
+        kept = self._validate(ctx, plans, mlps, samples, heldout, spec, check) if self.config.tune_iterations else {}
         parameters = 0
         for name, mlp in mlps.items():
             plan = plans[name]
@@ -129,9 +138,10 @@ class Tdq(Pass):
         notes.append(f"{len(plans)} activations ({len(new)} per-tensor, {len(plans) - len(new)} DGQ-grouped): "
                      f"MLPs of {parameters} parameters in all on {calibrated} calibrated timesteps, tabled at "
                      f"t = 0..{T - 1} (simulated lowering: run-time scales); tuned correction kept for "
-                     f"{sum(kept.values())} of {len(kept)} (held-out error), the lookup envelope elsewhere; "
-                     f"samples {captured - started:.1f} s, training {trained - captured:.1f} s, "
-                     f"check {time.perf_counter() - trained:.1f} s")
+                     f"{sum(kept.values())} of {len(kept)} (held-out error{', output check' if check else ''}), "
+                     f"the lookup envelope elsewhere; samples {captured - started:.1f} s, "
+                     f"training {trained - captured:.1f} s, check {time.perf_counter() - trained:.1f} s")
+        notes += check
         return PassResult(False, tuple(notes))
 
     def _split(self, ctx: CompileContext) -> tuple[list, list]:
@@ -211,9 +221,11 @@ class Tdq(Pass):
         return out
 
     def _validate(self, ctx: CompileContext, plans: dict[str, GroupPlan], mlps: dict[str, TimestepMlp],
-                  samples: dict[str, TimestepSamples], heldout: list, spec: QuantSpec) -> dict[str, bool]:
+                  samples: dict[str, TimestepSamples], heldout: list, spec: QuantSpec,
+                  notes: list[str]) -> dict[str, bool]:
         """Keep each tuned correction only if it lowers the held-out rows' full-tensor relative error
-        Σ_t ‖X_t − X̂_t‖²/‖X_t‖² (else ``reset``: the envelope); then rebase every table on the
+        Σ_t ‖X_t − X̂_t‖²/‖X_t‖² and, with ``output_check``, belongs to the candidate set with the lowest
+        held-out denoiser-output error (else ``reset``: the envelope); then rebase every table on the
         envelope of all rows' ranges (training and held out). {activation: tuned kept}."""
         from qcompiler.calibration.capture import stream_tensors
         from qcompiler.calibration.statistics import StatsConfig
@@ -237,12 +249,14 @@ class Tdq(Pass):
             envelope = (mlp.base_low[np.rint(timesteps).astype(np.int64)], mlp.base_high[np.rint(timesteps).astype(np.int64)])
             grids[n] = [scale_zero_point(*r, spec) for r in (envelope, tuned)]
         config = StatsConfig(progress=False, threads=ctx.threads)
+        ranks: dict[str, int] = {}
         for batch, values in stream_tensors(ctx.skeleton(), heldout, list(plans), config, desc="tdq held-out check"):
             t = float(batch_timesteps(batch, self.config.timestep_input)[0])
             i = int(np.searchsorted(timesteps, t))
             if i >= timesteps.size or timesteps[i] != t:
                 continue
             for name, value in values.items():
+                ranks[name] = np.ndim(value)
                 flat = grouped_layout(np.asarray(value, np.float32), plans[name])
                 low[name][i] = np.minimum(low[name][i], flat.min(axis=0))
                 high[name][i] = np.maximum(high[name][i], flat.max(axis=0))
@@ -252,17 +266,39 @@ class Tdq(Pass):
                     q = (np.clip(np.rint(flat / s) + z, spec.qmin, spec.qmax) - z) * s
                     err[name][c, i] += float(np.square(q - flat, dtype=np.float64).sum())
             del values
-        kept = {}
+        gains = {}
+        for name in mlps:
+            relative = (err[name] / np.maximum(norm[name], 1e-30)).sum(axis=1)
+            gains[name] = float(1.0 - relative[1] / max(relative[0], 1e-30))
+            log.debug("tdq %s: held-out relative error envelope %.4g, tuned %.4g", name, *relative)
+        kept = {name: gain > 0 for name, gain in gains.items()}
+        if self.config.output_check:
+            kept = self._output_check(ctx, plans, ranks, grids, timesteps, heldout, gains, spec, notes)
         T = next(iter(mlps.values())).num_train_timesteps
         for name, mlp in mlps.items():
-            relative = (err[name] / np.maximum(norm[name], 1e-30)).sum(axis=1)
-            kept[name] = bool(relative[1] < relative[0])
-            log.debug("tdq %s: held-out relative error envelope %.4g, tuned %.4g", name, *relative)
             if not kept[name]:
                 mlp.reset()
             merged = TimestepSamples(timesteps, low[name], high[name], samples[name].values, plans[name].labels)
             mlp.base_low, mlp.base_high = lookup_envelope(timesteps, *merged.group_ranges(), T)
         return kept
+
+
+    def _output_check(self, ctx, plans, ranks, grids, timesteps, heldout, gains, spec, notes) -> dict[str, bool]:
+        """{activation: tuned kept} of the candidate set with the lowest held-out output error
+        (``tdq_output_check``); a note lists every candidate's error."""
+        from qcompiler.lowering.timestep_ranges import batch_timesteps
+        from qcompiler.tdq_output_check import candidate_sets, output_errors
+
+        candidates = candidate_sets(gains, self.config.output_check_gains)
+        if len(candidates) == 1:
+            return dict.fromkeys(gains, False)  # no correction passed its own check: nothing to compare
+        errors = output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout, candidates, spec,
+                               lambda b: batch_timesteps(b, self.config.timestep_input)[0], ctx.threads)
+        best = int(np.argmin(errors))  # the first of equals: candidates run smallest first
+        labels = ["envelope" if not c else f"{len(c)} tuned" for c in candidates]
+        notes.append("output check (held-out denoiser output, Σ_t relative error): "
+                     + ", ".join(f"{label} {e:.4g}" for label, e in zip(labels, errors)) + f"; kept: {labels[best]}")
+        return {name: name in candidates[best] for name in gains}
 
 
 def heldout_rows(batch, every: int) -> np.ndarray | None:

@@ -195,3 +195,79 @@ def test_model_without_the_timestep_input_is_a_clear_error():
     ctx = CompileContext(graphs.linear_model(k=K, n=8), QuantSettings(), [CalibrationBatch({"x": x}, {}, "b0")])
     with pytest.raises(PassError, match="no input 'timestep'"):
         Tdq().requires(ctx)
+
+
+def test_fake_quant_skeleton_matches_quantize_dequantize_per_channel():
+    """The output check's graph: X̂ with s, z fed per channel equals quant.fake_quantize's, before the GEMM."""
+    from qcompiler.graph import to_graph, to_skeleton
+    from qcompiler.tdq_output_check import PREFIX, fake_quant_skeleton
+
+    model = timestep_model()
+    skel = fake_quant_skeleton(to_skeleton(to_graph(model), model), ["h"], SPEC)
+    feeds = batches((240.0,), seed=2)[0].feeds
+    h = feeds["x"] * (1 + feeds["timestep"][:, None, None] / 100).astype(np.float32)
+    low, high = h.reshape(-1, K).min(axis=0) * 0.7, h.reshape(-1, K).max(axis=0) * 0.7  # some values clip
+    scale, zero_point = scale_zero_point(low, high, SPEC)
+    got = make_session(skel).run(None, {**feeds, f"{PREFIX}/s0": scale.astype(np.float32).reshape(1, 1, K),
+                                        f"{PREFIX}/z0": zero_point.astype(np.float32).reshape(1, 1, K)})[0]
+    initial = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    h_hat = dequantize(quantize(h, scale, zero_point.astype(np.int32), SPEC, axis=-1), scale,
+                       zero_point.astype(np.int32), axis=-1)
+    expected = h_hat @ initial["w"] + initial["b"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_candidate_sets_are_the_envelope_and_each_gain_threshold():
+    from qcompiler.tdq_output_check import candidate_sets
+
+    sets = candidate_sets({"a": 0.5, "b": 0.05, "c": -0.2}, (0.0, 0.1, 0.3))
+    assert sets == [frozenset(), frozenset({"a"}), frozenset({"a", "b"})]
+
+
+def test_output_check_drops_corrections_that_raise_the_output_error(monkeypatch):
+    """A correction narrowing h's range to a third clips it. With the gain threshold at −∞ the
+    per-activation check lets it into a candidate set; the output check measures it worse than the
+    envelope and keeps the envelope."""
+    import qcompiler.passes.tdq as tdq_pass
+
+    untuned = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"]
+    trained = tdq_pass.train_mlps
+
+    def narrowing(*args, **kwargs):
+        mlps = trained(*args, **kwargs)
+        for mlp in mlps:
+            mlp.b2 = np.full_like(mlp.b2, -np.log(3.0))
+        return mlps
+
+    monkeypatch.setattr(tdq_pass, "train_mlps", narrowing)
+    ctx = CompileContext(timestep_model(), QuantSettings(), batches())
+    QuantizeWeights().call(ctx)
+    result = Tdq(TdqConfig(tune_iterations=5, num_train_timesteps=T, output_check_gains=(-1e9,))).call(ctx)
+    np.testing.assert_allclose(ctx.group_plans["h"].timestep_scales, untuned.timestep_scales, rtol=1e-6)
+    check = next(n for n in result.notes if n.startswith("output check"))
+    envelope, tuned = (float(part.split()[-1]) for part in check.split(": ")[1].split("; ")[0].split(", "))
+    assert tuned > 2 * envelope and check.endswith("kept: envelope")
+
+
+def test_output_check_prefers_the_candidate_with_the_lower_output_error():
+    """output_errors on the toy: the rows' own per-timestep ranges (as the tuned grid) against ranges
+    three times too wide (as the envelope): coarser steps, so a larger error at the output."""
+    from dataclasses import replace
+
+    from qcompiler.graph import to_graph, to_skeleton
+    from qcompiler.tdq_output_check import candidate_sets, output_errors
+
+    model, data = timestep_model(), batches()
+    low, high = [], []
+    for b in data:
+        h = (b.feeds["x"] * (1 + b.feeds["timestep"][:, None, None] / 100)).reshape(-1, K)
+        low.append(np.minimum(h.min(axis=0), 0))
+        high.append(np.maximum(h.max(axis=0), 0))
+    low, high = np.array(low), np.array(high)
+    plan = replace(compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"], labels=np.arange(K))
+    candidates = candidate_sets({"h": 0.5}, (0.0,))
+    errors = output_errors(to_skeleton(to_graph(model), model), {"h": plan}, {"h": 3},
+                           {"h": [scale_zero_point(3 * low, 3 * high, SPEC), scale_zero_point(low, high, SPEC)]},
+                           np.array(CALIBRATED), data, candidates, SPEC, lambda b: b.feeds["timestep"][0])
+    assert candidates == [frozenset(), frozenset({"h"})]
+    assert errors[1] < errors[0] / 4
