@@ -60,6 +60,8 @@ class TdqConfig(TrainSettings):
     #: the envelope everywhere, or the corrections whose own held-out gain exceeds each of ``output_check_gains``.
     output_check: bool = True
     output_check_gains: tuple[float, ...] = (0.0, 0.1, 0.3)
+    #: The sampler's guidance scale: the check compares guided ε where batches hold both halves.
+    guidance_scale: float = 4.0
     timestep_input: str = "timestep"
     #: T of the table; None: the model JSON's scheduler_config.num_train_timesteps, else 1000.
     num_train_timesteps: int | None = None
@@ -287,18 +289,49 @@ class Tdq(Pass):
         """{activation: tuned kept} of the candidate set with the lowest held-out output error
         (``tdq_output_check``); a note lists every candidate's error."""
         from qcompiler.lowering.timestep_ranges import batch_timesteps
-        from qcompiler.tdq_output_check import candidate_sets, output_errors
+        from qcompiler.tdq_output_check import candidate_sets, output_errors, output_score
 
         candidates = candidate_sets(gains, self.config.output_check_gains)
         if len(candidates) == 1:
             return dict.fromkeys(gains, False)  # no correction passed its own check: nothing to compare
-        errors = output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout, candidates, spec,
-                               lambda b: batch_timesteps(b, self.config.timestep_input)[0], ctx.threads)
-        best = int(np.argmin(errors))  # the first of equals: candidates run smallest first
+        error, norm = output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout, candidates, spec,
+                                    lambda b: batch_timesteps(b, self.config.timestep_input)[0],
+                                    self._guide, ctx.threads)
+        weights = sampler_weights(ctx, timesteps)
+        scores = output_score(error, norm, weights)
+        best = int(np.argmin(scores))  # the first of equals: candidates run smallest first
         labels = ["envelope" if not c else f"{len(c)} tuned" for c in candidates]
-        notes.append("output check (held-out denoiser output, Σ_t relative error): "
-                     + ", ".join(f"{label} {e:.4g}" for label, e in zip(labels, errors)) + f"; kept: {labels[best]}")
+        what = "DDIM image-weighted" if weights is not None else "Σ_t relative"
+        notes.append(f"output check (held-out guided ε, {what} error): "
+                     + ", ".join(f"{label} {e:.4g}" for label, e in zip(labels, scores)) + f"; kept: {labels[best]}")
+        log.debug("tdq output check: per-timestep errors %s, norms %s, weights %s", error.tolist(), norm.tolist(),
+                  None if weights is None else weights.tolist())
         return {name: name in candidates[best] for name in gains}
+
+    def _guide(self, batch, value: np.ndarray) -> np.ndarray:
+        """The sampler's ε for [unconditional; conditional] halves: ε_u + g·(ε_c − ε_u); else the output."""
+        from qcompiler.passes.ptqd import paired_halves
+
+        if not paired_halves(batch) or np.ndim(value) < 1 or len(value) != batch.batch_size:
+            return value
+        uncond, cond = np.split(np.asarray(value, np.float64), 2)
+        return uncond + self.config.guidance_scale * (cond - uncond)
+
+
+def sampler_weights(ctx: CompileContext, timesteps: np.ndarray) -> np.ndarray | None:
+    """``tdq_output_check.image_weights`` from the model JSON's scheduler configuration (the zoo's
+    DDIM: ᾱ and its final ᾱ); None without one."""
+    from qcompiler.diffusion.sampler import SamplerConfig, model_metadata
+    from qcompiler.tdq_output_check import image_weights
+
+    try:
+        config = model_metadata(ctx.source).get("scheduler_config")
+    except (OSError, ValueError):
+        return None
+    if not config:
+        return None
+    scheduler = SamplerConfig(scheduler_config=config).scheduler()
+    return image_weights(timesteps, scheduler.alphas_cumprod.numpy(), float(scheduler.final_alpha_cumprod))
 
 
 def heldout_rows(batch, every: int) -> np.ndarray | None:

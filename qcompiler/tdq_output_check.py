@@ -9,12 +9,19 @@ worse (measured on the zoo DiT at W8A6: 17 of 27 corrections passed, and the fin
     (gain = 1 − E_tuned/E_envelope, for each g in ``gains``)
 
 are compared on the denoiser's output over the held-out trajectories, every activation fake-quantized
-at once with its table at t (weights as the graph has them at this point):
+at once with its table at t (weights as the graph has them at this point), by the error that
+reaches the final image under deterministic DDIM:
 
-    D(C) = Σ_t ‖Y_t − Ŷ_t(C)‖² / ‖Y_t‖²      (Y_t: the same graph with float activations)
+    D(C) = Σ_t w_t ‖ε_t − ε̂_t(C)‖² / Σ_t w_t ‖ε_t‖²,   w_t = (σ_t − σ_t′)²,  σ = sqrt((1 − ᾱ)/ᾱ)
 
-and the set with the lowest D is kept (ties go to the smaller set). One forward pass over the
-held-out rows per distinct candidate, plus one for Y.
+(ε_t: the same graph with float activations; guided, ε_u + g·(ε_c − ε_u), where the batch holds
+[unconditional; conditional] halves; t′ the next lower calibrated timestep; ``image_weights``).
+Why weighted: the zoo's cosine schedule multiplies an ε error at t = 961 by ~10³ more than one at
+t = 1 on its way to the image, and an unweighted Σ_t relative error (the first version of this
+check) ranked the DiT W8A6 corrections the other way round from the images. Without a scheduler
+configuration (no ᾱ) the unweighted Σ_t ‖ε_t − ε̂_t‖²/‖ε_t‖² is used. The set with the lowest D is
+kept (ties go to the smaller set). One forward pass over the held-out rows per distinct candidate,
+plus one for ε.
 """
 
 from __future__ import annotations
@@ -83,12 +90,15 @@ def candidate_sets(gains: dict[str, float], thresholds: Sequence[float]) -> list
 def output_errors(skel: Skeleton, plans: dict[str, GroupPlan], ranks: dict[str, int],
                   grids: dict[str, list[tuple[np.ndarray, np.ndarray]]], timesteps: np.ndarray,
                   heldout: Sequence, candidates: Sequence[frozenset[str]], spec: QuantSpec,
-                  timestep_of, threads: int | None = None) -> list[float]:
-    """D(C) for each candidate set C (see the module docstring). ``grids[name]`` = [envelope (S, Z),
-    tuned (S, Z)], each (len(timesteps), K); ``timestep_of(batch)`` = the batch's one timestep."""
+                  timestep_of, guide=None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(E, N): E[c, t] = Σ ‖g(Y) − g(Ŷ(C_c))‖² and N[t] = Σ ‖g(Y)‖² over the held-out batches at each
+    calibrated t, g = ``guide(batch, output)`` (identity when None; the sampler's guided ε for
+    [unconditional; conditional] batches). ``grids[name]`` = [envelope (S, Z), tuned (S, Z)], each
+    (len(timesteps), K); ``timestep_of(batch)`` = the batch's one timestep."""
     from qcompiler.calibration.capture import run_batch
     from qcompiler.runtimes.ort import make_session
 
+    guide = guide or (lambda batch, value: value)
     names = [n for n in plans if n in ranks]
     outputs = [value.name for value in skel.proto.graph.output]
     reference = make_session(skel, threads=threads, lean=True)
@@ -101,7 +111,7 @@ def output_errors(skel: Skeleton, plans: dict[str, GroupPlan], ranks: dict[str, 
         i = int(np.searchsorted(timesteps, t))
         if i >= timesteps.size or timesteps[i] != t:
             continue
-        expected = run_batch(reference, outputs, batch)
+        expected = [guide(batch, y) for y in run_batch(reference, outputs, batch)]
         norm[i] += sum(float(np.square(y, dtype=np.float64).sum()) for y in expected)
         for c, chosen in enumerate(candidates):
             feeds = {k: v for k, v in batch.feeds.items() if k in inputs}
@@ -112,6 +122,28 @@ def output_errors(skel: Skeleton, plans: dict[str, GroupPlan], ranks: dict[str, 
                 feeds[f"{PREFIX}/s{j}"] = scale[i][plan.labels].astype(np.float32).reshape(shape)
                 feeds[f"{PREFIX}/z{j}"] = zero_point[i][plan.labels].astype(np.float32).reshape(shape)
             got = quantized.run(outputs, feeds)
-            error[c, i] += sum(float(np.square(g - y, dtype=np.float64).sum()) for g, y in zip(got, expected))
+            error[c, i] += sum(float(np.square(guide(batch, g) - y, dtype=np.float64).sum())
+                               for g, y in zip(got, expected))
+    return error, norm
+
+
+def image_weights(timesteps: np.ndarray, alphas_cumprod: np.ndarray, final_alpha_cumprod: float) -> np.ndarray:
+    """w_t = (σ_t − σ_t′)², σ = sqrt((1 − ᾱ)/ᾱ), t′ the next lower calibrated timestep (the sampler's
+    final ᾱ after the lowest): deterministic DDIM is Euler's method on x̄ = x/sqrt(ᾱ) in σ,
+    x̄_t′ = x̄_t + (σ_t′ − σ_t)·ε, so an error Δε at t moves the final x̄ (the image, ᾱ_final ≈ 1)
+    by (σ_t − σ_t′)·Δε. Scaled to sum to 1."""
+    alphas = np.asarray(alphas_cumprod, np.float64)
+    sigma = lambda a: np.sqrt((1.0 - a) / a)  # noqa: E731
+    steps = np.clip(np.rint(timesteps).astype(np.int64), 0, alphas.size - 1)
+    here = sigma(alphas[steps])
+    below = np.concatenate([[sigma(float(final_alpha_cumprod))], here[:-1]])
+    weights = np.square(here - below)
+    return weights / max(weights.sum(), 1e-300)
+
+
+def output_score(error: np.ndarray, norm: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """D per candidate: Σ_t w_t E[c, t] / Σ_t w_t N[t] with image weights, else Σ_t E[c, t]/N[t]."""
     seen = norm > 0
-    return [float((error[c, seen] / norm[seen]).sum()) for c in range(len(candidates))]
+    if weights is None:
+        return (error[:, seen] / norm[seen]).sum(axis=1)
+    return (error[:, seen] * weights[seen]).sum(axis=1) / max(float((norm[seen] * weights[seen]).sum()), 1e-300)

@@ -255,7 +255,7 @@ def test_output_check_prefers_the_candidate_with_the_lower_output_error():
     from dataclasses import replace
 
     from qcompiler.graph import to_graph, to_skeleton
-    from qcompiler.tdq_output_check import candidate_sets, output_errors
+    from qcompiler.tdq_output_check import candidate_sets, output_errors, output_score
 
     model, data = timestep_model(), batches()
     low, high = [], []
@@ -266,8 +266,27 @@ def test_output_check_prefers_the_candidate_with_the_lower_output_error():
     low, high = np.array(low), np.array(high)
     plan = replace(compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"], labels=np.arange(K))
     candidates = candidate_sets({"h": 0.5}, (0.0,))
-    errors = output_errors(to_skeleton(to_graph(model), model), {"h": plan}, {"h": 3},
+    error, norm = output_errors(to_skeleton(to_graph(model), model), {"h": plan}, {"h": 3},
                            {"h": [scale_zero_point(3 * low, 3 * high, SPEC), scale_zero_point(low, high, SPEC)]},
                            np.array(CALIBRATED), data, candidates, SPEC, lambda b: b.feeds["timestep"][0])
-    assert candidates == [frozenset(), frozenset({"h"})]
-    assert errors[1] < errors[0] / 4
+    assert candidates == [frozenset(), frozenset({"h"})] and error.shape == (2, len(CALIBRATED))
+    scores = output_score(error, norm, None)
+    assert scores[1] < scores[0] / 4
+    np.testing.assert_allclose(scores, (error / norm).sum(axis=1))
+
+
+def test_image_weights_follow_the_ddim_step_in_sigma():
+    """w_t = (σ_t − σ_t′)², σ = sqrt((1 − ᾱ)/ᾱ): on a cosine-like ᾱ the high-t steps dominate."""
+    from qcompiler.tdq_output_check import image_weights, output_score
+
+    alphas = np.cos(np.linspace(0, 1, 1000) * np.pi / 2 * 0.99) ** 2
+    t = np.array([1.0, 500.0, 999.0])
+    sigma = np.sqrt((1 - alphas) / alphas)
+    expected = np.square([sigma[1] - np.sqrt((1 - 0.9999) / 0.9999), sigma[500] - sigma[1], sigma[999] - sigma[500]])
+    weights = image_weights(t, alphas, 0.9999)
+    np.testing.assert_allclose(weights, expected / expected.sum(), rtol=1e-12)
+    assert weights[2] > 100 * weights[0]
+    error, norm = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.1]]), np.ones(3)
+    # Unweighted, the error at t = 1 counts the most; weighted, the one at t = 999 does.
+    assert output_score(error, norm, None)[1] < output_score(error, norm, None)[0]
+    assert output_score(error, norm, weights)[1] > output_score(error, norm, weights)[0]
