@@ -15,11 +15,12 @@ The calibration rows are split by trajectory (every 4th prompt held out; each fi
 set holds one timestep of every trajectory, so a split by file would hold out timesteps): per
 activation the tuned correction is kept only if it lowers the full-tensor relative error of the
 held-out rows summed over the calibrated timesteps, else the table is the envelope. Those choices
-are local, so they are then judged together on the denoiser's output (``output_check``,
+are local, so they are then judged together on the final image (``output_check``,
 ``qcompiler/tdq_output_check.py``): the envelope everywhere and the sets of corrections whose own
-held-out gain exceeds each of ``output_check_gains`` are compared by the held-out output error
-Σ_t ‖Y_t − Ŷ_t‖²/‖Y_t‖² with every activation fake-quantized at once; the lowest wins. The deployed
-envelope is that of every row's ranges.
+held-out gain exceeds each of ``output_check_gains`` are compared by the relative error of x₀ after
+deterministic DDIM through the calibrated timesteps from the held-out trajectories' first inputs
+(guided), every activation fake-quantized at once, vs float activations; the lowest wins. The
+deployed envelope is that of every row's ranges.
 Deploy: the MLP evaluated at every t in [0, T) gives tables S[t], Z[t] (T × K) that the target
 gathers by the model's timestep input at run time, so timesteps the calibration never saw (another
 step count) get their own parameters; the MLP is not in the graph.
@@ -56,7 +57,7 @@ class TdqConfig(TrainSettings):
     rows_per_timestep: int = 32
     #: One calibration trajectory in this many is held out to accept or reject each tuned correction.
     heldout_every: int = 4
-    #: Judge the kept corrections together on the denoiser's output (``qcompiler/tdq_output_check.py``):
+    #: Judge the kept corrections together on the final image (``qcompiler/tdq_output_check.py``):
     #: the envelope everywhere, or the corrections whose own held-out gain exceeds each of ``output_check_gains``.
     output_check: bool = True
     output_check_gains: tuple[float, ...] = (0.0, 0.1, 0.3)
@@ -273,11 +274,17 @@ class Tdq(Pass):
             relative = (err[name] / np.maximum(norm[name], 1e-30)).sum(axis=1)
             gains[name] = float(1.0 - relative[1] / max(relative[0], 1e-30))
             log.debug("tdq %s: held-out relative error envelope %.4g, tuned %.4g", name, *relative)
-        kept = {name: gain > 0 for name, gain in gains.items()}
-        if self.config.output_check:
-            kept = self._output_check(ctx, plans, ranks, grids, timesteps, heldout, gains, spec, notes)
         T = next(iter(mlps.values())).num_train_timesteps
+        kept = between = {name: gain > 0 for name, gain in gains.items()}
+        if self.config.output_check:
+            kept, between = self._output_check(ctx, plans, ranks, grids, mlps, timesteps, heldout, gains, spec,
+                                               notes)
+        calibrated = np.zeros(T, bool)
+        calibrated[np.clip(np.rint(timesteps).astype(np.int64), 0, T - 1)] = True
         for name, mlp in mlps.items():
+            if kept[name] != between[name]:  # the correction on the calibrated rows only, or on the others only
+                mlp.corrected = calibrated if kept[name] else ~calibrated
+            kept[name] = kept[name] or between[name]
             if not kept[name]:
                 mlp.reset()
             merged = TimestepSamples(timesteps, low[name], high[name], samples[name].values, plans[name].labels)
@@ -285,28 +292,50 @@ class Tdq(Pass):
         return kept
 
 
-    def _output_check(self, ctx, plans, ranks, grids, timesteps, heldout, gains, spec, notes) -> dict[str, bool]:
-        """{activation: tuned kept} of the candidate set with the lowest held-out output error
-        (``tdq_output_check``); a note lists every candidate's error."""
+    def _output_check(self, ctx, plans, ranks, grids, mlps, timesteps, heldout, gains, spec,
+                      notes) -> tuple[dict[str, bool], dict[str, bool]]:
+        """({activation: tuned kept on the calibrated rows}, {…: on the rows between them}): of the
+        candidate sets (``tdq_output_check.candidate_sets``), the one with the lowest held-out error
+        of the final image (``trajectory_errors``) with DDIM through the calibrated timesteps, and the
+        one through the midpoints between them (the timesteps another step count meets, where the
+        table is the MLP's interpolation, not a calibrated range). Without a scheduler configuration
+        or a latent input: the single-step output error at the calibrated t decides both."""
         from qcompiler.lowering.timestep_ranges import batch_timesteps
-        from qcompiler.tdq_output_check import candidate_sets, output_errors, output_score
+        from qcompiler.tdq_output_check import candidate_sets, output_errors, output_score, trajectory_errors
 
         candidates = candidate_sets(gains, self.config.output_check_gains)
         if len(candidates) == 1:
-            return dict.fromkeys(gains, False)  # no correction passed its own check: nothing to compare
-        error, norm = output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout, candidates, spec,
-                                    lambda b: batch_timesteps(b, self.config.timestep_input)[0],
-                                    self._guide, ctx.threads)
-        weights = sampler_weights(ctx, timesteps)
-        scores = output_score(error, norm, weights)
-        best = int(np.argmin(scores))  # the first of equals: candidates run smallest first
+            nothing = dict.fromkeys(gains, False)  # no correction passed its own check: nothing to compare
+            return nothing, nothing
+        timestep_of = lambda b: float(batch_timesteps(b, self.config.timestep_input)[0])  # noqa: E731
+        schedule = sampler_schedule(ctx)
+        starts = [b for b in heldout if timestep_of(b) == timesteps[-1]]
+        schedules = {"calibrated t": timesteps[::-1],
+                     "midpoints": np.setdiff1d(np.rint((timesteps[1:] + timesteps[:-1]) / 2), timesteps)[::-1]}
+        scores = {}
+        if schedule is not None and starts:
+            for label, steps in schedules.items():
+                at = {n: [scale_zero_point(mlp.base_low[steps.astype(np.int64)], mlp.base_high[steps.astype(np.int64)],
+                                           spec), scale_zero_point(*mlp.ranges(steps), spec)] for n, mlp in mlps.items()}
+                found = trajectory_errors(ctx.skeleton(), plans, ranks, at, steps, starts, candidates, spec, *schedule,
+                                          self.config.guidance_scale, self.config.timestep_input, ctx.threads)
+                if found is None:
+                    scores = {}
+                    break
+                scores[label] = found
+        what = "final images of the held-out trajectories, DDIM"
+        if not scores:
+            what = "single-step held-out output, Σ_t relative error"
+            single = output_score(*output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout,
+                                                 candidates, spec, timestep_of, self._guide, ctx.threads))
+            scores = {"calibrated t": single, "midpoints": single}
         labels = ["envelope" if not c else f"{len(c)} tuned" for c in candidates]
-        what = "DDIM image-weighted" if weights is not None else "Σ_t relative"
-        notes.append(f"output check (held-out guided ε, {what} error): "
-                     + ", ".join(f"{label} {e:.4g}" for label, e in zip(labels, scores)) + f"; kept: {labels[best]}")
-        log.debug("tdq output check: per-timestep errors %s, norms %s, weights %s", error.tolist(), norm.tolist(),
-                  None if weights is None else weights.tolist())
-        return {name: name in candidates[best] for name in gains}
+        best = {label: int(np.argmin(s)) for label, s in scores.items()}  # the first of equals: smallest first
+        notes.append(f"output check ({what}; relative error vs float activations): " + "; ".join(
+            f"through the {label}: " + ", ".join(f"{c} {e:.4g}" for c, e in zip(labels, s)) + f" → {labels[best[label]]}"
+            for label, s in scores.items()))
+        pick = lambda label: {n: n in candidates[best[label]] for n in gains}  # noqa: E731
+        return pick("calibrated t"), pick("midpoints")
 
     def _guide(self, batch, value: np.ndarray) -> np.ndarray:
         """The sampler's ε for [unconditional; conditional] halves: ε_u + g·(ε_c − ε_u); else the output."""
@@ -318,11 +347,10 @@ class Tdq(Pass):
         return uncond + self.config.guidance_scale * (cond - uncond)
 
 
-def sampler_weights(ctx: CompileContext, timesteps: np.ndarray) -> np.ndarray | None:
-    """``tdq_output_check.image_weights`` from the model JSON's scheduler configuration (the zoo's
-    DDIM: ᾱ and its final ᾱ); None without one."""
+def sampler_schedule(ctx: CompileContext) -> tuple[np.ndarray, float] | None:
+    """(ᾱ_t for every t, the final ᾱ) of the zoo's DDIM from the model JSON's scheduler
+    configuration; None without one."""
     from qcompiler.diffusion.sampler import SamplerConfig, model_metadata
-    from qcompiler.tdq_output_check import image_weights
 
     try:
         config = model_metadata(ctx.source).get("scheduler_config")
@@ -331,7 +359,7 @@ def sampler_weights(ctx: CompileContext, timesteps: np.ndarray) -> np.ndarray | 
     if not config:
         return None
     scheduler = SamplerConfig(scheduler_config=config).scheduler()
-    return image_weights(timesteps, scheduler.alphas_cumprod.numpy(), float(scheduler.final_alpha_cumprod))
+    return scheduler.alphas_cumprod.numpy(), float(scheduler.final_alpha_cumprod)
 
 
 def heldout_rows(batch, every: int) -> np.ndarray | None:

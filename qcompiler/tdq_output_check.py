@@ -1,27 +1,26 @@
-"""TDQ's model-output check: which tuned corrections to keep, judged on the denoiser's output.
+"""TDQ's output check: which tuned corrections to keep, judged on the final image.
 
 ``tdq`` first keeps an activation's tuned correction where it lowers that activation's own held-out
-quantization error. Each such choice is local, and together they can still make the model's output
-worse (measured on the zoo DiT at W8A6: 17 of 27 corrections passed, and the final images lost
-0.5 dB against the untuned table at the calibrated timesteps). So the candidate sets
+quantization error. Each such choice is local, and together they can still make the images worse.
+So the candidate sets
 
     C_0 = ∅ (the lookup envelope everywhere),  C_g = {activations whose own held-out gain > g}
     (gain = 1 − E_tuned/E_envelope, for each g in ``gains``)
 
-are compared on the denoiser's output over the held-out trajectories, every activation fake-quantized
-at once with its table at t (weights as the graph has them at this point), by the error that
-reaches the final image under deterministic DDIM:
+are compared on the held-out trajectories with every activation fake-quantized at once by its
+table at t (weights as the graph has them at this point), by ``trajectory_errors``: deterministic
+DDIM through the calibrated timesteps from each held-out trajectory's first input, guided where the
+batches hold [unconditional; conditional] halves, and the relative error of the final x₀ against the
+same graph with float activations:
 
-    D(C) = Σ_t w_t ‖ε_t − ε̂_t(C)‖² / Σ_t w_t ‖ε_t‖²,   w_t = (σ_t − σ_t′)²,  σ = sqrt((1 − ᾱ)/ᾱ)
+    D(C) = Σ ‖x₀(C) − x₀‖² / Σ ‖x₀‖²
 
-(ε_t: the same graph with float activations; guided, ε_u + g·(ε_c − ε_u), where the batch holds
-[unconditional; conditional] halves; t′ the next lower calibrated timestep; ``image_weights``).
-Why weighted: the zoo's cosine schedule multiplies an ε error at t = 961 by ~10³ more than one at
-t = 1 on its way to the image, and an unweighted Σ_t relative error (the first version of this
-check) ranked the DiT W8A6 corrections the other way round from the images. Without a scheduler
-configuration (no ᾱ) the unweighted Σ_t ‖ε_t − ε̂_t‖²/‖ε_t‖² is used. The set with the lowest D is
-kept (ties go to the smaller set). One forward pass over the held-out rows per distinct candidate,
-plus one for ε.
+so errors compound along the quantized trajectory as they do in the sampler (a single-step check
+of ε on the float trajectories, the first version, kept the 17 corrections that cost the zoo DiT
+0.6 dB at W8A6). Without the model JSON's scheduler configuration (no ᾱ) or whole held-out
+trajectories, the single-step Σ_t ‖ε_t − ε̂_t‖²/‖ε_t‖² (``output_errors``) is used. The set with
+the lowest D is kept (ties go to the smaller set). Cost: (candidates + 1) × steps forward passes of
+the held-out rows.
 """
 
 from __future__ import annotations
@@ -115,35 +114,82 @@ def output_errors(skel: Skeleton, plans: dict[str, GroupPlan], ranks: dict[str, 
         norm[i] += sum(float(np.square(y, dtype=np.float64).sum()) for y in expected)
         for c, chosen in enumerate(candidates):
             feeds = {k: v for k, v in batch.feeds.items() if k in inputs}
-            for j, name in enumerate(names):
-                plan = plans[name]
-                scale, zero_point = grids[name][int(name in chosen)]
-                shape = broadcast_shape(plan, ranks[name])
-                feeds[f"{PREFIX}/s{j}"] = scale[i][plan.labels].astype(np.float32).reshape(shape)
-                feeds[f"{PREFIX}/z{j}"] = zero_point[i][plan.labels].astype(np.float32).reshape(shape)
+            feeds.update(candidate_feeds(plans, ranks, grids, chosen, i))
             got = quantized.run(outputs, feeds)
             error[c, i] += sum(float(np.square(guide(batch, g) - y, dtype=np.float64).sum())
                                for g, y in zip(got, expected))
     return error, norm
 
 
-def image_weights(timesteps: np.ndarray, alphas_cumprod: np.ndarray, final_alpha_cumprod: float) -> np.ndarray:
-    """w_t = (σ_t − σ_t′)², σ = sqrt((1 − ᾱ)/ᾱ), t′ the next lower calibrated timestep (the sampler's
-    final ᾱ after the lowest): deterministic DDIM is Euler's method on x̄ = x/sqrt(ᾱ) in σ,
-    x̄_t′ = x̄_t + (σ_t′ − σ_t)·ε, so an error Δε at t moves the final x̄ (the image, ᾱ_final ≈ 1)
-    by (σ_t − σ_t′)·Δε. Scaled to sum to 1."""
+def candidate_feeds(plans: dict[str, GroupPlan], ranks: dict[str, int], grids: dict, chosen: frozenset[str],
+                    i: int) -> dict[str, np.ndarray]:
+    """The fake-quant graph's s and z inputs for candidate ``chosen`` at calibrated timestep index i."""
+    feeds = {}
+    for j, name in enumerate(n for n in plans if n in ranks):
+        plan = plans[name]
+        scale, zero_point = grids[name][int(name in chosen)]
+        shape = broadcast_shape(plan, ranks[name])
+        feeds[f"{PREFIX}/s{j}"] = scale[i][plan.labels].astype(np.float32).reshape(shape)
+        feeds[f"{PREFIX}/z{j}"] = zero_point[i][plan.labels].astype(np.float32).reshape(shape)
+    return feeds
+
+
+def trajectory_errors(skel: Skeleton, plans: dict[str, GroupPlan], ranks: dict[str, int], grids: dict,
+                      schedule: np.ndarray, starts: Sequence, candidates: Sequence[frozenset[str]],
+                      spec: QuantSpec, alphas_cumprod: np.ndarray, final_alpha_cumprod: float,
+                      guidance_scale: float, timestep_input: str, threads: int | None = None) -> list[float] | None:
+    """Per candidate, Σ ‖x₀(C) − x₀‖² / Σ ‖x₀‖²: deterministic DDIM through ``schedule`` (descending
+    timesteps; ``grids[name]`` = [envelope (S, Z), tuned (S, Z)], row k for schedule[k]) from each
+    held-out ``starts`` batch (its latent input as x at schedule[0], its other inputs as the
+    condition), guided ε = ε_u + g·(ε_c − ε_u) where the batch holds [unconditional; conditional]
+    halves, x₀ clipped to [−1, 1] as the sampler's; x₀ from the same graph with float activations.
+    None when no model input has the output's shape (no latent to step)."""
+    from qcompiler.calibration.capture import run_batch
+    from qcompiler.passes.ptqd import paired_halves
+    from qcompiler.runtimes.ort import make_session
+
+    names = [n for n in plans if n in ranks]
+    outputs = [value.name for value in skel.proto.graph.output][:1]
+    sessions = [make_session(skel, threads=threads, lean=True),
+                make_session(fake_quant_skeleton(skel, names, spec), threads=threads, lean=True)]
+    inputs = [{value.name for value in s.get_inputs()} for s in sessions]
     alphas = np.asarray(alphas_cumprod, np.float64)
-    sigma = lambda a: np.sqrt((1.0 - a) / a)  # noqa: E731
-    steps = np.clip(np.rint(timesteps).astype(np.int64), 0, alphas.size - 1)
-    here = sigma(alphas[steps])
-    below = np.concatenate([[sigma(float(final_alpha_cumprod))], here[:-1]])
-    weights = np.square(here - below)
-    return weights / max(weights.sum(), 1e-300)
+    error, norm = np.zeros(len(candidates)), 0.0
+    for start in starts:
+        paired = paired_halves(start)
+        shape = np.shape(run_batch(sessions[0], outputs, start)[0])
+        latent = next((n for n in sorted(inputs[0]) if n in start.feeds and n != timestep_input
+                       and np.shape(start.feeds[n]) == shape), None)
+        if latent is None:
+            return None
+        first = np.asarray(start.feeds[latent], np.float64)
+        first = first[: len(first) // 2] if paired else first
+        finals = []
+        for c in (None, *candidates):
+            session, names_in = sessions[c is not None], inputs[c is not None]
+            x = first.copy()
+            for k, t in enumerate(schedule):
+                feeds = {n: v for n, v in start.feeds.items() if n in names_in}
+                feeds[latent] = (np.concatenate([x, x]) if paired else x).astype(np.float32)
+                feeds[timestep_input] = np.full(np.shape(start.feeds[timestep_input]), t,
+                                                np.asarray(start.feeds[timestep_input]).dtype)
+                if c is not None:
+                    feeds.update(candidate_feeds(plans, ranks, grids, c, k))
+                eps = np.asarray(session.run(outputs, feeds)[0], np.float64)
+                if paired:
+                    uncond, cond = np.split(eps, 2)
+                    eps = uncond + guidance_scale * (cond - uncond)
+                a_t = alphas[int(round(t))]
+                a_prev = alphas[int(round(schedule[k + 1]))] if k + 1 < len(schedule) else float(final_alpha_cumprod)
+                x0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
+                x = np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev) * eps
+            finals.append(np.clip(x, -1.0, 1.0))
+        norm += float(np.square(finals[0]).sum())
+        error += [float(np.square(f - finals[0]).sum()) for f in finals[1:]]
+    return (error / max(norm, 1e-300)).tolist()
 
 
-def output_score(error: np.ndarray, norm: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """D per candidate: Σ_t w_t E[c, t] / Σ_t w_t N[t] with image weights, else Σ_t E[c, t]/N[t]."""
+def output_score(error: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """D per candidate: Σ_t E[c, t]/N[t] (the single-step check, without a scheduler)."""
     seen = norm > 0
-    if weights is None:
-        return (error[:, seen] / norm[seen]).sum(axis=1)
-    return (error[:, seen] * weights[seen]).sum(axis=1) / max(float((norm[seen] * weights[seen]).sum()), 1e-300)
+    return (error[:, seen] / norm[seen]).sum(axis=1)

@@ -1,5 +1,7 @@
 """tdq: an MLP per activation from the timestep to its range, tabled at every t and gathered at run time."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from tests import graphs
 from tests.lowering.test_timestep_ranges import K, timestep_model
 from qcompiler.runtimes.ort import make_session
 from tests.passes.helpers import run_model
+from dataclasses import replace
 
 T = 1000
 CALIBRATED = (1.0, 201.0, 401.0, 601.0, 801.0, 961.0)
@@ -245,15 +248,13 @@ def test_output_check_drops_corrections_that_raise_the_output_error(monkeypatch)
     result = Tdq(TdqConfig(tune_iterations=5, num_train_timesteps=T, output_check_gains=(-1e9,))).call(ctx)
     np.testing.assert_allclose(ctx.group_plans["h"].timestep_scales, untuned.timestep_scales, rtol=1e-6)
     check = next(n for n in result.notes if n.startswith("output check"))
-    envelope, tuned = (float(part.split()[-1]) for part in check.split(": ")[1].split("; ")[0].split(", "))
-    assert tuned > 2 * envelope and check.endswith("kept: envelope")
+    found = re.search(r"through the calibrated t: envelope ([-+.\de]+), 1 tuned ([-+.\de]+) → envelope", check)
+    assert found and float(found.group(2)) > 2 * float(found.group(1))
 
 
 def test_output_check_prefers_the_candidate_with_the_lower_output_error():
     """output_errors on the toy: the rows' own per-timestep ranges (as the tuned grid) against ranges
     three times too wide (as the envelope): coarser steps, so a larger error at the output."""
-    from dataclasses import replace
-
     from qcompiler.graph import to_graph, to_skeleton
     from qcompiler.tdq_output_check import candidate_sets, output_errors, output_score
 
@@ -270,23 +271,66 @@ def test_output_check_prefers_the_candidate_with_the_lower_output_error():
                            {"h": [scale_zero_point(3 * low, 3 * high, SPEC), scale_zero_point(low, high, SPEC)]},
                            np.array(CALIBRATED), data, candidates, SPEC, lambda b: b.feeds["timestep"][0])
     assert candidates == [frozenset(), frozenset({"h"})] and error.shape == (2, len(CALIBRATED))
-    scores = output_score(error, norm, None)
+    scores = output_score(error, norm)
     assert scores[1] < scores[0] / 4
     np.testing.assert_allclose(scores, (error / norm).sum(axis=1))
 
 
-def test_image_weights_follow_the_ddim_step_in_sigma():
-    """w_t = (σ_t − σ_t′)², σ = sqrt((1 − ᾱ)/ᾱ): on a cosine-like ᾱ the high-t steps dominate."""
-    from qcompiler.tdq_output_check import image_weights, output_score
+def denoiser_model():
+    """eps = (x·(1 + t/100))·W, W (K, K) small: the output has the latent's shape, as a denoiser's."""
+    from onnx import TensorProto, helper
 
-    alphas = np.cos(np.linspace(0, 1, 1000) * np.pi / 2 * 0.99) ** 2
-    t = np.array([1.0, 500.0, 999.0])
-    sigma = np.sqrt((1 - alphas) / alphas)
-    expected = np.square([sigma[1] - np.sqrt((1 - 0.9999) / 0.9999), sigma[500] - sigma[1], sigma[999] - sigma[500]])
-    weights = image_weights(t, alphas, 0.9999)
-    np.testing.assert_allclose(weights, expected / expected.sum(), rtol=1e-12)
-    assert weights[2] > 100 * weights[0]
-    error, norm = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.1]]), np.ones(3)
-    # Unweighted, the error at t = 1 counts the most; weighted, the one at t = 999 does.
-    assert output_score(error, norm, None)[1] < output_score(error, norm, None)[0]
-    assert output_score(error, norm, weights)[1] > output_score(error, norm, weights)[0]
+    w = np.random.default_rng(4).standard_normal((K, K)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Div", ["timestep", "hundred"], ["t_scaled"]),
+             helper.make_node("Add", ["t_scaled", "one"], ["gain"]),
+             helper.make_node("Unsqueeze", ["gain", "axes"], ["gain3"]),
+             helper.make_node("Mul", ["x", "gain3"], ["h"]),
+             helper.make_node("MatMul", ["h", "w"], ["eps"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4, K]),
+              helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["B"])]
+    inits = [graphs.init("hundred", np.array(100.0, np.float32)), graphs.init("one", np.array(1.0, np.float32)),
+             graphs.init("axes", np.array([1, 2], np.int64)), graphs.init("w", w)]
+    return graphs.make_model(nodes, inputs, [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", 4, K])],
+                             inits), w
+
+
+def test_trajectory_check_is_ddim_with_the_candidate_tables():
+    """trajectory_errors against numpy: guided DDIM from the first held-out input through the
+    calibrated timesteps, h fake-quantized with the candidate's (S, Z) at each t, vs float h."""
+    from qcompiler.graph import to_graph, to_skeleton
+    from qcompiler.tdq_output_check import trajectory_errors
+
+    model, w = denoiser_model()
+    rng = np.random.default_rng(6)
+    x_start = rng.standard_normal((2, 4, K)).astype(np.float32)
+    parts = [CalibrationBatch({"x": np.concatenate([x_start, x_start]), "timestep": np.full(4, t, np.float32)},
+                              {"__label__": np.array([-1, -1, 3, 5]), "__timestep__": np.full(4, int(t))}, f"t{t}")
+             for t in CALIBRATED]
+    t = np.array(CALIBRATED)
+    alphas = np.cos(np.linspace(0, 1, T) * np.pi / 2 * 0.98) ** 2
+    low = -np.linspace(1.0, 3.0, t.size)[:, None] * np.ones((1, K))
+    grids = {"h": [scale_zero_point(3 * low, -3 * low, SPEC), scale_zero_point(low, -low, SPEC)]}
+    plan = replace(compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"], labels=np.arange(K))
+    descending = {"h": [tuple(a[::-1] for a in g) for g in grids["h"]]}  # row k for schedule[k]
+    errors = trajectory_errors(to_skeleton(to_graph(model), model), {"h": plan}, {"h": 3}, descending, t[::-1],
+                               [parts[-1]], [frozenset(), frozenset({"h"})], SPEC, alphas, 0.999, 4.0, "timestep")
+
+    def ddim(grid):
+        x = x_start.astype(np.float64)
+        for k, step in enumerate(CALIBRATED[::-1]):
+            h = np.concatenate([x, x]).astype(np.float32) * np.float32(1 + step / 100)
+            if grid is not None:
+                i = CALIBRATED.index(step)
+                s, z = grid[0][i], grid[1][i].astype(np.int32)
+                h = dequantize(quantize(h, s, z, SPEC, axis=-1), s, z, axis=-1)
+            eps = (h @ w).astype(np.float64)
+            eps = eps[:2] + 4.0 * (eps[2:] - eps[:2])
+            a_t = alphas[int(step)]
+            a_prev = alphas[int(CALIBRATED[::-1][k + 1])] if k + 1 < len(CALIBRATED) else 0.999
+            x = np.sqrt(a_prev) * (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t) + np.sqrt(1 - a_prev) * eps
+        return np.clip(x, -1, 1)
+
+    reference = ddim(None)
+    expected = [np.square(ddim(g) - reference).sum() / np.square(reference).sum() for g in grids["h"]]
+    np.testing.assert_allclose(errors, expected, rtol=1e-3)
+    assert errors[0] != errors[1]  # the candidates' tables differ, and so do their images
