@@ -63,6 +63,9 @@ class TdqConfig(TrainSettings):
     output_check_gains: tuple[float, ...] = (0.0, 0.1, 0.3)
     #: The sampler's guidance scale: the check compares guided ε where batches hold both halves.
     guidance_scale: float = 4.0
+    #: The table's rows at the calibrated timesteps: "lookup" (the range calibrated there, exactly the
+    #: per-timestep lookup's; the correction acts between them) or "check" (the output check's choice).
+    calibrated_rows: str = "lookup"
     timestep_input: str = "timestep"
     #: T of the table; None: the model JSON's scheduler_config.num_train_timesteps, else 1000.
     num_train_timesteps: int | None = None
@@ -70,6 +73,8 @@ class TdqConfig(TrainSettings):
     def __post_init__(self):
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise ValueError(f"TdqConfig: embedding_dim must be even and ≥ 2, got {self.embedding_dim}")
+        if self.calibrated_rows not in ("lookup", "check"):
+            raise ValueError(f"TdqConfig: calibrated_rows must be 'lookup' or 'check', got {self.calibrated_rows!r}")
         if min(self.hidden, self.rows_per_timestep) < 1 or self.tune_iterations < 0 or self.heldout_every < 2:
             raise ValueError("TdqConfig: hidden and rows_per_timestep must be ≥ 1, tune_iterations ≥ 0, "
                              "heldout_every ≥ 2")
@@ -141,8 +146,9 @@ class Tdq(Pass):
         notes.append(f"{len(plans)} activations ({len(new)} per-tensor, {len(plans) - len(new)} DGQ-grouped): "
                      f"MLPs of {parameters} parameters in all on {calibrated} calibrated timesteps, tabled at "
                      f"t = 0..{T - 1} (simulated lowering: run-time scales); tuned correction kept for "
-                     f"{sum(kept.values())} of {len(kept)} (held-out error{', output check' if check else ''}), "
-                     f"the lookup envelope elsewhere; samples {captured - started:.1f} s, "
+                     f"{sum(kept.values())} of {len(kept)} (held-out error{', output check' if check else ''}"
+                     f"{'; at the calibrated t the table is the lookup' if self.config.calibrated_rows == 'lookup' else ''}"
+                     f"), the lookup envelope elsewhere; samples {captured - started:.1f} s, "
                      f"training {trained - captured:.1f} s, check {time.perf_counter() - trained:.1f} s")
         notes += check
         return PassResult(False, tuple(notes))
@@ -279,6 +285,8 @@ class Tdq(Pass):
         if self.config.output_check:
             kept, between = self._output_check(ctx, plans, ranks, grids, mlps, timesteps, heldout, gains, spec,
                                                notes)
+        if self.config.calibrated_rows == "lookup":
+            kept = dict.fromkeys(kept, False)
         calibrated = np.zeros(T, bool)
         calibrated[np.clip(np.rint(timesteps).astype(np.int64), 0, T - 1)] = True
         for name, mlp in mlps.items():
@@ -312,6 +320,8 @@ class Tdq(Pass):
         starts = [b for b in heldout if timestep_of(b) == timesteps[-1]]
         schedules = {"calibrated t": timesteps[::-1],
                      "midpoints": np.setdiff1d(np.rint((timesteps[1:] + timesteps[:-1]) / 2), timesteps)[::-1]}
+        if self.config.calibrated_rows == "lookup":
+            del schedules["calibrated t"]
         scores = {}
         if schedule is not None and starts:
             for label, steps in schedules.items():
@@ -328,14 +338,15 @@ class Tdq(Pass):
             what = "single-step held-out output, Σ_t relative error"
             single = output_score(*output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout,
                                                  candidates, spec, timestep_of, self._guide, ctx.threads))
-            scores = {"calibrated t": single, "midpoints": single}
+            scores = {label: single for label in schedules}
         labels = ["envelope" if not c else f"{len(c)} tuned" for c in candidates]
         best = {label: int(np.argmin(s)) for label, s in scores.items()}  # the first of equals: smallest first
         notes.append(f"output check ({what}; relative error vs float activations): " + "; ".join(
             f"through the {label}: " + ", ".join(f"{c} {e:.4g}" for c, e in zip(labels, s)) + f" → {labels[best[label]]}"
             for label, s in scores.items()))
         pick = lambda label: {n: n in candidates[best[label]] for n in gains}  # noqa: E731
-        return pick("calibrated t"), pick("midpoints")
+        lookup = dict.fromkeys(gains, False)
+        return (pick("calibrated t") if "calibrated t" in scores else lookup), pick("midpoints")
 
     def _guide(self, batch, value: np.ndarray) -> np.ndarray:
         """The sampler's ε for [unconditional; conditional] halves: ε_u + g·(ε_c − ε_u); else the output."""

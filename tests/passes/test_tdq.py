@@ -156,6 +156,18 @@ def test_untuned_table_reproduces_the_per_timestep_lookup_at_calibrated_timestep
         np.testing.assert_array_equal(ours.timestep_zero_points[int(t)], theirs.timestep_zero_points[i])
 
 
+def test_tuned_table_is_the_lookup_at_calibrated_timesteps_by_default(tdq_ctx):
+    """calibrated_rows = "lookup": whatever correction is kept acts between the calibrated timesteps."""
+    lookup = CompileContext(timestep_model(), QuantSettings(), batches())
+    QuantizeWeights().call(lookup)
+    DgqGroups(DgqGroupsConfig(groups=1, per_timestep=True)).call(lookup)
+    ours, theirs = tdq_ctx.group_plans["h"], lookup.group_plans["h"]
+    for i, t in enumerate(CALIBRATED):
+        np.testing.assert_allclose(ours.timestep_scales[int(t)], theirs.timestep_scales[i], rtol=1e-6)
+    checked = compiled(TdqConfig(tune_iterations=50, num_train_timesteps=T, calibrated_rows="check")).group_plans["h"]
+    assert checked.timestep_scales.shape == ours.timestep_scales.shape
+
+
 def test_a_tuned_correction_that_raises_held_out_error_is_dropped(monkeypatch):
     """A tuning that narrows every range to a third clips the held-out rows: the check resets it."""
     import qcompiler.passes.tdq as tdq_pass
@@ -248,7 +260,7 @@ def test_output_check_drops_corrections_that_raise_the_output_error(monkeypatch)
     result = Tdq(TdqConfig(tune_iterations=5, num_train_timesteps=T, output_check_gains=(-1e9,))).call(ctx)
     np.testing.assert_allclose(ctx.group_plans["h"].timestep_scales, untuned.timestep_scales, rtol=1e-6)
     check = next(n for n in result.notes if n.startswith("output check"))
-    found = re.search(r"through the calibrated t: envelope ([-+.\de]+), 1 tuned ([-+.\de]+) → envelope", check)
+    found = re.search(r"through the midpoints: envelope ([-+.\de]+), 1 tuned ([-+.\de]+) → envelope", check)
     assert found and float(found.group(2)) > 2 * float(found.group(1))
 
 
@@ -334,3 +346,22 @@ def test_trajectory_check_is_ddim_with_the_candidate_tables():
     expected = [np.square(ddim(g) - reference).sum() / np.square(reference).sum() for g in grids["h"]]
     np.testing.assert_allclose(errors, expected, rtol=1e-3)
     assert errors[0] != errors[1]  # the candidates' tables differ, and so do their images
+
+
+def test_corrected_rows_take_the_correction_and_the_others_are_the_envelope():
+    """The output check may keep a correction between the calibrated timesteps only: those rows are
+    the MLP's, the calibrated rows the envelope (the lookup's range there)."""
+    rng = np.random.default_rng(0)
+    t = np.array(CALIBRATED)
+    values = rng.standard_normal((t.size, 32, 3)) * (1 + t / 100)[:, None, None]
+    samples = TimestepSamples(t, values.min(axis=1), values.max(axis=1), values, np.array([0, 0, 1]))
+    mlp = train_mlp(samples, SPEC, T, TrainSettings(tune_iterations=20))
+    full = mlp.ranges(np.arange(T))
+    calibrated = np.zeros(T, bool)
+    calibrated[t.astype(int)] = True
+    mlp.corrected = ~calibrated
+    low, high = mlp.ranges(np.arange(T))
+    np.testing.assert_array_equal(low[calibrated], mlp.base_low[calibrated])
+    np.testing.assert_array_equal(high[calibrated], mlp.base_high[calibrated])
+    np.testing.assert_array_equal(low[~calibrated], full[0][~calibrated])
+    assert not np.array_equal(full[0][calibrated], mlp.base_low[calibrated])  # the correction is not 0 there
