@@ -18,8 +18,10 @@ held-out rows summed over the calibrated timesteps, else the table is the envelo
 are local, so they are then judged together on the final image (``output_check``,
 ``qcompiler/tdq_output_check.py``): the envelope everywhere and the sets of corrections whose own
 held-out gain exceeds each of ``output_check_gains`` are compared by the relative error of x₀ after
-deterministic DDIM through the calibrated timesteps from the held-out trajectories' first inputs
-(guided), every activation fake-quantized at once, vs float activations; the lowest wins. The
+deterministic, guided DDIM through the midpoints between the calibrated timesteps from the held-out
+trajectories' first inputs, every activation fake-quantized at once, vs float activations; the
+lowest wins. At the calibrated timesteps the table is the calibrated range, the lookup's
+(``calibrated_rows = "lookup"``; ``"check"``: the same check through the calibrated timesteps). The
 deployed envelope is that of every row's ranges.
 Deploy: the MLP evaluated at every t in [0, T) gives tables S[t], Z[t] (T × K) that the target
 gathers by the model's timestep input at run time, so timesteps the calibration never saw (another
