@@ -45,7 +45,13 @@ from qcompiler.errors import PassError
 from qcompiler.grids import GroupPlan, quantized_gemms
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.quant import QuantSpec, scale_zero_point
-from qcompiler.tdq_training import TimestepMlp, TimestepSamples, TrainSettings, lookup_envelope, train_mlps
+from qcompiler.tdq_training import (
+    TimestepMlp,
+    TimestepSamples,
+    TrainSettings,
+    lookup_envelope,
+    train_mlps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +318,21 @@ class Tdq(Pass):
         table is the MLP's interpolation, not a calibrated range). Without a scheduler configuration
         or a latent input: the single-step output error at the calibrated t decides both."""
         from qcompiler.lowering.timestep_ranges import batch_timesteps
-        from qcompiler.tdq_output_check import candidate_sets, output_errors, output_score, trajectory_errors
+        from qcompiler.tdq_output_check import (
+            candidate_sets,
+            guided,
+            output_errors,
+            output_score,
+            sampler_schedule,
+            trajectory_errors,
+        )
 
         candidates = candidate_sets(gains, self.config.output_check_gains)
         if len(candidates) == 1:
             nothing = dict.fromkeys(gains, False)  # no correction passed its own check: nothing to compare
             return nothing, nothing
         timestep_of = lambda b: float(batch_timesteps(b, self.config.timestep_input)[0])  # noqa: E731
-        schedule = sampler_schedule(ctx)
+        schedule = sampler_schedule(ctx.source)
         starts = [b for b in heldout if timestep_of(b) == timesteps[-1]]
         schedules = {"calibrated t": timesteps[::-1],
                      "midpoints": np.setdiff1d(np.rint((timesteps[1:] + timesteps[:-1]) / 2), timesteps)[::-1]}
@@ -340,7 +353,9 @@ class Tdq(Pass):
         if not scores:
             what = "single-step held-out output, Σ_t relative error"
             single = output_score(*output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout,
-                                                 candidates, spec, timestep_of, self._guide, ctx.threads))
+                                                 candidates, spec, timestep_of,
+                                                 lambda b, v: guided(b, v, self.config.guidance_scale),
+                                                 ctx.threads))
             scores = {label: single for label in schedules}
         labels = ["envelope" if not c else f"{len(c)} tuned" for c in candidates]
         best = {label: int(np.argmin(s)) for label, s in scores.items()}  # the first of equals: smallest first
@@ -350,30 +365,6 @@ class Tdq(Pass):
         pick = lambda label: {n: n in candidates[best[label]] for n in gains}  # noqa: E731
         lookup = dict.fromkeys(gains, False)
         return (pick("calibrated t") if "calibrated t" in scores else lookup), pick("midpoints")
-
-    def _guide(self, batch, value: np.ndarray) -> np.ndarray:
-        """The sampler's ε for [unconditional; conditional] halves: ε_u + g·(ε_c − ε_u); else the output."""
-        from qcompiler.passes.ptqd import paired_halves
-
-        if not paired_halves(batch) or np.ndim(value) < 1 or len(value) != batch.batch_size:
-            return value
-        uncond, cond = np.split(np.asarray(value, np.float64), 2)
-        return uncond + self.config.guidance_scale * (cond - uncond)
-
-
-def sampler_schedule(ctx: CompileContext) -> tuple[np.ndarray, float] | None:
-    """(ᾱ_t for every t, the final ᾱ) of the zoo's DDIM from the model JSON's scheduler
-    configuration; None without one."""
-    from qcompiler.diffusion.sampler import SamplerConfig, model_metadata
-
-    try:
-        config = model_metadata(ctx.source).get("scheduler_config")
-    except (OSError, ValueError):
-        return None
-    if not config:
-        return None
-    scheduler = SamplerConfig(scheduler_config=config).scheduler()
-    return scheduler.alphas_cumprod.numpy(), float(scheduler.final_alpha_cumprod)
 
 
 def heldout_rows(batch, every: int) -> np.ndarray | None:

@@ -195,3 +195,28 @@ def output_score(error: np.ndarray, norm: np.ndarray) -> np.ndarray:
     """D per candidate: Σ_t E[c, t]/N[t] (the single-step check, without a scheduler)."""
     seen = norm > 0
     return (error[:, seen] / norm[seen]).sum(axis=1)
+
+
+def guided(batch, value: np.ndarray, scale: float) -> np.ndarray:
+    """The sampler's ε for [unconditional; conditional] halves: ε_u + g·(ε_c − ε_u); else the output."""
+    from qcompiler.passes.ptqd import paired_halves
+
+    if not paired_halves(batch) or np.ndim(value) < 1 or len(value) != batch.batch_size:
+        return value
+    uncond, cond = np.split(np.asarray(value, np.float64), 2)
+    return uncond + scale * (cond - uncond)
+
+
+def sampler_schedule(source) -> tuple[np.ndarray, float] | None:
+    """(ᾱ_t for every t, the final ᾱ) of the zoo's DDIM from the model JSON's scheduler configuration
+    (``source``: the model path); None without one."""
+    from qcompiler.diffusion.sampler import SamplerConfig, model_metadata
+
+    try:
+        config = model_metadata(source).get("scheduler_config")
+    except (OSError, ValueError):
+        return None
+    if not config:
+        return None
+    scheduler = SamplerConfig(scheduler_config=config).scheduler()
+    return scheduler.alphas_cumprod.numpy(), float(scheduler.final_alpha_cumprod)

@@ -1,6 +1,7 @@
 """tdq: an MLP per activation from the timestep to its range, tabled at every t and gathered at run time."""
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,14 +15,25 @@ from qcompiler.lowering.timestep_ranges import TDQ_LOWERING
 from qcompiler.passes import DgqGroups, InsertActivationQDQ, QuantizeWeights, Tdq
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
 from qcompiler.passes.tdq import TdqConfig
-from qcompiler.quant import QuantSpec, dequantize, fake_quantize, quantize, scale_zero_point
+from qcompiler.quant import (
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    quantize,
+    scale_zero_point,
+)
+from qcompiler.runtimes.ort import make_session
 from qcompiler.targets.ort import OrtTarget
-from qcompiler.tdq_training import TimestepSamples, TrainSettings, lookup_envelope, timestep_embedding, train_mlp
+from qcompiler.tdq_training import (
+    TimestepSamples,
+    TrainSettings,
+    lookup_envelope,
+    timestep_embedding,
+    train_mlp,
+)
 from tests import graphs
 from tests.lowering.test_timestep_ranges import K, timestep_model
-from qcompiler.runtimes.ort import make_session
 from tests.passes.helpers import run_model
-from dataclasses import replace
 
 T = 1000
 CALIBRATED = (1.0, 201.0, 401.0, 601.0, 801.0, 961.0)
