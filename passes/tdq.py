@@ -152,12 +152,12 @@ class Tdq(Pass):
             plan.timestep_input, plan.timestep_method = self.config.timestep_input, "tdq"
             parameters += mlp.parameters
         calibrated = samples[names[0]].timesteps.size
+        lookup_rows = "; at the calibrated t the table is the lookup" if self.config.calibrated_rows == "lookup" else ""
         notes.append(f"{len(plans)} activations ({len(new)} per-tensor, {len(plans) - len(new)} DGQ-grouped): "
                      f"MLPs of {parameters} parameters in all on {calibrated} calibrated timesteps, tabled at "
                      f"t = 0..{T - 1} (simulated lowering: run-time scales); tuned correction kept for "
                      f"{sum(kept.values())} of {len(kept)} (held-out error{', output check' if check else ''}"
-                     f"{'; at the calibrated t the table is the lookup' if self.config.calibrated_rows == 'lookup' else ''}"
-                     f"), the lookup envelope elsewhere; samples {captured - started:.1f} s, "
+                     f"{lookup_rows}), the lookup envelope elsewhere; samples {captured - started:.1f} s, "
                      f"training {trained - captured:.1f} s, check {time.perf_counter() - trained:.1f} s")
         notes += check
         return PassResult(False, tuple(notes))
@@ -290,7 +290,8 @@ class Tdq(Pass):
             gains[name] = float(1.0 - relative[1] / max(relative[0], 1e-30))
             log.debug("tdq %s: held-out relative error envelope %.4g, tuned %.4g", name, *relative)
         T = next(iter(mlps.values())).num_train_timesteps
-        kept = between = {name: gain > 0 for name, gain in gains.items()}
+        kept = {name: gain > 0 for name, gain in gains.items()}
+        between = dict(kept)
         if self.config.output_check:
             kept, between = self._output_check(ctx, plans, ranks, grids, mlps, timesteps, heldout, gains, spec,
                                                notes)
@@ -341,8 +342,9 @@ class Tdq(Pass):
         scores = {}
         if schedule is not None and starts:
             for label, steps in schedules.items():
-                at = {n: [scale_zero_point(mlp.base_low[steps.astype(np.int64)], mlp.base_high[steps.astype(np.int64)],
-                                           spec), scale_zero_point(*mlp.ranges(steps), spec)] for n, mlp in mlps.items()}
+                rows = steps.astype(np.int64)
+                at = {n: [scale_zero_point(mlp.base_low[rows], mlp.base_high[rows], spec),
+                          scale_zero_point(*mlp.ranges(steps), spec)] for n, mlp in mlps.items()}
                 found = trajectory_errors(ctx.skeleton(), plans, ranks, at, steps, starts, candidates, spec, *schedule,
                                           self.config.guidance_scale, self.config.timestep_input, ctx.threads)
                 if found is None:
@@ -359,9 +361,9 @@ class Tdq(Pass):
             scores = {label: single for label in schedules}
         labels = ["envelope" if not c else f"{len(c)} tuned" for c in candidates]
         best = {label: int(np.argmin(s)) for label, s in scores.items()}  # the first of equals: smallest first
-        notes.append(f"output check ({what}; relative error vs float activations): " + "; ".join(
-            f"through the {label}: " + ", ".join(f"{c} {e:.4g}" for c, e in zip(labels, s)) + f" → {labels[best[label]]}"
-            for label, s in scores.items()))
+        per_schedule = [f"through the {label}: " + ", ".join(f"{c} {e:.4g}" for c, e in zip(labels, s))
+                        + f" → {labels[best[label]]}" for label, s in scores.items()]
+        notes.append(f"output check ({what}; relative error vs float activations): " + "; ".join(per_schedule))
         pick = lambda label: {n: n in candidates[best[label]] for n in gains}  # noqa: E731
         lookup = dict.fromkeys(gains, False)
         return (pick("calibrated t") if "calibrated t" in scores else lookup), pick("midpoints")
