@@ -36,7 +36,7 @@ op, and the tensor keeps groups (with the best m, applied to the ranges of all t
 they beat per-tensor by ``min_gain_db`` × their ops (any gain where they cost none); otherwise it
 gets no plan and ``insert_activation_qdq`` quantizes it per tensor. Pixel (token) plans are
 not validated, nor are plans with per-timestep ranges (their gain comes from t, which a static score
-does not see) or K = 1. With too little data to split, every tensor keeps its DGQ plan (noted).
+does not see; adding ``tdq`` to a recipe, ``--tdq``, turns validation off for the same reason) or K = 1. With too little data to split, every tensor keeps its DGQ plan (noted).
 """
 
 from __future__ import annotations

@@ -14,8 +14,15 @@ training rows plus each index's extremes at the calibrated t, with a penalty λ�
 The calibration rows are split by trajectory (every 4th prompt held out; each file of a collected
 set holds one timestep of every trajectory, so a split by file would hold out timesteps): per
 activation the tuned correction is kept only if it lowers the full-tensor relative error of the
-held-out rows summed over the calibrated timesteps, else the table is the envelope. The deployed
-envelope is that of every row's ranges.
+held-out rows summed over the calibrated timesteps, else the table is the envelope. Those choices
+are local; with ``output_check`` (off by default; ``qcompiler/tdq_output_check.py``) they are then
+judged together on the final image: the envelope everywhere and the sets of corrections whose own
+held-out gain exceeds each of ``output_check_gains`` are compared by the relative error of x₀ after
+deterministic, guided DDIM through the midpoints between the calibrated timesteps from the held-out
+trajectories' first inputs, every activation fake-quantized at once, vs float activations; the
+lowest wins. At the calibrated timesteps the table is the calibrated range, the lookup's
+(``calibrated_rows = "lookup"``; ``"check"``: the kept corrections there too, chosen by the output
+check through the calibrated timesteps when it runs). The deployed envelope is that of every row's ranges.
 Deploy: the MLP evaluated at every t in [0, T) gives tables S[t], Z[t] (T × K) that the target
 gathers by the model's timestep input at run time, so timesteps the calibration never saw (another
 step count) get their own parameters; the MLP is not in the graph.
@@ -38,7 +45,13 @@ from qcompiler.errors import PassError
 from qcompiler.grids import GroupPlan, quantized_gemms
 from qcompiler.pass_manager import Pass, PassResult
 from qcompiler.quant import QuantSpec, scale_zero_point
-from qcompiler.tdq_training import TimestepMlp, TimestepSamples, TrainSettings, lookup_envelope, train_mlps
+from qcompiler.tdq_training import (
+    TimestepMlp,
+    TimestepSamples,
+    TrainSettings,
+    lookup_envelope,
+    train_mlps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,16 @@ class TdqConfig(TrainSettings):
     rows_per_timestep: int = 32
     #: One calibration trajectory in this many is held out to accept or reject each tuned correction.
     heldout_every: int = 4
+    #: Judge the kept corrections together on the final image (``qcompiler/tdq_output_check.py``):
+    #: the envelope everywhere, or the corrections whose own held-out gain exceeds each of ``output_check_gains``.
+    #: Off by default: on the zoo DiT its 4 held-out trajectories misjudged the 16 sampled images twice.
+    output_check: bool = False
+    output_check_gains: tuple[float, ...] = (0.0, 0.1, 0.3)
+    #: The sampler's guidance scale: the check compares guided ε where batches hold both halves.
+    guidance_scale: float = 4.0
+    #: The table's rows at the calibrated timesteps: "lookup" (the range calibrated there, exactly the
+    #: per-timestep lookup's; the correction acts between them) or "check" (the output check's choice).
+    calibrated_rows: str = "lookup"
     timestep_input: str = "timestep"
     #: T of the table; None: the model JSON's scheduler_config.num_train_timesteps, else 1000.
     num_train_timesteps: int | None = None
@@ -59,6 +82,8 @@ class TdqConfig(TrainSettings):
     def __post_init__(self):
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise ValueError(f"TdqConfig: embedding_dim must be even and ≥ 2, got {self.embedding_dim}")
+        if self.calibrated_rows not in ("lookup", "check"):
+            raise ValueError(f"TdqConfig: calibrated_rows must be 'lookup' or 'check', got {self.calibrated_rows!r}")
         if min(self.hidden, self.rows_per_timestep) < 1 or self.tune_iterations < 0 or self.heldout_every < 2:
             raise ValueError("TdqConfig: hidden and rows_per_timestep must be ≥ 1, tune_iterations ≥ 0, "
                              "heldout_every ≥ 2")
@@ -117,7 +142,8 @@ class Tdq(Pass):
         names = list(plans)
         mlps = dict(zip(names, train_mlps([samples[n] for n in names], spec, T, self.config.train_settings())))
         trained = time.perf_counter()
-        kept = self._validate(ctx, plans, mlps, samples, heldout, spec) if self.config.tune_iterations else {}
+        check: list[str] = []
+        kept = self._validate(ctx, plans, mlps, samples, heldout, spec, check) if self.config.tune_iterations else {}
         parameters = 0
         for name, mlp in mlps.items():
             plan = plans[name]
@@ -126,12 +152,14 @@ class Tdq(Pass):
             plan.timestep_input, plan.timestep_method = self.config.timestep_input, "tdq"
             parameters += mlp.parameters
         calibrated = samples[names[0]].timesteps.size
+        lookup_rows = "; at the calibrated t the table is the lookup" if self.config.calibrated_rows == "lookup" else ""
         notes.append(f"{len(plans)} activations ({len(new)} per-tensor, {len(plans) - len(new)} DGQ-grouped): "
                      f"MLPs of {parameters} parameters in all on {calibrated} calibrated timesteps, tabled at "
                      f"t = 0..{T - 1} (simulated lowering: run-time scales); tuned correction kept for "
-                     f"{sum(kept.values())} of {len(kept)} (held-out error), the lookup envelope elsewhere; "
-                     f"samples {captured - started:.1f} s, training {trained - captured:.1f} s, "
-                     f"check {time.perf_counter() - trained:.1f} s")
+                     f"{sum(kept.values())} of {len(kept)} (held-out error{', output check' if check else ''}"
+                     f"{lookup_rows}), the lookup envelope elsewhere; samples {captured - started:.1f} s, "
+                     f"training {trained - captured:.1f} s, check {time.perf_counter() - trained:.1f} s")
+        notes += check
         return PassResult(False, tuple(notes))
 
     def _split(self, ctx: CompileContext) -> tuple[list, list]:
@@ -211,9 +239,11 @@ class Tdq(Pass):
         return out
 
     def _validate(self, ctx: CompileContext, plans: dict[str, GroupPlan], mlps: dict[str, TimestepMlp],
-                  samples: dict[str, TimestepSamples], heldout: list, spec: QuantSpec) -> dict[str, bool]:
+                  samples: dict[str, TimestepSamples], heldout: list, spec: QuantSpec,
+                  notes: list[str]) -> dict[str, bool]:
         """Keep each tuned correction only if it lowers the held-out rows' full-tensor relative error
-        Σ_t ‖X_t − X̂_t‖²/‖X_t‖² (else ``reset``: the envelope); then rebase every table on the
+        Σ_t ‖X_t − X̂_t‖²/‖X_t‖² and, with ``output_check``, belongs to the candidate set with the lowest
+        held-out denoiser-output error (else ``reset``: the envelope); then rebase every table on the
         envelope of all rows' ranges (training and held out). {activation: tuned kept}."""
         from qcompiler.calibration.capture import stream_tensors
         from qcompiler.calibration.statistics import StatsConfig
@@ -237,12 +267,14 @@ class Tdq(Pass):
             envelope = (mlp.base_low[np.rint(timesteps).astype(np.int64)], mlp.base_high[np.rint(timesteps).astype(np.int64)])
             grids[n] = [scale_zero_point(*r, spec) for r in (envelope, tuned)]
         config = StatsConfig(progress=False, threads=ctx.threads)
+        ranks: dict[str, int] = {}
         for batch, values in stream_tensors(ctx.skeleton(), heldout, list(plans), config, desc="tdq held-out check"):
             t = float(batch_timesteps(batch, self.config.timestep_input)[0])
             i = int(np.searchsorted(timesteps, t))
             if i >= timesteps.size or timesteps[i] != t:
                 continue
             for name, value in values.items():
+                ranks[name] = np.ndim(value)
                 flat = grouped_layout(np.asarray(value, np.float32), plans[name])
                 low[name][i] = np.minimum(low[name][i], flat.min(axis=0))
                 high[name][i] = np.maximum(high[name][i], flat.max(axis=0))
@@ -252,17 +284,89 @@ class Tdq(Pass):
                     q = (np.clip(np.rint(flat / s) + z, spec.qmin, spec.qmax) - z) * s
                     err[name][c, i] += float(np.square(q - flat, dtype=np.float64).sum())
             del values
-        kept = {}
-        T = next(iter(mlps.values())).num_train_timesteps
-        for name, mlp in mlps.items():
+        gains = {}
+        for name in mlps:
             relative = (err[name] / np.maximum(norm[name], 1e-30)).sum(axis=1)
-            kept[name] = bool(relative[1] < relative[0])
+            gains[name] = float(1.0 - relative[1] / max(relative[0], 1e-30))
             log.debug("tdq %s: held-out relative error envelope %.4g, tuned %.4g", name, *relative)
+        T = next(iter(mlps.values())).num_train_timesteps
+        kept = {name: gain > 0 for name, gain in gains.items()}
+        between = dict(kept)
+        if self.config.output_check:
+            kept, between = self._output_check(ctx, plans, ranks, grids, mlps, timesteps, heldout, gains, spec,
+                                               notes)
+        if self.config.calibrated_rows == "lookup":
+            kept = dict.fromkeys(kept, False)
+        calibrated = np.zeros(T, bool)
+        calibrated[np.clip(np.rint(timesteps).astype(np.int64), 0, T - 1)] = True
+        for name, mlp in mlps.items():
+            if kept[name] != between[name]:  # the correction on the calibrated rows only, or on the others only
+                mlp.corrected = calibrated if kept[name] else ~calibrated
+            kept[name] = kept[name] or between[name]
             if not kept[name]:
                 mlp.reset()
             merged = TimestepSamples(timesteps, low[name], high[name], samples[name].values, plans[name].labels)
             mlp.base_low, mlp.base_high = lookup_envelope(timesteps, *merged.group_ranges(), T)
         return kept
+
+
+    def _output_check(self, ctx, plans, ranks, grids, mlps, timesteps, heldout, gains, spec,
+                      notes) -> tuple[dict[str, bool], dict[str, bool]]:
+        """({activation: tuned kept on the calibrated rows}, {…: on the rows between them}): of the
+        candidate sets (``tdq_output_check.candidate_sets``), the one with the lowest held-out error
+        of the final image (``trajectory_errors``) with DDIM through the calibrated timesteps, and the
+        one through the midpoints between them (the timesteps another step count meets, where the
+        table is the MLP's interpolation, not a calibrated range). Without a scheduler configuration
+        or a latent input: the single-step output error at the calibrated t decides both."""
+        from qcompiler.lowering.timestep_ranges import batch_timesteps
+        from qcompiler.tdq_output_check import (
+            candidate_sets,
+            guided,
+            output_errors,
+            output_score,
+            sampler_schedule,
+            trajectory_errors,
+        )
+
+        candidates = candidate_sets(gains, self.config.output_check_gains)
+        if len(candidates) == 1:
+            nothing = dict.fromkeys(gains, False)  # no correction passed its own check: nothing to compare
+            return nothing, nothing
+        timestep_of = lambda b: float(batch_timesteps(b, self.config.timestep_input)[0])  # noqa: E731
+        schedule = sampler_schedule(ctx.source)
+        starts = [b for b in heldout if timestep_of(b) == timesteps[-1]]
+        schedules = {"calibrated t": timesteps[::-1],
+                     "midpoints": np.setdiff1d(np.rint((timesteps[1:] + timesteps[:-1]) / 2), timesteps)[::-1]}
+        if self.config.calibrated_rows == "lookup":
+            del schedules["calibrated t"]
+        scores = {}
+        if schedule is not None and starts:
+            for label, steps in schedules.items():
+                rows = steps.astype(np.int64)
+                at = {n: [scale_zero_point(mlp.base_low[rows], mlp.base_high[rows], spec),
+                          scale_zero_point(*mlp.ranges(steps), spec)] for n, mlp in mlps.items()}
+                found = trajectory_errors(ctx.skeleton(), plans, ranks, at, steps, starts, candidates, spec, *schedule,
+                                          self.config.guidance_scale, self.config.timestep_input, ctx.threads)
+                if found is None:
+                    scores = {}
+                    break
+                scores[label] = found
+        what = "final images of the held-out trajectories, DDIM"
+        if not scores:
+            what = "single-step held-out output, Σ_t relative error"
+            single = output_score(*output_errors(ctx.skeleton(), plans, ranks, grids, timesteps, heldout,
+                                                 candidates, spec, timestep_of,
+                                                 lambda b, v: guided(b, v, self.config.guidance_scale),
+                                                 ctx.threads))
+            scores = {label: single for label in schedules}
+        labels = ["envelope" if not c else f"{len(c)} tuned" for c in candidates]
+        best = {label: int(np.argmin(s)) for label, s in scores.items()}  # the first of equals: smallest first
+        per_schedule = [f"through the {label}: " + ", ".join(f"{c} {e:.4g}" for c, e in zip(labels, s))
+                        + f" → {labels[best[label]]}" for label, s in scores.items()]
+        notes.append(f"output check ({what}; relative error vs float activations): " + "; ".join(per_schedule))
+        pick = lambda label: {n: n in candidates[best[label]] for n in gains}  # noqa: E731
+        lookup = dict.fromkeys(gains, False)
+        return (pick("calibrated t") if "calibrated t" in scores else lookup), pick("midpoints")
 
 
 def heldout_rows(batch, every: int) -> np.ndarray | None:

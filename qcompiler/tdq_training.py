@@ -79,6 +79,8 @@ class TimestepMlp:
     base_high: np.ndarray
     embedding_dim: int
     num_train_timesteps: int
+    #: (T,) bool: the table rows that take the correction (the rest are the envelope); None: every row.
+    corrected: np.ndarray | None = None
 
     @property
     def parameters(self) -> int:
@@ -96,6 +98,8 @@ class TimestepMlp:
         t = np.asarray(t, dtype=np.float64).reshape(-1)
         row = np.clip(np.rint(t), 0, self.num_train_timesteps - 1).astype(np.int64)
         out = self.correction(t)
+        if self.corrected is not None:
+            out[~self.corrected[row]] = 0.0
         k = self.base_low.shape[1]
         return self.base_low[row] * np.exp(out[:, :k]), self.base_high[row] * np.exp(out[:, k:])
 

@@ -1,5 +1,8 @@
 """tdq: an MLP per activation from the timestep to its range, tabled at every t and gathered at run time."""
 
+import re
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +15,24 @@ from qcompiler.lowering.timestep_ranges import TDQ_LOWERING
 from qcompiler.passes import DgqGroups, InsertActivationQDQ, QuantizeWeights, Tdq
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
 from qcompiler.passes.tdq import TdqConfig
-from qcompiler.quant import QuantSpec, dequantize, fake_quantize, quantize, scale_zero_point
+from qcompiler.quant import (
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    quantize,
+    scale_zero_point,
+)
+from qcompiler.runtimes.ort import make_session
 from qcompiler.targets.ort import OrtTarget
-from qcompiler.tdq_training import TimestepSamples, TrainSettings, lookup_envelope, timestep_embedding, train_mlp
+from qcompiler.tdq_training import (
+    TimestepSamples,
+    TrainSettings,
+    lookup_envelope,
+    timestep_embedding,
+    train_mlp,
+)
 from tests import graphs
 from tests.lowering.test_timestep_ranges import K, timestep_model
-from qcompiler.runtimes.ort import make_session
 from tests.passes.helpers import run_model
 
 T = 1000
@@ -153,6 +168,18 @@ def test_untuned_table_reproduces_the_per_timestep_lookup_at_calibrated_timestep
         np.testing.assert_array_equal(ours.timestep_zero_points[int(t)], theirs.timestep_zero_points[i])
 
 
+def test_tuned_table_is_the_lookup_at_calibrated_timesteps_by_default(tdq_ctx):
+    """calibrated_rows = "lookup": whatever correction is kept acts between the calibrated timesteps."""
+    lookup = CompileContext(timestep_model(), QuantSettings(), batches())
+    QuantizeWeights().call(lookup)
+    DgqGroups(DgqGroupsConfig(groups=1, per_timestep=True)).call(lookup)
+    ours, theirs = tdq_ctx.group_plans["h"], lookup.group_plans["h"]
+    for i, t in enumerate(CALIBRATED):
+        np.testing.assert_allclose(ours.timestep_scales[int(t)], theirs.timestep_scales[i], rtol=1e-6)
+    checked = compiled(TdqConfig(tune_iterations=50, num_train_timesteps=T, calibrated_rows="check")).group_plans["h"]
+    assert checked.timestep_scales.shape == ours.timestep_scales.shape
+
+
 def test_a_tuned_correction_that_raises_held_out_error_is_dropped(monkeypatch):
     """A tuning that narrows every range to a third clips the held-out rows: the check resets it."""
     import qcompiler.passes.tdq as tdq_pass
@@ -195,3 +222,158 @@ def test_model_without_the_timestep_input_is_a_clear_error():
     ctx = CompileContext(graphs.linear_model(k=K, n=8), QuantSettings(), [CalibrationBatch({"x": x}, {}, "b0")])
     with pytest.raises(PassError, match="no input 'timestep'"):
         Tdq().requires(ctx)
+
+
+def test_fake_quant_skeleton_matches_quantize_dequantize_per_channel():
+    """The output check's graph: X̂ with s, z fed per channel equals quant.fake_quantize's, before the GEMM."""
+    from qcompiler.graph import to_graph, to_skeleton
+    from qcompiler.tdq_output_check import PREFIX, fake_quant_skeleton
+
+    model = timestep_model()
+    skel = fake_quant_skeleton(to_skeleton(to_graph(model), model), ["h"], SPEC)
+    feeds = batches((240.0,), seed=2)[0].feeds
+    h = feeds["x"] * (1 + feeds["timestep"][:, None, None] / 100).astype(np.float32)
+    low, high = h.reshape(-1, K).min(axis=0) * 0.7, h.reshape(-1, K).max(axis=0) * 0.7  # some values clip
+    scale, zero_point = scale_zero_point(low, high, SPEC)
+    got = make_session(skel).run(None, {**feeds, f"{PREFIX}/s0": scale.astype(np.float32).reshape(1, 1, K),
+                                        f"{PREFIX}/z0": zero_point.astype(np.float32).reshape(1, 1, K)})[0]
+    initial = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    h_hat = dequantize(quantize(h, scale, zero_point.astype(np.int32), SPEC, axis=-1), scale,
+                       zero_point.astype(np.int32), axis=-1)
+    expected = h_hat @ initial["w"] + initial["b"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_candidate_sets_are_the_envelope_and_each_gain_threshold():
+    from qcompiler.tdq_output_check import candidate_sets
+
+    sets = candidate_sets({"a": 0.5, "b": 0.05, "c": -0.2}, (0.0, 0.1, 0.3))
+    assert sets == [frozenset(), frozenset({"a"}), frozenset({"a", "b"})]
+
+
+def test_output_check_drops_corrections_that_raise_the_output_error(monkeypatch):
+    """A correction narrowing h's range to a third clips it. With the gain threshold at −∞ the
+    per-activation check lets it into a candidate set; the output check measures it worse than the
+    envelope and keeps the envelope."""
+    import qcompiler.passes.tdq as tdq_pass
+
+    untuned = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"]
+    trained = tdq_pass.train_mlps
+
+    def narrowing(*args, **kwargs):
+        mlps = trained(*args, **kwargs)
+        for mlp in mlps:
+            mlp.b2 = np.full_like(mlp.b2, -np.log(3.0))
+        return mlps
+
+    monkeypatch.setattr(tdq_pass, "train_mlps", narrowing)
+    ctx = CompileContext(timestep_model(), QuantSettings(), batches())
+    QuantizeWeights().call(ctx)
+    result = Tdq(TdqConfig(tune_iterations=5, num_train_timesteps=T, output_check=True, output_check_gains=(-1e9,))).call(ctx)
+    np.testing.assert_allclose(ctx.group_plans["h"].timestep_scales, untuned.timestep_scales, rtol=1e-6)
+    check = next(n for n in result.notes if n.startswith("output check"))
+    found = re.search(r"through the midpoints: envelope ([-+.\de]+), 1 tuned ([-+.\de]+) → envelope", check)
+    assert found and float(found.group(2)) > 2 * float(found.group(1))
+
+
+def test_output_check_prefers_the_candidate_with_the_lower_output_error():
+    """output_errors on the toy: the rows' own per-timestep ranges (as the tuned grid) against ranges
+    three times too wide (as the envelope): coarser steps, so a larger error at the output."""
+    from qcompiler.graph import to_graph, to_skeleton
+    from qcompiler.tdq_output_check import candidate_sets, output_errors, output_score
+
+    model, data = timestep_model(), batches()
+    low, high = [], []
+    for b in data:
+        h = (b.feeds["x"] * (1 + b.feeds["timestep"][:, None, None] / 100)).reshape(-1, K)
+        low.append(np.minimum(h.min(axis=0), 0))
+        high.append(np.maximum(h.max(axis=0), 0))
+    low, high = np.array(low), np.array(high)
+    plan = replace(compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"], labels=np.arange(K))
+    candidates = candidate_sets({"h": 0.5}, (0.0,))
+    error, norm = output_errors(to_skeleton(to_graph(model), model), {"h": plan}, {"h": 3},
+                           {"h": [scale_zero_point(3 * low, 3 * high, SPEC), scale_zero_point(low, high, SPEC)]},
+                           np.array(CALIBRATED), data, candidates, SPEC, lambda b: b.feeds["timestep"][0])
+    assert candidates == [frozenset(), frozenset({"h"})] and error.shape == (2, len(CALIBRATED))
+    scores = output_score(error, norm)
+    assert scores[1] < scores[0] / 4
+    np.testing.assert_allclose(scores, (error / norm).sum(axis=1))
+
+
+def denoiser_model():
+    """eps = (x·(1 + t/100))·W, W (K, K) small: the output has the latent's shape, as a denoiser's."""
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(4).standard_normal((K, K)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Div", ["timestep", "hundred"], ["t_scaled"]),
+             helper.make_node("Add", ["t_scaled", "one"], ["gain"]),
+             helper.make_node("Unsqueeze", ["gain", "axes"], ["gain3"]),
+             helper.make_node("Mul", ["x", "gain3"], ["h"]),
+             helper.make_node("MatMul", ["h", "w"], ["eps"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4, K]),
+              helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["B"])]
+    inits = [graphs.init("hundred", np.array(100.0, np.float32)), graphs.init("one", np.array(1.0, np.float32)),
+             graphs.init("axes", np.array([1, 2], np.int64)), graphs.init("w", w)]
+    return graphs.make_model(nodes, inputs, [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", 4, K])],
+                             inits), w
+
+
+def test_trajectory_check_is_ddim_with_the_candidate_tables():
+    """trajectory_errors against numpy: guided DDIM from the first held-out input through the
+    calibrated timesteps, h fake-quantized with the candidate's (S, Z) at each t, vs float h."""
+    from qcompiler.graph import to_graph, to_skeleton
+    from qcompiler.tdq_output_check import trajectory_errors
+
+    model, w = denoiser_model()
+    rng = np.random.default_rng(6)
+    x_start = rng.standard_normal((2, 4, K)).astype(np.float32)
+    parts = [CalibrationBatch({"x": np.concatenate([x_start, x_start]), "timestep": np.full(4, t, np.float32)},
+                              {"__label__": np.array([-1, -1, 3, 5]), "__timestep__": np.full(4, int(t))}, f"t{t}")
+             for t in CALIBRATED]
+    t = np.array(CALIBRATED)
+    alphas = np.cos(np.linspace(0, 1, T) * np.pi / 2 * 0.98) ** 2
+    low = -np.linspace(1.0, 3.0, t.size)[:, None] * np.ones((1, K))
+    grids = {"h": [scale_zero_point(3 * low, -3 * low, SPEC), scale_zero_point(low, -low, SPEC)]}
+    plan = replace(compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"], labels=np.arange(K))
+    descending = {"h": [tuple(a[::-1] for a in g) for g in grids["h"]]}  # row k for schedule[k]
+    errors = trajectory_errors(to_skeleton(to_graph(model), model), {"h": plan}, {"h": 3}, descending, t[::-1],
+                               [parts[-1]], [frozenset(), frozenset({"h"})], SPEC, alphas, 0.999, 4.0, "timestep")
+
+    def ddim(grid):
+        x = x_start.astype(np.float64)
+        for k, step in enumerate(CALIBRATED[::-1]):
+            h = np.concatenate([x, x]).astype(np.float32) * np.float32(1 + step / 100)
+            if grid is not None:
+                i = CALIBRATED.index(step)
+                s, z = grid[0][i], grid[1][i].astype(np.int32)
+                h = dequantize(quantize(h, s, z, SPEC, axis=-1), s, z, axis=-1)
+            eps = (h @ w).astype(np.float64)
+            eps = eps[:2] + 4.0 * (eps[2:] - eps[:2])
+            a_t = alphas[int(step)]
+            a_prev = alphas[int(CALIBRATED[::-1][k + 1])] if k + 1 < len(CALIBRATED) else 0.999
+            x = np.sqrt(a_prev) * (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t) + np.sqrt(1 - a_prev) * eps
+        return np.clip(x, -1, 1)
+
+    reference = ddim(None)
+    expected = [np.square(ddim(g) - reference).sum() / np.square(reference).sum() for g in grids["h"]]
+    np.testing.assert_allclose(errors, expected, rtol=1e-3)
+    assert errors[0] != errors[1]  # the candidates' tables differ, and so do their images
+
+
+def test_corrected_rows_take_the_correction_and_the_others_are_the_envelope():
+    """The output check may keep a correction between the calibrated timesteps only: those rows are
+    the MLP's, the calibrated rows the envelope (the lookup's range there)."""
+    rng = np.random.default_rng(0)
+    t = np.array(CALIBRATED)
+    values = rng.standard_normal((t.size, 32, 3)) * (1 + t / 100)[:, None, None]
+    samples = TimestepSamples(t, values.min(axis=1), values.max(axis=1), values, np.array([0, 0, 1]))
+    mlp = train_mlp(samples, SPEC, T, TrainSettings(tune_iterations=20))
+    full = mlp.ranges(np.arange(T))
+    calibrated = np.zeros(T, bool)
+    calibrated[t.astype(int)] = True
+    mlp.corrected = ~calibrated
+    low, high = mlp.ranges(np.arange(T))
+    np.testing.assert_array_equal(low[calibrated], mlp.base_low[calibrated])
+    np.testing.assert_array_equal(high[calibrated], mlp.base_high[calibrated])
+    np.testing.assert_array_equal(low[~calibrated], full[0][~calibrated])
+    assert not np.array_equal(full[0][calibrated], mlp.base_low[calibrated])  # the correction is not 0 there
