@@ -5,11 +5,14 @@ rows; Q-DiT's own fitness is FID on 800 samples. Here: the proxy's error table i
 valid configurations is drawn (the search's final population, the valid uniform ones and random valid
 ones), ``--candidates`` of them are taken at evenly spaced proxy ranks (the best included), and each is
 compiled (``--set qdit_groups.sizes=[…]``) and samples ``--samples`` images from the same seeds as the
-float model. Reported: proxy, Fréchet distance of classifier features to the float samples' and to real
-held-out digits, PSNR vs float, and the Spearman ρ of the proxy against each. The search's wall time
-(error table + evolution) is reported too.
+float model. Reported: proxy, Fréchet distance and kernel distance (KID: unbiased MMD², no sample-size
+bias) of classifier features to the float samples' and to real held-out digits, PSNR vs float, and the
+Spearman ρ of the proxy against each. Each distance's noise floor is reported beside it: its value
+between the float samples and a second float set from other seeds (same prompts), which a candidate's
+distance must clear before its rank means anything. The search's wall time (error table + evolution)
+is reported too.
 
-Writes ``qdit_proxy.json`` and ``qdit_proxy.md`` to ``--out``.
+Writes ``<name>.json`` and ``<name>.md`` to ``--out``.
 
 Usage: python benchmarks/qdit_proxy.py [--setting w4a8] [--candidates 10] [--samples 24] [--work build/qdit_proxy]
 """
@@ -42,6 +45,7 @@ def parse_args(argv):
     parser.add_argument("--calib", type=Path, default=Path("build/bench_dit/dit/dit_mnist.calib"))
     parser.add_argument("--work", type=Path, default=Path("build/qdit_proxy"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="qdit_proxy", help="the results' file stem")
     return parser.parse_args(argv)
 
 
@@ -104,6 +108,18 @@ def main(argv=None) -> int:
     real = real_heldout_features(classifier)
     float_images, labels = cached_sample_model(model_path, args.samples, sampler_config, 0, args.work / "float")
     float_features = classifier(float_images)[1]
+    # The noise floor: the same prompts from seeds the candidates never use.
+    second_images, _ = cached_sample_model(model_path, args.samples, sampler_config, args.samples, args.work / "float")
+    second_features = classifier(second_images)[1]
+    unit = float(np.sqrt(np.mean(float_features ** 2)))  # one scale for every KID below (see kernel_distance)
+
+    def kid(a, b):
+        return metrics.kernel_distance(a, b, unit)
+
+    floor = {"frechet_float_vs_float": metrics.frechet_distance(second_features, float_features),
+             "kid_float_vs_float": kid(second_features, float_features),
+             "frechet_real_of_float": metrics.frechet_distance(float_features, real),
+             "kid_real_of_float": kid(float_features, real)}
     rows_path = args.work / f"rows_{args.setting}.s{args.samples}.json"
     done = {json.dumps(r["sizes"]): r for r in json.loads(rows_path.read_text())} if rows_path.exists() else {}
     rows = []
@@ -123,31 +139,52 @@ def main(argv=None) -> int:
                      "mean_size": float(np.mean(sizes)), "sizes": sizes,
                      "frechet_vs_float": metrics.frechet_distance(scored["features"], float_features),
                      "frechet_real": scored["frechet"],
+                     "kid_vs_float": kid(scored["features"], float_features),
+                     "kid_real": kid(scored["features"], real),
                      "psnr_db": float(np.mean(metrics.psnr_per_image(float_images, images)))})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "sizes"}), flush=True)
         rows_path.write_text(json.dumps(list({**done, **{json.dumps(r["sizes"]): r for r in rows}}.values())))
     proxy = [r["proxy"] for r in rows]
+
+    def rho(key, sign=1.0):
+        values = [sign * r[key] for r in rows if key in r]
+        return float(spearmanr(proxy, values).statistic) if len(values) == len(rows) else None
+
     summary = {"setting": args.setting.upper(), "samples": args.samples, "candidates": len(rows),
-               "error_table_s": table_s, "search_s": search_s,
-               "spearman_proxy_vs_frechet_float": float(spearmanr(proxy, [r["frechet_vs_float"] for r in rows]).statistic),
-               "spearman_proxy_vs_frechet_real": float(spearmanr(proxy, [r["frechet_real"] for r in rows]).statistic),
-               "spearman_proxy_vs_minus_psnr": float(spearmanr(proxy, [-r["psnr_db"] for r in rows]).statistic)}
+               "error_table_s": table_s, "search_s": search_s, **floor,
+               "spearman_proxy_vs_frechet_float": rho("frechet_vs_float"),
+               "spearman_proxy_vs_frechet_real": rho("frechet_real"),
+               "spearman_proxy_vs_kid_float": rho("kid_vs_float"),
+               "spearman_proxy_vs_kid_real": rho("kid_real"),
+               "spearman_proxy_vs_minus_psnr": rho("psnr_db", -1.0)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qdit_proxy.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     lines = [f"# qdit: search proxy vs final-image quality (zoo DiT, {summary['setting']})", "",
              f"`{' '.join(sys.argv)}`. {len(rows)} valid configurations (mean paper-scale size ≥ 128) at evenly "
              f"spaced proxy ranks, lowered with `--dynamic-groups {args.lowering}`; {args.samples} images each (DDIM 25 steps, guidance 4, seeds 0..{args.samples - 1}). "
              f"Search wall time: error table {table_s:.1f} s + evolution = {search_s:.1f} s.", "",
-             "| candidate | proxy Σ rel. error | mean size | Fréchet vs float | Fréchet (real) | PSNR dB |",
-             "|---|---|---|---|---|---|"]
+             "| candidate | proxy Σ rel. error | mean size | Fréchet vs float | Fréchet (real) | KID vs float "
+             "| KID (real) | PSNR dB |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['candidate']} | {r['proxy']:.4g} | {r['mean_size']:.0f} | {r['frechet_vs_float']:.2f} "
-              f"| {r['frechet_real']:.1f} | {r['psnr_db']:.2f} |" for r in rows]
-    lines += ["", f"Spearman ρ of the proxy against Fréchet vs float: {summary['spearman_proxy_vs_frechet_float']:.2f}; "
-              f"against Fréchet to real digits: {summary['spearman_proxy_vs_frechet_real']:.2f}; "
-              f"against −PSNR: {summary['spearman_proxy_vs_minus_psnr']:.2f} (1 = same order).", ""]
-    (args.out / "qdit_proxy.md").write_text("\n".join(lines))
+              f"| {r['frechet_real']:.1f} | {_fmt(r.get('kid_vs_float'))} | {_fmt(r.get('kid_real'))} "
+              f"| {r['psnr_db']:.2f} |" for r in rows]
+    lines += [f"| float (noise floor: vs float seeds {args.samples}..{2 * args.samples - 1}) | – | – "
+              f"| {floor['frechet_float_vs_float']:.2f} | {floor['frechet_real_of_float']:.1f} "
+              f"| {_fmt(floor['kid_float_vs_float'])} | {_fmt(floor['kid_real_of_float'])} | – |"]
+    lines += ["", "Spearman ρ of the proxy (1 = same order): " + "; ".join(
+        f"against {label}: {_fmt(summary[key], '.2f')}" for label, key in (
+            ("Fréchet vs float", "spearman_proxy_vs_frechet_float"),
+            ("Fréchet to real digits", "spearman_proxy_vs_frechet_real"),
+            ("KID vs float", "spearman_proxy_vs_kid_float"), ("KID to real digits", "spearman_proxy_vs_kid_real"),
+            ("−PSNR", "spearman_proxy_vs_minus_psnr"))) + ".", ""]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

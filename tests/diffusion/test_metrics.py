@@ -80,3 +80,24 @@ def test_the_classifier_is_the_one_the_denoiser_json_names(tmp_path):
     (tmp_path / "e.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"e\.json: names no 'classifier'"):
         metrics.Classifier.for_denoiser(tmp_path / "e.onnx")
+
+
+def test_kernel_distance_is_unbiased_for_one_distribution_and_grows_with_a_shift():
+    # Over 200 pairs of independent small sets from one Gaussian the unbiased MMD² averages 0 (its
+    # standard error is ~1/sqrt(200) of one value's spread), while a 1σ shift gives a clearly positive value.
+    rng = np.random.default_rng(0)
+    same = [metrics.kernel_distance(rng.normal(size=(20, 8)), rng.normal(size=(30, 8))) for _ in range(200)]
+    spread = np.std(same) / np.sqrt(len(same))
+    assert abs(np.mean(same)) < 3 * spread
+    shifted = metrics.kernel_distance(rng.normal(size=(200, 8)), rng.normal(size=(200, 8)) + 1.0)
+    assert shifted > 10 * np.std(same), shifted
+
+
+def test_kernel_distance_matches_the_pairwise_formula():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(4, 3))
+    k = lambda x, y: (x @ y / 3 + 1) ** 3  # noqa: E731
+    within_a = np.mean([k(a[i], a[j]) for i in range(5) for j in range(5) if i != j])
+    within_b = np.mean([k(b[i], b[j]) for i in range(4) for j in range(4) if i != j])
+    across = np.mean([k(x, y) for x in a for y in b])
+    assert metrics.kernel_distance(a, b) == pytest.approx(within_a + within_b - 2 * across, rel=1e-12)
