@@ -180,11 +180,10 @@ def test_tuned_table_is_the_lookup_at_calibrated_timesteps_by_default(tdq_ctx):
     assert checked.timestep_scales.shape == ours.timestep_scales.shape
 
 
-def test_a_tuned_correction_that_raises_held_out_error_is_dropped(monkeypatch):
-    """A tuning that narrows every range to a third clips the held-out rows: the check resets it."""
+def _narrow_every_trained_range(monkeypatch) -> None:
+    """Make tdq's training return MLPs whose correction narrows every range to a third (log 1/3)."""
     import qcompiler.passes.tdq as tdq_pass
 
-    untuned = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"]
     trained = tdq_pass.train_mlps
 
     def narrowing(*args, **kwargs):
@@ -194,6 +193,11 @@ def test_a_tuned_correction_that_raises_held_out_error_is_dropped(monkeypatch):
         return mlps
 
     monkeypatch.setattr(tdq_pass, "train_mlps", narrowing)
+
+def test_a_tuned_correction_that_raises_held_out_error_is_dropped(monkeypatch):
+    """A tuning that narrows every range to a third clips the held-out rows: the check resets it."""
+    untuned = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"]
+    _narrow_every_trained_range(monkeypatch)
     plan = compiled().group_plans["h"]
     np.testing.assert_allclose(plan.timestep_scales, untuned.timestep_scales, rtol=1e-6)
 
@@ -255,18 +259,8 @@ def test_output_check_drops_corrections_that_raise_the_output_error(monkeypatch)
     """A correction narrowing h's range to a third clips it. With the gain threshold at −∞ the
     per-activation check lets it into a candidate set; the output check measures it worse than the
     envelope and keeps the envelope."""
-    import qcompiler.passes.tdq as tdq_pass
-
     untuned = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T)).group_plans["h"]
-    trained = tdq_pass.train_mlps
-
-    def narrowing(*args, **kwargs):
-        mlps = trained(*args, **kwargs)
-        for mlp in mlps:
-            mlp.b2 = np.full_like(mlp.b2, -np.log(3.0))
-        return mlps
-
-    monkeypatch.setattr(tdq_pass, "train_mlps", narrowing)
+    _narrow_every_trained_range(monkeypatch)
     ctx = CompileContext(timestep_model(), QuantSettings(), batches())
     QuantizeWeights().call(ctx)
     result = Tdq(TdqConfig(tune_iterations=5, num_train_timesteps=T, output_check=True, output_check_gains=(-1e9,))).call(ctx)

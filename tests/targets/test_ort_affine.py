@@ -287,6 +287,17 @@ def test_input_channel_energy_sums_squared_weights_over_everything_but_the_input
         np.testing.assert_allclose(input_channel_energy(node), expected, rtol=1e-6)
 
 
+def _grouped_h(model, channels: int):
+    """(ctx, r) after DGQ's 4 channel groups on h (no validation): r_c = s_c / max s per input channel."""
+    arrays = feeds((2, 4, channels), outlier=channel_outliers)
+    batches = [CalibrationBatch({"x": x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
+    ctx = CompileContext(model, QuantSettings(), batches)
+    QuantizeWeights().call(ctx)
+    DgqGroups(DgqGroupsConfig(groups=4, validate=False)).call(ctx)
+    plan = ctx.group_plans["h"]
+    return ctx, plan.element_scale().astype(np.float64) / float(plan.scales.max())
+
+
 @pytest.mark.parametrize("columns", [3, 64])
 def test_rescaled_weight_error_is_the_error_of_the_weight_the_lowering_writes(columns):
     """RescaledWeightError(r) per input channel = Σ_n (W − Ŵ'/r)² for the Ŵ' that the affine lowering
@@ -294,14 +305,7 @@ def test_rescaled_weight_error_is_the_error_of_the_weight_the_lowering_writes(co
     from qcompiler.lowering.channel_affine import RescaledWeightError
     from qcompiler.lowering.channel_groups import dequantized_weight
 
-    model = ln_linear_model(n=8)
-    arrays = feeds((2, 4, 16), outlier=channel_outliers)
-    batches = [CalibrationBatch({"x": x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
-    ctx = CompileContext(model, QuantSettings(), batches)
-    QuantizeWeights().call(ctx)
-    DgqGroups(DgqGroupsConfig(groups=4, validate=False)).call(ctx)
-    plan = ctx.group_plans["h"]
-    ratio = plan.element_scale().astype(np.float64) / float(plan.scales.max())
+    ctx, ratio = _grouped_h(ln_linear_model(n=8), 16)
     probe = RescaledWeightError(gemm(ctx, "fc0"), ctx.weight_rules["fc0"], columns=columns)
     estimated, unscaled = probe(ratio), probe(np.ones_like(ratio))
     source = ctx.weight_rules["fc0"].source.astype(np.float64)
@@ -357,14 +361,7 @@ def test_sampled_weight_error_is_unbiased_and_close_to_every_column_scored():
     their mean within 3 %: the draw is unbiased (``scale_search.column_draw``)."""
     from qcompiler.lowering.channel_affine import RescaledWeightError
 
-    model = ln_linear_model(c=128, n=512)
-    arrays = feeds((2, 4, 128), outlier=channel_outliers)
-    batches = [CalibrationBatch({"x": x}, {}, f"test#{i}") for i, x in enumerate(arrays)]
-    ctx = CompileContext(model, QuantSettings(), batches)
-    QuantizeWeights().call(ctx)
-    DgqGroups(DgqGroupsConfig(groups=4, validate=False)).call(ctx)
-    plan = ctx.group_plans["h"]
-    ratio = plan.element_scale().astype(np.float64) / float(plan.scales.max())
+    ctx, ratio = _grouped_h(ln_linear_model(c=128, n=512), 128)
     node, rule = gemm(ctx, "fc0"), ctx.weight_rules["fc0"]
     full = RescaledWeightError(node, rule, columns=10**6)(ratio).sum()
     estimates = np.array([RescaledWeightError(node, rule, columns=128, seed=seed)(ratio).sum()
