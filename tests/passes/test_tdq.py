@@ -157,12 +157,16 @@ def test_lookup_envelope_is_the_calibrated_range_there_and_covers_both_neighbour
     assert (env_low[0, 0], env_high[0, 0], env_low[49, 0], env_high[49, 0]) == (-1.0, 5.0, -2.0, 4.0)
 
 
-def test_untuned_table_reproduces_the_per_timestep_lookup_at_calibrated_timesteps():
-    ctx = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T))
+def _lookup_plan():
+    """h's plan from DGQ's per-timestep lookup (one group) on the same model and batches."""
     lookup = CompileContext(timestep_model(), QuantSettings(), batches())
     QuantizeWeights().call(lookup)
     DgqGroups(DgqGroupsConfig(groups=1, per_timestep=True)).call(lookup)
-    ours, theirs = ctx.group_plans["h"], lookup.group_plans["h"]
+    return lookup.group_plans["h"]
+
+def test_untuned_table_reproduces_the_per_timestep_lookup_at_calibrated_timesteps():
+    ctx = compiled(TdqConfig(tune_iterations=0, num_train_timesteps=T))
+    ours, theirs = ctx.group_plans["h"], _lookup_plan()
     for i, t in enumerate(CALIBRATED):
         np.testing.assert_allclose(ours.timestep_scales[int(t)], theirs.timestep_scales[i], rtol=1e-6)
         np.testing.assert_array_equal(ours.timestep_zero_points[int(t)], theirs.timestep_zero_points[i])
@@ -170,10 +174,7 @@ def test_untuned_table_reproduces_the_per_timestep_lookup_at_calibrated_timestep
 
 def test_tuned_table_is_the_lookup_at_calibrated_timesteps_by_default(tdq_ctx):
     """calibrated_rows = "lookup": whatever correction is kept acts between the calibrated timesteps."""
-    lookup = CompileContext(timestep_model(), QuantSettings(), batches())
-    QuantizeWeights().call(lookup)
-    DgqGroups(DgqGroupsConfig(groups=1, per_timestep=True)).call(lookup)
-    ours, theirs = tdq_ctx.group_plans["h"], lookup.group_plans["h"]
+    ours, theirs = tdq_ctx.group_plans["h"], _lookup_plan()
     for i, t in enumerate(CALIBRATED):
         np.testing.assert_allclose(ours.timestep_scales[int(t)], theirs.timestep_scales[i], rtol=1e-6)
     checked = compiled(TdqConfig(tune_iterations=50, num_train_timesteps=T, calibrated_rows="check")).group_plans["h"]
