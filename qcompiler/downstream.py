@@ -80,9 +80,9 @@ def _gemm_reading(node: gs.Node, tensor: gs.Tensor) -> Linear | Conv | None:
 
 def _input_energy(unit: Linear | Conv) -> np.ndarray | None:
     """Σ over outputs (and the kernel) of W² per input channel."""
-    weight = np.asarray(weight_array(unit), np.float64) ** 2
-    axes = tuple(a for a in range(weight.ndim) if a != unit.weight_in_axis)
-    return weight.sum(axis=axes)
+    from qcompiler.lowering.channel_affine import weight_channel_energy
+
+    return weight_channel_energy(weight_array(unit), unit.weight_in_axis)
 
 
 def _step(node: gs.Node, tensor: gs.Tensor, offset: int, channels: int) -> tuple[int, np.ndarray] | None:

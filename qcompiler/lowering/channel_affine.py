@@ -145,6 +145,11 @@ def _float_weight(node: gs.Node) -> np.ndarray:
     return dequantized_weight(node).astype(np.float64) * alpha
 
 
+def weight_channel_energy(weight: np.ndarray, in_axis: int) -> np.ndarray:
+    """Σ of W² over every axis but ``in_axis`` (outputs and kernel taps), per input channel, in float64."""
+    moved = np.moveaxis(np.asarray(weight, np.float64), in_axis, 0)
+    return np.square(moved).reshape(moved.shape[0], -1).sum(axis=1)
+
 def input_channel_energy(node: gs.Node) -> np.ndarray:
     """Σ over everything but the input channel c of Ŵ²: how much an error on input channel c moves
     the GEMM's outputs (E‖ΔY‖² = Σ_c E[Δx_c²]·‖Ŵ_c‖² for independent errors). With per-output
@@ -152,9 +157,7 @@ def input_channel_energy(node: gs.Node) -> np.ndarray:
     float32, so no float copy of Ŵ is made (SD-1.5's widest Convs: 118 MB each in float64)."""
     found = weight_dq(node) if node.op != "MatMulNBits" else None
     if found is None:
-        weight = _float_weight(node)
-        moved = np.moveaxis(weight, weight_in_axis(node), 0)
-        return np.square(moved).reshape(moved.shape[0], -1).sum(axis=1)
+        return weight_channel_energy(_float_weight(node), weight_in_axis(node))
     q, scale, out_axis = found
     in_axis = weight_in_axis(node)
     alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
