@@ -11,7 +11,7 @@ BUNDLED_DEFAULT = Path(__file__).parent / "unet_mnist.onnx"
 #: widths 32/48/96, cross-attention only at the innermost level), with ``unet_mnist_b.calib/`` collected
 #: the same way; a recipe change should help on it too, not just on the model it was tuned on.
 HELDOUT_UNET = Path(__file__).parent / "unet_mnist_b.onnx"
-#: The third zoo UNet, also for validation only (``train_unet --name unet_mnist_c --seed 2 --steps 500``:
+#: The third zoo UNet, also for validation only (``train_unet --name unet_mnist_c --seed 2 --steps 2000``:
 #: four levels 16/32/64/64, two ResNets per block, cross-attention at 16x16 and in the mid block).
 HELDOUT_UNET_C = Path(__file__).parent / "unet_mnist_c.onnx"
 #: The small digits ViT (``train_digits_vit``): seconds to compile, held-out data for ``qcompile eval``.
