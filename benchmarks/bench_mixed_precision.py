@@ -13,7 +13,7 @@ Usage: python benchmarks/bench_mixed_precision.py [--models unet_mnist unet_mnis
        python benchmarks/bench_mixed_precision.py --models unet_mnist unet_mnist_b --name zoo_w4a8 \
        --cells dgq:8 minmax:4 osplus:4 dgq:4 dmq:4 minmax:4:0:clip minmax:4:10:gptq dgq:4:10:gptq
 Writes ``NAME.json`` and ``NAME.md`` (``--name``, default ``mixed_precision``) to ``--out`` after every
-row, so a cut-off run keeps what it measured; ``--cells`` (``RECIPE:WBITS[:BUDGET%][:gptq][:clip][:PASS.FIELD=VALUE]``,
+row, so a cut-off run keeps what it measured; ``--cells`` (``RECIPE:WBITS[:BUDGET%][:gptq][:clip][:bs32|bs64|bs128][:PASS.FIELD=VALUE]``,
 ``clip`` = ``quantize_weights.clip_search=true``, ``PASS.FIELD=VALUE`` = a ``--set`` for the compile) replaces the recipes x budgets grid and adds ``NAME.png``
 and a per-model check of the issue's criteria. Each row records its effective int4 weight quantizer
 (clip search on by flag or by the recipe's own default, GPTQ or not), the key the dmq-vs-minmax check pairs on.
@@ -57,9 +57,11 @@ def parse_args(argv):
 
 def parse_cell(text: str) -> tuple[str, int, float, bool, bool, tuple[str, ...]]:
     """``"dgq:4:10:gptq"`` -> ("dgq", 4, 10.0, True, False, ()); budget defaults to 0 and applies to W4 only;
-    ``PASS.FIELD=VALUE`` parts are ``--set`` overrides (last element)."""
+    ``PASS.FIELD=VALUE`` parts are ``--set`` overrides and ``bs64`` the block size ``block_size=64`` (last element)."""
     parts = text.split(":")
     flags = {part for part in parts[2:] if part in ("gptq", "clip")}
+    # bsNN: the int4 block size of MatMul weights (--block-size), carried with the overrides as block_size=NN
+    parts = [f"block_size={part[2:]}" if part in ("bs32", "bs64", "bs128") else part for part in parts]
     sets = tuple(part for part in parts[2:] if "=" in part)
     parts = [part for part in parts if part not in flags and part not in sets]
     if len(parts) not in (2, 3) or parts[1] not in ("4", "8"):
@@ -114,7 +116,7 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
     if clip:
         args += ["--set", "quantize_weights.clip_search=true"]
     for override in sets:
-        args += ["--set", override]
+        args += ["--block-size", override.split("=")[1]] if override.startswith("block_size=") else ["--set", override]
     if done_only and not scores.exists():
         return None
     started = time.perf_counter()

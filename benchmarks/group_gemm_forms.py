@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 FORMS = ("float", "int8", "nbits4", "blockdiag", "batched")
-#: (M, K, N, groups): the zoo DiT's Linears (hidden 96, MLP 384, 32 images × 64 tokens; group sizes 3–32)
+#: (M, K, N, group sizes): the zoo DiT's Linears (hidden 96, MLP 384, 32 images × 64 tokens; group sizes 3–32)
 #: and one DiT-XL Linear (hidden 1152; the paper's group sizes 32, 96, 288).
 SHAPES = [(2048, 96, 96, (3, 8, 32)), (2048, 96, 384, (3, 8, 32)), (2048, 384, 96, (12, 32, 128)),
-          (4096, 1152, 1152, (4, 12, 36))]
+          (4096, 1152, 1152, (32, 96, 288))]
 
 
 def build(form: str, m: int, k: int, n: int, groups: int) -> bytes:

@@ -48,6 +48,8 @@ class CompileOptions:
     dynamic_groups: str = "integer"
     #: DGQ's affine lowering subtracts the calibrated mean of its weight error from the bias.
     bias_correction: bool = True
+    #: The ORT target's int4 Conv/Gemm weights: "packed" (ONNX INT4 in the file, unpacked by ORT at load) or "container" (int8).
+    int4_storage: str = "packed"
     #: Allow the output path to be the input model's own path (the input is replaced atomically).
     force: bool = False
     #: ORT intra-op threads for calibration (None: ORT's default, one per core).
@@ -156,7 +158,8 @@ def _target(options: CompileOptions):
         try:
             return get_target("ort", OrtTargetConfig(channel_groups=options.channel_groups,
                                                      dynamic_groups=options.dynamic_groups, device=options.device,
-                                                     bias_correction=options.bias_correction))
+                                                     bias_correction=options.bias_correction,
+                                                     int4_storage=options.int4_storage))
         except ValueError as exc:
             raise QCompileError(str(exc)) from None
     if options.channel_groups != "affine":
@@ -168,6 +171,9 @@ def _target(options: CompileOptions):
     if options.dynamic_groups != "integer":
         raise QCompileError(f"--dynamic-groups {options.dynamic_groups} is an ONNX Runtime lowering; target "
                             f"'{options.target}' has none (drop the option)")
+    if options.int4_storage != "packed":
+        raise QCompileError(f"--int4-storage {options.int4_storage} is an ONNX Runtime lowering option; target "
+                            f"'{options.target}' stores int4 weights its own way (drop the option)")
     return get_target(options.target)
 
 

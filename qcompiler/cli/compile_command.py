@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-groups", default="integer", choices=("integer", "simulate"),
                         help="qdit group lowering: integer = one integer GEMM (MatMulIntegerToFloat) per Linear, run-time per-token, "
                              "per-group scales on its int32 sums (default); simulate = fake-quantized float GEMMs")
+    parser.add_argument("--int4-storage", default="packed", choices=("packed", "container"),
+                        help="ORT target, int4 Conv/Gemm weights (run on int8 kernels): packed = ONNX INT4 in the file, "
+                             "unpacked by ORT when the session loads (default; opset 21); container = int8 in the file")
     parser.add_argument("--per-timestep", action="store_true",
                         help="DGQ: group ranges per calibrated timestep (diffusion; simulated lowering)")
     parser.add_argument("--tdq", action="store_true",
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
                              device=args.device, target=args.target, channel_groups=args.channel_groups,
                              dynamic_groups=args.dynamic_groups, bias_correction=args.bias_correction == "on",
-                             force=args.force, threads=args.threads, cluster=cluster_config(args))
+                             int4_storage=args.int4_storage, force=args.force, threads=args.threads, cluster=cluster_config(args))
     if pipeline is not None:
         from qcompiler.diffusion.pipeline_compile import REPORT_NAME, compile_pipeline
 

@@ -33,6 +33,7 @@ from qcompiler.grids import quantized_gemms
 from qcompiler.lowering import dynamic_groups
 from qcompiler.lowering.matmul_bias import keep_matmul_bias_apart
 from qcompiler.lowering.qdq import insert_tensor_qdq, quantize_gemm_bias
+from qcompiler.lowering.int4_storage import pack_int4_weights
 from qcompiler.pass_manager import PassResult
 from qcompiler.targets import Target
 from qcompiler.targets.ort_groups import CHANNEL_GROUP_MODES, affine_run_time_ops, lower_group_plans
@@ -48,8 +49,13 @@ class OrtTargetConfig:
     #: DGQ's channel affine subtracts the calibrated mean of the weight error it runs from the bias
     #: (``channel_affine.fold_affine``); False leaves the bias exact to DGQ's codes and Ŵ'.
     bias_correction: bool = True
+    #: int4 Conv/Gemm weight values (int8 containers for QLinearConv/QGemm): "packed" stores them as ONNX INT4
+    #: behind a Cast that ORT folds at load (opset 21, where raising it changes no op), "container" as int8.
+    int4_storage: str = "packed"
 
     def __post_init__(self):
+        if self.int4_storage not in ("packed", "container"):
+            raise ValueError(f"OrtTargetConfig: int4_storage must be 'packed' or 'container', got {self.int4_storage!r}")
         if self.dynamic_groups not in dynamic_groups.MODES:
             raise ValueError(f"OrtTargetConfig: dynamic_groups must be one of {dynamic_groups.MODES}, "
                              f"got {self.dynamic_groups!r}")
@@ -94,7 +100,16 @@ class OrtTarget(Target):
         ctx.weight_rules = {name: replace(rule, source=None) for name, rule in ctx.weight_rules.items()}
         notes.append(f"{outputs} Conv outputs quantized for QLinearConv; {biases} Gemm biases in int32 for QGemm; "
                      f"{ranked} MatMul biases kept apart from MatMulAddFusion, {gemms} MatMul+Add as Gemm")
-        changed = bool(ctx.group_plans) or bool(ctx.dynamic_group_plans) or outputs > 0 or biases > 0 or ranked > 0 or gemms > 0
+        packed = 0
+        if self.config.int4_storage == "packed":
+            packed, saved, storage_notes = pack_int4_weights(ctx.graph)
+            notes.extend(storage_notes)
+            if packed:
+                notes.append(f"{packed} int4 weights stored packed (ONNX INT4, Cast to int8 folded by ORT at load): "
+                             f"{saved:,} bytes smaller")
+                ctx.graph.cleanup().toposort()
+        changed = (bool(ctx.group_plans) or bool(ctx.dynamic_group_plans) or outputs > 0 or biases > 0 or ranked > 0
+                   or gemms > 0 or packed > 0)
         return PassResult(changed, tuple(notes))
 
     def _quantize_conv_outputs(self, ctx: CompileContext) -> int:
