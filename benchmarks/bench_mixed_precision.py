@@ -89,6 +89,12 @@ def cli(*args: str) -> None:
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
+def tensor_bytes(path: Path) -> int:
+    """Bytes of every initializer as stored (weights, scales, zero points, biases): the file less its graph
+    structure (node names, shapes), which does not grow with the parameters."""
+    return sum(len(t.raw_data) or len(t.SerializeToString()) for t in onnx.load(str(path)).graph.initializer)
+
+
 def weight_value_bytes(float_model: Path, report: dict) -> int:
     """Σ over quantized weights of size·bits/8, from the report's records and the float model's shapes."""
     sizes = {t.name: int(numpy_helper.to_array(t).size)
@@ -131,7 +137,7 @@ def run_row(model: Path, recipe: str, wbits: int, budget: float, samples: int, w
     return {"model": model.stem, "recipe": recipe, "wbits": wbits, "gptq": gptq, "sets": list(sets),
             "clip_search": wbits == 4 and (clip or recipe_clip_search(recipe, wbits)), "w8_budget_percent": budget if wbits == 4 else None,
             "psnr_db": evaluation["psnr_db"], "psnr_db_per_image": evaluation.get("psnr_db_per_image"),
-            "samples": evaluation["samples"], "file_bytes": out.stat().st_size,
+            "samples": evaluation["samples"], "file_bytes": out.stat().st_size, "tensor_bytes": tensor_bytes(out),
             "weight_value_bytes": weight_value_bytes(model, report), "compile_seconds": round(seconds, 1) if seconds > 1 else report["compile_seconds"],
             "kept_at_8": mixed.get("kept_at_8", []), "w8_share": mixed.get("w8_share", 0.0),
             "measured_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime(scores.stat().st_mtime))}
@@ -143,17 +149,26 @@ def markdown(rows: list[dict], samples: int) -> str:
              (f"`{command}` (rows compiled by earlier runs of the script into the same `--work` are read back; "
               "`measured`: when the row's images were scored, UTC)."), "",
              ("PSNR of the final images vs the float model (DDIM 25 steps, guidance 4, same seeds). Weight bytes: "
-              "values at their bit widths (int4 two per byte), scales excluded; file: the output .onnx (ORT keeps W4 "
-              "Conv values in int8 containers)."), "",
-             "| model | recipe | weights | PSNR dB | weight bytes | × W8 | file bytes | measured | W8 layers (sensitivity) |",
-             "|---|---|---|---:|---:|---:|---:|---|---|"]
+              "values at their bit widths (int4 two per byte), scales excluded; tensors: every initializer as stored "
+              "(weights, scales, biases; int4 Conv values packed by the ORT target unless it reports int8 containers); "
+              "file: the output .onnx, tensors plus the graph structure (node names, shapes), which does not grow with "
+              "the parameters. × W8: against the same model's W8A8 dgq row."), "",
+             "| model | recipe | weights | PSNR dB | weight bytes | × W8 | tensor bytes | × W8 | file bytes | × W8 | measured | W8 layers (sensitivity) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     w8 = {r["model"]: r["weight_value_bytes"] for r in rows if r["wbits"] == 8}
+    w8_rows = {r["model"]: r for r in rows if r["wbits"] == 8}
+
+    def times(r, key):
+        ref = w8_rows.get(r["model"], {}).get(key)
+        return f"{r[key] / ref:.2f}" if ref and r.get(key) else "–"
+
     for r in rows:
         weights = weights_label(r)
         kept = ", ".join(f"{k['node']} ({k['sensitivity']:.2g})" for k in r["kept_at_8"]) or "–"
         ratio = f"{r['weight_value_bytes'] / w8[r['model']]:.2f}" if r["model"] in w8 else "–"
         lines.append(f"| {r['model']} | {recipe_label(r)} | {weights} | {r['psnr_db']:.2f} | {r['weight_value_bytes']:,} | "
-                     f"{ratio} | {r['file_bytes']:,} | {r.get('measured_at', '–')} | {kept} |")
+                     f"{ratio} | {r.get('tensor_bytes', 0):,} | {times(r, 'tensor_bytes')} | {r['file_bytes']:,} | "
+                     f"{times(r, 'file_bytes')} | {r.get('measured_at', '–')} | {kept} |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +186,10 @@ def criteria(rows: list[dict]) -> list[str]:
             best = max(small, key=lambda r: r["psnr_db"])
             gap = ref["psnr_db"] - best["psnr_db"]
             lines.append(f"- {model}: best W4A8 {best['recipe']} ({weights_label(best)}) {best['psnr_db']:.2f} dB at "
-                         f"{best['weight_value_bytes'] / ref['weight_value_bytes']:.2f}x W8 bytes vs W8A8 dgq "
+                         f"{best['weight_value_bytes'] / ref['weight_value_bytes']:.2f}x W8 weight bytes"
+                         + (f" ({best['tensor_bytes'] / ref['tensor_bytes']:.2f}x its tensors, "
+                            f"{best['file_bytes'] / ref['file_bytes']:.2f}x its file)" if ref.get("tensor_bytes") else "")
+                         + " vs W8A8 dgq "
                          f"{ref['psnr_db']:.2f} dB: gap {gap:.2f} dB, {'within' if gap <= 3 else 'NOT within'} 3 dB")
         key = lambda r: (r["gptq"], r.get("clip_search", False), r["w8_budget_percent"])
         for quantizer in dict.fromkeys(key(r) for r in mine if r["wbits"] == 4):
