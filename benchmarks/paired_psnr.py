@@ -37,6 +37,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--cache", type=Path, default=Path("build/paired_psnr_cache"))
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[],
+                        help="earlier runs' JSON: models with the same path, float model and settings are read back")
     parser.add_argument("--name", default="paired_psnr")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -70,12 +72,22 @@ def main(argv=None) -> int:
     options = DiffusionEvalOptions(samples=args.samples, steps=args.steps, guidance_scale=args.guidance,
                                    cache=str(args.cache))
     rows = {}
+    settings = {"float": str(args.float_model), "samples": args.samples, "steps": args.steps, "guidance": args.guidance}
+    for earlier in args.reuse:
+        data = json.loads(earlier.read_text())
+        if {k: data["meta"][k] for k in settings} == settings:
+            rows.update({label: row for label, row in data["rows"].items()
+                         if args.models.get(label) == row["path"]})
     for label, path in args.models.items():
+        if label in rows:
+            print(f"[paired] {label}: {rows[label]['psnr_db']:.2f} dB (read back)", flush=True)
+            continue
         started = time.perf_counter()
         result = evaluate_diffusion(args.float_model, path, options)
         rows[label] = {"path": path, "psnr_db": result["psnr_db"], "ssim": result["ssim"],
                        "psnr_db_per_image": result["psnr_db_per_image"]}
         print(f"[paired] {label}: {result['psnr_db']:.2f} dB ({time.perf_counter() - started:.0f} s)", flush=True)
+    rows = {label: rows[label] for label in args.models}  # in the order given
     pairs = [{"a": a, "b": b, **paired(rows[a]["psnr_db_per_image"], rows[b]["psnr_db_per_image"])}
              for a, b in args.pairs]
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": shlex.join(sys.argv),
