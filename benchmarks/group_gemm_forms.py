@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FORMS = ("float", "int8", "nbits4", "blockdiag", "batched")
 #: (M, K, N, group sizes): the zoo DiT's Linears (hidden 96, MLP 384, 32 images × 64 tokens; group sizes 3–32)
@@ -81,19 +83,16 @@ def build(form: str, m: int, k: int, n: int, groups: int) -> bytes:
 
 
 def median_ms(form: str, m: int, k: int, n: int, groups: int, runs: int) -> float:
-    import onnxruntime as ort
+    """Median ms of one call, 1 thread (``bench_triton.direct_latency_ms``: 5 warm-up calls first)."""
+    import tempfile
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(build(form, m, k, n, groups), options, providers=["CPUExecutionProvider"])
+    from bench_triton import direct_latency_ms
+
     feed = {"x": np.random.default_rng(1).integers(0, 256, (m, k)).astype(np.uint8)}
-    session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{form}.onnx"
+        path.write_bytes(build(form, m, k, n, groups))
+        return direct_latency_ms(path, feed, threads=1, runs=runs)
 
 
 def main(argv=None) -> int:
