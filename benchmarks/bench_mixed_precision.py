@@ -4,9 +4,9 @@ For each model, recipe (minmax, dgq by default) and W8 budget (0%, 10%, 25%) it 
 ``qcompile MODEL --recipe R --wbits 4 --abits 8 --w8-budget B`` and scores the result with
 ``qcompile eval-diffusion FLOAT QUANT --samples N`` (DDIM, 25 steps, guidance 4, seeds 0..N-1):
 PSNR of the final images vs float. A W8A8 dgq row is the reference the issue measures against.
-Bytes: the output file, and the weight values at their bit widths (int4 counted two per byte, as
-MatMulNBits packs them; ORT's W4 Convs hold int4 values in int8 containers, so the file does not
-shrink by that much), scales excluded. Also lists the layers each budget kept at 8 bits.
+Bytes: the weight values at their bit widths (int4 two per byte, scales excluded), every stored tensor
+(initializers: weights as packed, scales, biases) and the output file (tensors plus the graph structure,
+which does not grow with the parameters). Also lists the layers each budget kept at 8 bits.
 
 Usage: python benchmarks/bench_mixed_precision.py [--models unet_mnist unet_mnist_b unet_mnist_c ...] [--samples 8]
        [--recipes minmax dgq] [--budgets 0 10 25] [--gptq] [--work DIR] [--out benchmarks/results]
