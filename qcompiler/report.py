@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from qcompiler.graph import model_weight_bytes
 
 
@@ -83,8 +85,20 @@ def check_integer_kernels(recipe, report: dict) -> list[str]:
         warnings.append(f"recipe '{recipe.name}' quantized {promised} GEMMs but target '{report['target']}' runs "
                         f"only {got} as integer "
                         f"kernels (ops: {report['integer_kernels']['op_types']})")
+    warnings += _partial_sum_cost(report)
     report["warnings"] = warnings
     return warnings
+
+
+def _partial_sum_cost(report: dict) -> list[str]:
+    """Q-DiT's integer form writes G sums per output (``lowering/dynamic_groups.py``): say what that costs."""
+    groups = [record["partial_sums_per_output"] for record in report["quantized"] if "partial_sums_per_output" in record]
+    if not groups or max(groups) < 2:
+        return []
+    return [f"{len(groups)} Linears run Q-DiT's group-wise integer GEMMs, which write {min(groups)}–{max(groups)} "
+            f"partial sums per output (mean {np.mean(groups):.1f}) to be scaled and summed in float: on ONNX "
+            "Runtime's CPU each costs about that many int8 GEMMs and can run slower than float (larger groups "
+            "cost less; --dynamic-groups simulate runs fake-quantized float GEMMs instead)"]
 
 
 def write_report(report: dict, path: Path) -> Path:

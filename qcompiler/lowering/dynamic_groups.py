@@ -104,9 +104,11 @@ def lower_dynamic_group_plans(ctx: CompileContext, mode: str, target: str) -> st
         lower_linear(ctx, node, weight, bias, plan, target, mode)
         lowering = INTEGER if mode == "integer" else SIMULATED
         kind = "static" if plan.static is not None else "dynamic per-token"
+        # The integer form writes one int32 sum per output and group: its run time grows with G (report.py warns).
+        partial_sums = {"partial_sums_per_output": weight.shape[0] // plan.group} if mode == "integer" else {}
         ctx.records.append(QuantRecord(plan.node, f"{plan.node}/weight", "weight",
                                        f"int{plan.wbits} sym groups(g={plan.group})", lowering, target,
-                                       plan.details()))
+                                       {**plan.details(), **partial_sums}))
         ctx.records.append(QuantRecord(plan.node, plan.tensor, "activation",
                                        f"int{plan.abits} asym {kind} groups(g={plan.group})", lowering, target,
                                        plan.details()))
