@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -51,10 +53,12 @@ def parse_args(argv):
 
 
 def paired(values: list[float], reference: list[float]) -> dict:
-    """Mean, standard error and wins of the per-image difference (same seeds in both lists)."""
+    """Mean, standard error (``bench_lowering.paired_standard_error``) and wins of the per-image difference."""
+    from bench_lowering import paired_standard_error
+
     diff = np.asarray(values) - np.asarray(reference)
-    se = float(diff.std(ddof=1) / np.sqrt(diff.size))
-    return {"mean_db": float(diff.mean()), "se_db": se, "wins": int((diff > 0).sum()), "images": int(diff.size)}
+    return {"mean_db": float(diff.mean()), "se_db": paired_standard_error(values, reference),
+            "wins": int((diff > 0).sum()), "images": int(diff.size)}
 
 
 def verdict(stats: dict) -> str:

@@ -25,9 +25,9 @@ from qcompiler.lowering.block_dq import BLOCK_OPSET, changed_ops, int4_constant,
 INT4_RANGE = (-8, 7)
 
 
-def _int4_weights(graph: gs.Graph, min_elements: int) -> dict[str, tuple[gs.Constant, list[gs.Node]]]:
-    """{constant name: (int8 constant, its DequantizeLinear readers)} for constants that fit int4."""
-    found: dict[str, tuple[gs.Constant, list[gs.Node]]] = {}
+def _int4_weights(graph: gs.Graph, min_elements: int) -> dict[str, tuple[np.ndarray, list[gs.Node]]]:
+    """{constant name: (its int8 values, its DequantizeLinear readers)} for constants that fit int4."""
+    found: dict[str, tuple[np.ndarray, list[gs.Node]]] = {}
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
             continue
@@ -35,11 +35,11 @@ def _int4_weights(graph: gs.Graph, min_elements: int) -> dict[str, tuple[gs.Cons
         if weight.name in found:
             found[weight.name][1].append(node)
             continue
-        values = np.asarray(weight.values)
-        if values.dtype != np.int8 or values.size < min_elements:
+        if np.dtype(weight.dtype) != np.int8:  # from the tensor's type: float and uint8 constants are never read
             continue
-        if values.min() >= INT4_RANGE[0] and values.max() <= INT4_RANGE[1]:
-            found[weight.name] = (weight, [node])
+        values = np.asarray(weight.values)
+        if values.size >= min_elements and values.min() >= INT4_RANGE[0] and values.max() <= INT4_RANGE[1]:
+            found[weight.name] = (values, [node])
     return found
 
 
@@ -54,8 +54,7 @@ def pack_int4_weights(graph: gs.Graph, min_elements: int = 64) -> tuple[int, int
                       f"(INT4 storage) would change {', '.join(sorted(blocking))}"]
     notes = raise_opset(graph, BLOCK_OPSET)
     saved = 0
-    for name, (weight, readers) in found.items():
-        values = np.asarray(weight.values)
+    for name, (values, readers) in found.items():
         unpacked = gs.Variable(f"{name}/unpacked", dtype=np.int8, shape=list(values.shape))
         graph.nodes.append(gs.Node("Cast", f"{name}/Cast_int4_to_int8", attrs={"to": onnx.TensorProto.INT8},
                                    inputs=[int4_constant(f"{name}/int4", values)], outputs=[unpacked]))
