@@ -50,6 +50,8 @@ class CompileOptions:
     bias_correction: bool = True
     #: The ORT target's int4 Conv/Gemm weights: "packed" (ONNX INT4 in the file, unpacked by ORT at load) or "container" (int8).
     int4_storage: str = "packed"
+    #: The ORT target's per-timestep / TDQ tables: "auto", "integer" (integer GEMMs, gathered scales on their sums) or "simulate".
+    timestep_groups: str = "auto"
     #: Allow the output path to be the input model's own path (the input is replaced atomically).
     force: bool = False
     #: ORT intra-op threads for calibration (None: ORT's default, one per core).
@@ -159,7 +161,8 @@ def _target(options: CompileOptions):
             return get_target("ort", OrtTargetConfig(channel_groups=options.channel_groups,
                                                      dynamic_groups=options.dynamic_groups, device=options.device,
                                                      bias_correction=options.bias_correction,
-                                                     int4_storage=options.int4_storage))
+                                                     int4_storage=options.int4_storage,
+                                                     timestep_groups=options.timestep_groups))
         except ValueError as exc:
             raise QCompileError(str(exc)) from None
     if options.channel_groups != "affine":
@@ -171,6 +174,9 @@ def _target(options: CompileOptions):
     if options.dynamic_groups != "integer":
         raise QCompileError(f"--dynamic-groups {options.dynamic_groups} is an ONNX Runtime lowering; target "
                             f"'{options.target}' has none (drop the option)")
+    if options.timestep_groups != "auto":
+        raise QCompileError(f"--timestep-groups {options.timestep_groups} is an ONNX Runtime lowering; target "
+                            f"'{options.target}' replaces per-timestep ranges by static ones (drop the option)")
     if options.int4_storage != "packed":
         raise QCompileError(f"--int4-storage {options.int4_storage} is an ONNX Runtime lowering option; target "
                             f"'{options.target}' stores int4 weights its own way (drop the option)")

@@ -11,10 +11,12 @@ import qcompiler
 from qcompiler.api import CompileOptions
 from qcompiler.models import BUNDLED_DEFAULT
 from qcompiler.targets.ort_groups import AFFINE
-from qcompiler.lowering.timestep_ranges import LOWERING as PER_TIMESTEP
+from qcompiler.lowering.timestep_integer import INTEGER
 from qcompiler.quant import sqnr_db
 from qcompiler.recipes import get_recipe
 from qcompiler.runtimes.ort import make_session
+
+PER_TIMESTEP = f"{INTEGER} (per-timestep)"
 
 STEPS = (0, 6, 12, 18, 24)  # t = 961, 721, 481, 241, 1
 
@@ -36,8 +38,10 @@ def compiled(tmp_path_factory):
     for name, recipe in (("dgq", get_recipe("dgq")),
                          ("per_timestep", get_recipe("dgq").with_settings({"dgq_groups": {"per_timestep": True}}))):
         out = folder / f"unet.{name}.onnx"
-        results[name] = (out, qcompiler.quantize(BUNDLED_DEFAULT, recipe, feeds, out,
-                                                 CompileOptions(progress=False)))
+        # Per-timestep tables forced onto integer kernels everywhere (the default "auto" keeps the
+        # forms that are slower as integer simulated; tests/lowering/test_timestep_integer.py).
+        options = CompileOptions(progress=False, timestep_groups="integer")
+        results[name] = (out, qcompiler.quantize(BUNDLED_DEFAULT, recipe, feeds, out, options))
     return results, feeds
 
 
@@ -65,5 +69,9 @@ def test_outputs_track_float_and_per_timestep_ranges_are_finer(compiled):
     assert sqnr["dgq"] > 20.0
     # On the calibrated rows every per-timestep range lies inside the static one: finer grids.
     assert sqnr["per_timestep"] > sqnr["dgq"] + 1.0, sqnr
-    lowering = {r["lowering"] for r in results["per_timestep"][1].report["quantized"] if r["role"] == "activation"}
-    assert PER_TIMESTEP in lowering
+    report = results["per_timestep"][1].report
+    lowering = {r["lowering"] for r in report["quantized"] if r["role"] == "activation"}
+    assert lowering == {PER_TIMESTEP}, lowering
+    # One integer GEMM per channel group of every planned input: no float GEMM on a quantized weight.
+    groups = sum(r.get("integer_gemms", 0) for r in report["quantized"] if r["role"] == "activation")
+    assert report["integer_kernels"]["integer_gemms"] == groups > 136

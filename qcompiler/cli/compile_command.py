@@ -50,10 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ORT target, int4 Conv/Gemm weights (run on int8 kernels): packed = ONNX INT4 in the file, "
                              "unpacked by ORT when the session loads (default; opset 21); container = int8 in the file")
     parser.add_argument("--per-timestep", action="store_true",
-                        help="DGQ: group ranges per calibrated timestep (diffusion; simulated lowering)")
+                        help="DGQ: group ranges per calibrated timestep (diffusion)")
     parser.add_argument("--tdq", action="store_true",
                         help="TDQ: activation ranges from the timestep (an MLP per activation, tabled at every "
-                             "timestep; diffusion; simulated lowering); adds the tdq pass to any recipe")
+                             "timestep; diffusion); adds the tdq pass to any recipe")
+    parser.add_argument("--timestep-groups", default="auto", choices=("auto", "integer", "simulate"),
+                        help="ORT target, per-timestep and TDQ ranges: integer = integer GEMMs (one per channel "
+                             "group; ConvInteger for Convs) whose int32 sums the timestep's gathered scales rescale; "
+                             "simulate = fake quantization with the gathered scales before float GEMMs; auto = integer "
+                             "where that is faster on ORT's CPU (MatMul/Gemm with one group or token groups), else "
+                             "simulated (default)")
     parser.add_argument("--ptqd", action="store_true",
                         help="PTQD: divide the denoiser output by 1 + k_t and record the residual noise variance "
                              "per timestep for stochastic samplers (diffusion); adds the ptqd pass to any recipe")
@@ -156,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
                              verify=args.verify, dump_after=tuple(args.dump_after), progress=not args.quiet,
                              device=args.device, target=args.target, channel_groups=args.channel_groups,
                              dynamic_groups=args.dynamic_groups, bias_correction=args.bias_correction == "on",
-                             int4_storage=args.int4_storage, force=args.force, threads=args.threads, cluster=cluster_config(args))
+                             int4_storage=args.int4_storage, timestep_groups=args.timestep_groups,
+                             force=args.force, threads=args.threads, cluster=cluster_config(args))
     if pipeline is not None:
         from qcompiler.diffusion.pipeline_compile import REPORT_NAME, compile_pipeline
 

@@ -116,10 +116,12 @@ def timestep_index(b, timestep: gs.Tensor, timesteps: np.ndarray) -> gs.Variable
     return b.op("ArgMin", [distance], np.int64, attrs={"axis": 1, "keepdims": 0})
 
 
-def _row_parameters(b, table: np.ndarray, labels: np.ndarray, index: gs.Tensor) -> gs.Variable:
+def row_parameters(b, table: np.ndarray, labels: np.ndarray, index: gs.Tensor) -> gs.Variable:
     """(B, N) = table[index][:, labels]: the (T, K) table is stored, not its (T, N) expansion
     (a TDQ table has T = 1000 rows)."""
     rows = b.op("Gather", [np.ascontiguousarray(table, np.float32), index], np.float32, attrs={"axis": 0})
+    if np.array_equal(labels, np.arange(table.shape[1])):  # one column per group already
+        return rows
     return b.op("Gather", [rows, labels.astype(np.int64)], np.float32, attrs={"axis": 1})
 
 
@@ -132,8 +134,8 @@ def simulated_timestep_qdq(b, x: gs.Tensor, timestep: gs.Tensor, plan) -> gs.Var
                         "only channel groups or token groups of a (B, T, C) input are supported")
     index = timestep_index(b, timestep, plan.timesteps)
     shape = np.array([0 if i == 0 else (-1 if i == axis else 1) for i in range(rank)], np.int64)
-    scale = b.op("Reshape", [_row_parameters(b, plan.timestep_scales, plan.labels, index), shape], np.float32)
-    zero_point = b.op("Reshape", [_row_parameters(b, plan.timestep_zero_points, plan.labels, index), shape],
+    scale = b.op("Reshape", [row_parameters(b, plan.timestep_scales, plan.labels, index), shape], np.float32)
+    zero_point = b.op("Reshape", [row_parameters(b, plan.timestep_zero_points, plan.labels, index), shape],
                       np.float32)
     spec = plan.spec
     codes = b.op("Add", [b.op("Round", [b.op("Div", [x, scale], np.float32)], np.float32), zero_point], np.float32)

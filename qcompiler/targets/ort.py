@@ -17,7 +17,10 @@ What ORT fuses into integer kernels, and so what this target emits:
   (``lowering.channel_affine``), so every GEMM keeps one integer kernel; "split" (K partial
   integer GEMMs, the bit-exact reference), "fold" (shared zero point, ratios in W) and "simulate"
   (per-channel QDQ before a float GEMM) are kept for comparison.
-What it cannot run on an integer kernel (log2 attention, Conv pixel groups, per-timestep ranges,
+- per-timestep and TDQ tables: scales gathered by the timestep input rescale the int32 sums of
+  one integer GEMM per channel group (MatMulIntegerToFloat, ConvInteger; ``timestep_groups``:
+  "auto" keeps the forms that run slower as integer on ORT's CPU, Convs and K > 1 groups, simulated);
+What it cannot run on an integer kernel (log2 attention, Conv pixel groups,
 sub-8-bit activations' accuracy) stays simulated and is labelled so in every record.
 """
 
@@ -36,7 +39,12 @@ from qcompiler.lowering.qdq import insert_tensor_qdq, quantize_gemm_bias
 from qcompiler.lowering.int4_storage import pack_int4_weights
 from qcompiler.pass_manager import PassResult
 from qcompiler.targets import Target
-from qcompiler.targets.ort_groups import CHANNEL_GROUP_MODES, affine_run_time_ops, lower_group_plans
+from qcompiler.targets.ort_groups import (
+    CHANNEL_GROUP_MODES,
+    TIMESTEP_GROUP_MODES,
+    affine_run_time_ops,
+    lower_group_plans,
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,15 @@ class OrtTargetConfig:
     #: int4 Conv/Gemm weight values (int8 containers for QLinearConv/QGemm): "packed" stores them as ONNX INT4
     #: behind a Cast that ORT folds at load (opset 21, where raising it changes no op), "container" as int8.
     int4_storage: str = "packed"
+    #: Per-timestep / TDQ tables: "integer" (integer GEMMs whose sums the gathered scales rescale),
+    #: "simulate" (fake quantization with the gathered scales before float GEMMs) or "auto" (integer
+    #: where that is the faster form on ORT's CPU: one-group tables and token groups on MatMul/Gemm).
+    timestep_groups: str = "auto"
 
     def __post_init__(self):
+        if self.timestep_groups not in TIMESTEP_GROUP_MODES:
+            raise ValueError(f"OrtTargetConfig: timestep_groups must be one of {TIMESTEP_GROUP_MODES}, "
+                             f"got {self.timestep_groups!r}")
         if self.int4_storage not in ("packed", "container"):
             raise ValueError(f"OrtTargetConfig: int4_storage must be 'packed' or 'container', got {self.int4_storage!r}")
         if self.dynamic_groups not in dynamic_groups.MODES:
@@ -88,7 +103,7 @@ class OrtTarget(Target):
         notes = []
         if ctx.group_plans:
             notes.append(lower_group_plans(ctx, self.config.channel_groups, self.name,
-                                             self.config.bias_correction))
+                                           self.config.bias_correction, self.config.timestep_groups))
         if ctx.dynamic_group_plans:
             notes.append(dynamic_groups.lower_dynamic_group_plans(ctx, self.config.dynamic_groups, self.name))
         outputs = self._quantize_conv_outputs(ctx)

@@ -8,8 +8,10 @@ Per GEMM input X with a plan (group g(i) per index, (s_g, z_g)); ``mode`` picks 
   (MatMulIntegerToFloat; ConvInteger for Conv): the bit-exact reference, K kernels per GEMM.
 - "fold": one shared zero point, group ratios folded into W (``lowering.channel_groups``; approximate).
 - "simulate": per-index QDQ before a float GEMM on the constant Ŵ (accuracy sweeps; no integer kernel).
-Whatever a mode cannot take (Conv pixel groups, grouped or auto-padded Convs, per-timestep ranges)
-is simulated and its record says why. Every path keeps the activation error |X − X̂| ≤ s_g/2
+Per-timestep and TDQ tables (run-time scales gathered by the timestep) take integer GEMMs rescaled
+after the kernel (``lowering.timestep_integer``; "simulate" there: fake quantization before float GEMMs).
+Whatever a mode cannot take (Conv pixel groups, grouped or auto-padded Convs) is simulated and its
+record says why. Every path keeps the activation error |X − X̂| ≤ s_g/2
 inside the calibrated range (fold: σ_g ≥ s_g); "affine" adds the re-quantization of W' = diag(r)·Ŵ.
 """
 
@@ -47,6 +49,7 @@ SPLIT = "K-split integer GEMMs"
 FOLD = "fold into W"
 SIMULATED = "simulated"
 CHANNEL_GROUP_MODES = ("affine", "split", "fold", "simulate")
+TIMESTEP_GROUP_MODES = ("auto", "integer", "simulate")
 
 
 def affine_run_time_ops(ctx: CompileContext, x: gs.Tensor, shared_zero_point: bool, bias_correction: bool) -> int:
@@ -88,12 +91,17 @@ def _output_channels(node: gs.Node) -> int:
     return int(shape[-1])
 
 
-def lower_group_plans(ctx: CompileContext, mode: str, target: str, bias_correction: bool = False) -> str:
-    """Lower every plan in ``ctx.group_plans``; returns a one-line summary of the lowerings used."""
+def lower_group_plans(ctx: CompileContext, mode: str, target: str, bias_correction: bool = False,
+                      timestep_mode: str = "auto") -> str:
+    """Lower every plan in ``ctx.group_plans``; returns a one-line summary of the lowerings used.
+
+    ``timestep_mode`` lowers per-timestep and TDQ tables: "integer" (``lowering.timestep_integer``),
+    "simulate" (fake quantization with gathered scales before float GEMMs) or "auto" (integer where
+    that is faster on ORT's CPU: ``timestep_integer.cost_reason``)."""
     if ctx.graph.opset < 13:
         raise PassError(f"target '{target}': DGQ groups need opset ≥ 13 for per-axis QuantizeLinear; "
                         f"the model has opset {ctx.graph.opset}")
-    lowering = GroupLowering(ctx, mode, target, bias_correction)
+    lowering = GroupLowering(ctx, mode, target, bias_correction, timestep_mode)
     gemm_names = {node.name for node in quantized_gemms(ctx.graph)}
     counts: Counter = Counter()
     notes = []
@@ -123,8 +131,9 @@ def _axis(plan: GroupPlan) -> int:
 class GroupLowering:
     """Lowers one plan for all the GEMMs that read its tensor; pieces they share are built once."""
 
-    def __init__(self, ctx: CompileContext, mode: str, target: str, bias_correction: bool = False):
-        self.ctx, self.mode, self.target = ctx, mode, target
+    def __init__(self, ctx: CompileContext, mode: str, target: str, bias_correction: bool = False,
+                 timestep_mode: str = "auto"):
+        self.ctx, self.mode, self.target, self.timestep_mode = ctx, mode, target, timestep_mode
         self.bias_correction = bias_correction
 
     def lower(self, plan: GroupPlan, x: gs.Tensor, readers: list[gs.Node]) -> list[tuple[gs.Node, tuple[str, dict]]]:
@@ -269,15 +278,32 @@ class GroupLowering:
         return SIMULATED, {**_read_fake_quantized(b, x, node, shared["simulated"]), "reason": reason}
 
     def _per_timestep(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
-        """Run-time (s, z) of each row's nearest calibrated timestep before a float GEMM on Ŵ."""
+        """Each row's tabled (s, z) at its timestep: integer GEMMs rescaled after the kernel
+        (``lowering.timestep_integer``), or fake quantization before a float GEMM on Ŵ."""
+        from qcompiler.lowering import timestep_integer
         from qcompiler.lowering.timestep_ranges import LOWERING, TDQ_LOWERING, simulated_timestep_qdq
 
+        timestep = next(i for i in self.ctx.graph.inputs if i.name == plan.timestep_input)
+        extra = {"timesteps": int(plan.timesteps.size)}
+        if self.timestep_mode == "simulate":
+            reason = "timestep_groups='simulate' was asked for"
+        else:
+            reason = timestep_integer.integer_reason(plan, x, node)
+            if reason is None and self.timestep_mode == "auto":
+                reason = timestep_integer.cost_reason(plan, node)
+        if reason is None:
+            if "timestep_codes" not in shared:
+                channels = plan.labels.size if plan.axis == "channel" else int(linear_weight(node).values.shape[0])
+                shared["timestep_codes"] = timestep_integer.TimestepCodes(b, plan, x, timestep, channels)
+            lower = timestep_integer.lower_conv if node.op == "Conv" else timestep_integer.lower_linear
+            details = lower(shared["timestep_codes"], node)
+            method = "TDQ" if plan.timestep_method == "tdq" else "per-timestep"
+            return f"{timestep_integer.INTEGER} ({method})", {**details, **extra}
         if "per_timestep" not in shared:
-            timestep = next(i for i in self.ctx.graph.inputs if i.name == plan.timestep_input)
             shared["per_timestep"] = simulated_timestep_qdq(b, x, timestep, plan)
         details = _read_fake_quantized(b, x, node, shared["per_timestep"])
         kind = TDQ_LOWERING if plan.timestep_method == "tdq" else LOWERING
-        return kind, {**details, "timesteps": int(plan.timesteps.size)}
+        return kind, {**details, **extra, "reason": reason}
 
 
 def _kernel(node: gs.Node) -> str:

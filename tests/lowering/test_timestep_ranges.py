@@ -9,8 +9,9 @@ from qcompiler.passes import (
     QuantizeWeights,
 )
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
+from qcompiler.lowering.timestep_integer import INTEGER
 from qcompiler.lowering.timestep_ranges import LOWERING, split_by_timestep
-from qcompiler.targets.ort import OrtTarget
+from qcompiler.targets.ort import OrtTarget, OrtTargetConfig
 
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
@@ -53,13 +54,13 @@ def batches(seed: int = 0):
     return out
 
 
-def lowered(per_timestep: bool):
+def lowered(per_timestep: bool, mode: str = "integer"):
     data = batches()
     ctx = CompileContext(timestep_model(), QuantSettings(), data)
     QuantizeWeights().call(ctx)
     DgqGroups(DgqGroupsConfig(groups=4, per_timestep=per_timestep)).call(ctx)
     InsertActivationQDQ().call(ctx)
-    OrtTarget().lower(ctx)
+    OrtTarget(OrtTargetConfig(timestep_groups=mode)).lower(ctx)
     return ctx, ctx.group_plans["h"], data
 
 
@@ -71,11 +72,13 @@ def test_split_by_timestep_regroups_mixed_rows():
     np.testing.assert_array_equal(parts[5.0][0].feeds["x"][:, 0], [0.0, 2.0])
 
 
+@pytest.mark.parametrize("mode", ["integer", "simulate"])
 @pytest.mark.parametrize("t_index", range(len(TIMESTEPS)))
-def test_each_timestep_uses_its_own_group_ranges(t_index):
-    ctx, plan, data = lowered(per_timestep=True)
+def test_each_timestep_uses_its_own_group_ranges(t_index, mode):
+    ctx, plan, data = lowered(per_timestep=True, mode=mode)
     assert plan.timesteps.tolist() == list(TIMESTEPS)
-    assert {r.lowering for r in ctx.records if r.pass_name == "ort"} == {LOWERING}
+    label = f"{INTEGER} (per-timestep)" if mode == "integer" else LOWERING
+    assert {r.lowering for r in ctx.records if r.pass_name == "ort"} == {label}
     batch = data[t_index]
     got = run_model(ctx.model(), batch.feeds)
     # Reference: h quantized with the t-th row of (S, Z) per channel, times the int8-dequantized W.

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.errors import PassError
-from qcompiler.lowering.timestep_ranges import TDQ_LOWERING
+from qcompiler.lowering.timestep_integer import INTEGER
 from qcompiler.passes import DgqGroups, InsertActivationQDQ, QuantizeWeights, Tdq
 from qcompiler.passes.dgq_groups import DgqGroupsConfig
 from qcompiler.passes.tdq import TdqConfig
@@ -108,7 +108,8 @@ def test_training_is_deterministic(tdq_ctx):
 def test_lowered_graph_gathers_row_t_of_the_table(tdq_ctx):
     plan = tdq_ctx.group_plans["h"]
     assert plan.timesteps.size == T and plan.timestep_method == "tdq"
-    assert {r.lowering for r in tdq_ctx.records if r.pass_name == "ort"} == {TDQ_LOWERING}
+    # The default ORT lowering: integer GEMMs rescaled by the gathered row (the simulated form: tests/lowering).
+    assert {r.lowering for r in tdq_ctx.records if r.pass_name == "ort"} == {f"{INTEGER} (TDQ)"}
     session = make_session(tdq_ctx.model())
     for t in (1.0, 37.0, 240.0, 961.0):  # calibrated or not: row t of the table
         feeds = batches((t,), seed=3)[0].feeds
