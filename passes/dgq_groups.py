@@ -63,7 +63,7 @@ class DgqGroupsConfig:
     conv_axis: str = "channel"  # "channel" | "auto"
     on_dynamic_pixels: str = "channel"  # "channel" (fall back, noted) | "error"
     seed: int = 0
-    #: Per-timestep group ranges (diffusion denoisers; simulated lowering, see ``timestep_ranges``).
+    #: Per-timestep group ranges (diffusion denoisers; lowered by the target, see ``timestep_ranges``).
     per_timestep: bool = False
     timestep_input: str = "timestep"
     #: Keep channel groups only where they beat per-tensor on held-out calibration rows.
@@ -202,7 +202,7 @@ class DgqGroups(Pass):
             plan.timesteps, plan.timestep_input = timesteps, self.config.timestep_input
             plan.timestep_scales, plan.timestep_zero_points = timestep_parameters(per_t[name], plan.axis,
                                                                                   plan.labels, spec)
-        notes.append(f"per-timestep group ranges at {timesteps.size} calibrated timesteps (simulated lowering)")
+        notes.append(f"per-timestep group ranges at {timesteps.size} calibrated timesteps (gathered by timestep)")
 
     def _targets(self, ctx: CompileContext, notes: list[str]) -> dict[str, tuple[gs.Tensor, int | None]]:
         """GEMM inputs without an activation QDQ yet, with their channel axis (1 for Conv, last else)."""

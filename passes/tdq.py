@@ -27,9 +27,10 @@ Deploy: the MLP evaluated at every t in [0, T) gives tables S[t], Z[t] (T × K) 
 gathers by the model's timestep input at run time, so timesteps the calibration never saw (another
 step count) get their own parameters; the MLP is not in the graph.
 Error bound: |X − X̂| ≤ s_g(t)/2 for X inside [lo_g(t), hi_g(t)]; values outside are clipped.
-Lowering: the scales are run-time tensors and ORT's integer kernels (QLinearConv,
-MatMulIntegerToFloat, QGemm) take constant ones, so the GEMM runs in float on X̂ and Ŵ: simulated,
-labelled so in the report, as ``dgq --per-timestep`` is.
+Lowering (the target's, as for ``dgq --per-timestep``): the scales are run-time tensors. The ORT
+target quantizes X per batch row with its gathered (s, z) and applies s to an integer GEMM's int32
+sums (``lowering/timestep_integer.py``); where that runs slower than float on ORT's CPU (Convs, K > 1
+channel groups) ``--timestep-groups auto`` keeps fake quantization before a float GEMM, labelled simulated.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class Tdq(Pass):
         lookup_rows = "; at the calibrated t the table is the lookup" if self.config.calibrated_rows == "lookup" else ""
         notes.append(f"{len(plans)} activations ({len(new)} per-tensor, {len(plans) - len(new)} DGQ-grouped): "
                      f"MLPs of {parameters} parameters in all on {calibrated} calibrated timesteps, tabled at "
-                     f"t = 0..{T - 1} (simulated lowering: run-time scales); tuned correction kept for "
+                     f"t = 0..{T - 1} (the target gathers them by timestep); tuned correction kept for "
                      f"{sum(kept.values())} of {len(kept)} (held-out error{', output check' if check else ''}"
                      f"{lookup_rows}), the lookup envelope elsewhere; samples {captured - started:.1f} s, "
                      f"training {trained - captured:.1f} s, check {time.perf_counter() - trained:.1f} s")

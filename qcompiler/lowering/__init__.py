@@ -6,4 +6,5 @@ Nothing here decides a grid: these functions turn a grid that a pass decided int
 - ``channel_groups``: the K-split (bit-exact reference) and the fold of DGQ channel groups.
 - ``matmul_nbits``: ONNX Runtime's packed int4 layout.
 - ``timestep_ranges``: per-timestep group ranges (statistics and their simulated lowering).
+- ``timestep_integer``: the same tables on integer GEMMs, the gathered scales applied to their sums.
 """

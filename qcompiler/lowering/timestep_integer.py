@@ -206,7 +206,11 @@ def lower_conv(codes: TimestepCodes, node: gs.Node) -> dict:
     slices = np.split(order, np.cumsum(np.bincount(plan.labels, minlength=plan.groups))[:-1])
     partials = []
     for k, (channels, q) in enumerate(zip(slices, codes.channel_slices(pads))):
-        integer = b.cast_float(b.op("ConvInteger", [q, values[:, channels]], np.int32, attrs=attrs))
+        # uint8 weights W_q + 128 with zero point 128: the same exact sums, and ORT's ConvInteger runs its
+        # u8×u8 kernel 6× faster than u8×s8 (36 vs 6 ms on a (32, 64, 16, 16) 3×3 Conv, 1 thread).
+        shifted = (values[:, channels].astype(np.int16) + 128).astype(np.uint8)
+        integer = b.cast_float(b.op("ConvInteger", [q, shifted, np.array(0, np.uint8), np.array(128, np.uint8)],
+                                    np.int32, attrs=attrs))
         partials.append(b.op("Mul", [integer, codes.row_scale(k, 2 + spatial)], F32))
     window_sums = np.stack([values[:, channels].astype(np.int64).sum(axis=tuple(range(1, values.ndim)))
                             for channels in slices])                                   # (K, O)

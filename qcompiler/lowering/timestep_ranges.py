@@ -11,8 +11,10 @@ At run time each batch row picks the calibrated timestep nearest to its own ``ti
     X̂ = (clamp(round(X/s) + z, q_min, q_max) − z)·s
 Round is half-to-even like QuantizeLinear, so at one timestep this equals ``quant.fake_quantize``
 with that timestep's parameters; the error bound is |X − X̂| ≤ s_g(t)/2 inside the range
-calibrated at t. The scales are run-time tensors, which no ORT/TensorRT integer kernel takes
-(their QDQ fusion needs constant scales): this lowering is simulated, and labelled so.
+calibrated at t. The scales are run-time tensors, which ORT's QDQ fusion does not take (it needs
+constant scales): this fake-quantized form is simulated, and labelled so. The ORT target also has
+an integer form that applies the same gathered scales to integer GEMMs' int32 sums
+(``timestep_integer``); this one is its reference and the fallback where that is slower or impossible.
 """
 
 from __future__ import annotations

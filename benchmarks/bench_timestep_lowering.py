@@ -1,0 +1,138 @@
+"""Per-timestep and TDQ tables on ORT's CPU: integer vs simulated lowering, latency and kernels side by side.
+
+For each zoo model, the per-timestep lookup (``dgq --per-timestep``) with one group per activation and
+with DGQ's groups, each lowered three ways (``--timestep-groups simulate|auto|integer``), next to the
+float model and static ``minmax`` / ``dgq``; ``--tdq`` adds ``minmax --tdq`` (auto and simulate; its
+MLPs train for minutes per compile). Per row: integer / float GEMMs in ORT's optimized graph, file
+size, median latency of one denoiser call on the first calibration batch (1 thread, rows interleaved,
+float first) and the largest output difference against the same tables lowered "simulate", relative
+to the largest output (the lowerings compute the same codes; a difference comes from float rounding
+flipping a code in some layer, which later layers carry).
+
+Usage: python benchmarks/bench_timestep_lowering.py [--models unet dit] [--runs 10] [--no-latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_diffusion import MODELS, calibration, compile_row, measure_latency, models_dir  # noqa: E402
+from diffusion_rows import Row  # noqa: E402
+
+LOWERINGS = ("simulate", "auto", "integer")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["unet", "dit"], choices=sorted(MODELS))
+    parser.add_argument("--setting", default="w8a8")
+    parser.add_argument("--runs", type=int, default=10, help="timed calls per row (interleaved)")
+    parser.add_argument("--tdq", action="store_true", help="also minmax --tdq (auto, simulate)")
+    parser.add_argument("--no-latency", action="store_true", help="compile and compare only")
+    parser.add_argument("--work", type=Path, default=Path("build/bench_timestep_lowering"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser.parse_args(argv)
+
+
+def rows_for(setting: str, tdq: bool) -> list[tuple[str, str | None, Row]]:
+    """(label, lowering or None for static rows, compiled row)."""
+    w, a, one = int(setting[1]), int(setting[3]), ("--threads", "1")
+    rows = [("minmax", None, Row("minmax", w, a, "", one)), ("dgq", None, Row("dgq", w, a, "", one))]
+    for lowering in LOWERINGS:
+        rows.append(("lookup, 1 group", lowering, Row("dgq", w, a, f"pt1-{lowering}", (
+            "--per-timestep", "--groups", "1", "--timestep-groups", lowering, *one))))
+        rows.append(("lookup, DGQ groups", lowering, Row("dgq", w, a, f"pt-{lowering}", (
+            "--per-timestep", "--timestep-groups", lowering, *one))))
+    if tdq:
+        for lowering in ("simulate", "auto"):
+            rows.append(("minmax+tdq", lowering, Row("minmax", w, a, f"tdq-{lowering}", (
+                "--tdq", "--timestep-groups", lowering, *one))))
+    return rows
+
+
+def output_difference(path: Path, reference: Path, calib: Path, model: Path) -> float:
+    """max |y − y_ref| / max |y_ref| on the first calibration batch."""
+    import onnx
+
+    from qcompiler.calibration.readers import load_calibration
+    from qcompiler.runtimes.ort import make_session
+
+    batch = load_calibration(calib, onnx.load(str(model), load_external_data=False))[0]
+    outputs = []
+    for p in (path, reference):
+        session = make_session(p, threads=1)
+        names = {i.name for i in session.get_inputs()}
+        outputs.append(session.run(None, {k: v for k, v in batch.feeds.items() if k in names})[0])
+    return float(np.abs(outputs[0] - outputs[1]).max() / np.abs(outputs[1]).max())
+
+
+def run_model(name: str, args) -> list[dict]:
+    model = models_dir() / f"{MODELS[name]}.onnx"
+    work = args.work / name
+    work.mkdir(parents=True, exist_ok=True)
+    calib = calibration(MODELS[name], work)
+    results = [{"model": name, "row": "float", "lowering": "", "deployed": str(model), "integer_gemms": 0,
+                "float_gemms": None, "bytes": model.stat().st_size}]
+    for label, lowering, row in rows_for(args.setting, args.tdq):
+        print(f"[bench] {name} {label} {lowering or ''} ...", flush=True)
+        compiled = compile_row(row, model, calib, work)
+        counts = compiled["report"]["integer_kernels"]
+        kinds: dict[str, int] = {}
+        for record in compiled["report"]["quantized"]:
+            if record["role"] == "activation" and record["pass"] == "ort":
+                kinds[record["lowering"]] = kinds.get(record["lowering"], 0) + 1
+        results.append({"model": name, "row": label, "lowering": lowering or "static", "deployed": compiled["path"],
+                        "integer_gemms": counts["integer_gemms"], "float_gemms": counts["float_gemms"],
+                        "bytes": Path(compiled["path"]).stat().st_size, "compile_s": compiled["wall_s"],
+                        "activation_lowerings": kinds})
+    by_key = {(r["row"], r["lowering"]): r for r in results}
+    results[0]["float_gemms"] = by_key[("minmax", "static")]["float_gemms"] + by_key[("minmax", "static")][
+        "integer_gemms"]
+    for r in results:
+        twin = by_key.get((r["row"], "simulate"))
+        if twin is not None and r is not twin:
+            r["vs_simulate"] = output_difference(Path(r["deployed"]), Path(twin["deployed"]), calib, model)
+    if not args.no_latency:
+        measure_latency(results, model, calib, args.runs)
+    return results
+
+
+def write_tables(results: list[dict], meta: dict, out: Path) -> None:
+    lines = [f"# Per-timestep tables: integer vs simulated lowering ({meta['date']})", "",
+             f"`{meta['command']}`. {meta['setting'].upper()}; latency: median of {meta['runs']} calls on the first "
+             "calibration batch, 1 thread, rows interleaved, float first. \"vs simulate\": max |y − y_sim| / "
+             "max |y_sim| against the same tables lowered `--timestep-groups simulate`.", ""]
+    for name in dict.fromkeys(r["model"] for r in results):
+        lines += [f"## {name}", "", "| row | lowering | int / float GEMMs | MB | ms | × float | vs simulate |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in (r for r in results if r["model"] == name):
+            latency = f"{r['latency_ms']:.1f} | {r['latency_vs_float']:.2f}" if "latency_ms" in r else "– | –"
+            diff = f"{r['vs_simulate']:.1e}" if "vs_simulate" in r else "–"
+            lines.append(f"| {r['row']} | {r['lowering']} | {r['integer_gemms']} / {r['float_gemms']} | "
+                         f"{r['bytes'] / 1e6:.2f} | {latency} | {diff} |")
+        lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timestep_lowering.md").write_text("\n".join(lines))
+    (out / "timestep_lowering.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = [r for name in args.models for r in run_model(name, args)]
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "setting": args.setting,
+            "runs": args.runs, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    write_tables(results, meta, args.out if not args.no_latency else args.work)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
