@@ -232,6 +232,11 @@ def test_cli_writes_a_tensorrt_model_and_refuses_ort_only_options(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--channel-groups split" in err, err
     assert not (tmp_path / "out2.onnx").exists()
+    code = main([str(model_path), "--calib", str(calib), "--target", "tensorrt", "--timestep-groups", "integer",
+                 "-o", str(tmp_path / "out3.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--timestep-groups integer" in err, err
+    assert not (tmp_path / "out3.onnx").exists()
 
 
 def test_an_input_no_producer_can_shift_gets_an_explicit_sub():
