@@ -8,6 +8,7 @@ from onnx import TensorProto, helper
 from qcompiler.calibration.readers import CalibrationBatch
 from qcompiler.context import CompileContext, QuantSettings
 from qcompiler.grids import GroupPlan
+from qcompiler.lowering.channel_groups import dequantized_weight
 from qcompiler.lowering.timestep_integer import INTEGER
 from qcompiler.lowering.timestep_ranges import LOWERING
 from qcompiler.passes import QuantizeWeights
@@ -150,8 +151,9 @@ def test_tdq_table_is_gathered_at_t_itself():
     x, t = feeds["x"], feeds["timestep"].astype(int)
     got = run_model(integer.model(), feeds)
     # Reference: x quantized per row with its own table row, times Ŵ, plus b.
-    # The simulated form's MatMul reads Ŵ as a constant.
-    w_hat = next(n for n in lowered(linear_model(), plan, "simulate").graph.nodes if n.op == "MatMul").inputs[1].values
+    ctx = CompileContext(linear_model(), QuantSettings(), [])
+    QuantizeWeights().call(ctx)
+    w_hat = dequantized_weight(next(n for n in ctx.graph.nodes if n.op == "MatMul"))
     s = plan.timestep_scales[t][:, plan.labels][:, None, :]
     z = plan.timestep_zero_points[t][:, plan.labels][:, None, :]
     x_hat = (np.clip(np.rint(x / s) + z, 0, 255) - z) * s
