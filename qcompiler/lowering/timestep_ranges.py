@@ -9,8 +9,10 @@ At run time each batch row picks the calibrated timestep nearest to its own ``ti
 (a TDQ table, one row per t in [0, T), is gathered at t itself):
     i = argmin_j |t − t_j|;   s = S[i][labels], z = Z[i][labels]   (Gather, broadcast over the row)
     X̂ = (clamp(round(X/s) + z, q_min, q_max) − z)·s
-Round is half-to-even like QuantizeLinear, so at one timestep this equals ``quant.fake_quantize``
-with that timestep's parameters; the error bound is |X − X̂| ≤ s_g(t)/2 inside the range
+(One group per tensor, or groups along axis 1 — a Conv's channels, the tokens of (B, T, C) — run as
+QuantizeLinear → DequantizeLinear along axis 0 of a flattened view, two passes instead of six; the
+same numbers, bit for bit on the zoo UNet.) Round is half-to-even like QuantizeLinear, so at one
+timestep this equals ``quant.fake_quantize`` with that timestep's parameters; the error bound is |X − X̂| ≤ s_g(t)/2 inside the range
 calibrated at t. The scales are run-time tensors, which ORT's QDQ fusion does not take (it needs
 constant scales): this fake-quantized form is simulated, and labelled so. The ORT target also has
 an integer form that applies the same gathered scales to integer GEMMs' int32 sums
@@ -135,6 +137,8 @@ def simulated_timestep_qdq(b, x: gs.Tensor, timestep: gs.Tensor, plan) -> gs.Var
         raise PassError(f"per-timestep ranges: '{x.name}' has pixel groups over a rank-{rank} tensor; "
                         "only channel groups or token groups of a (B, T, C) input are supported")
     index = timestep_index(b, timestep, plan.timesteps)
+    if plan.groups == 1 or axis == 1:
+        return _row_block_qdq(b, x, index, plan, per_row=plan.groups == 1)
     shape = np.array([0 if i == 0 else (-1 if i == axis else 1) for i in range(rank)], np.int64)
     scale = b.op("Reshape", [row_parameters(b, plan.timestep_scales, plan.labels, index), shape], np.float32)
     zero_point = b.op("Reshape", [row_parameters(b, plan.timestep_zero_points, plan.labels, index), shape],
@@ -143,3 +147,23 @@ def simulated_timestep_qdq(b, x: gs.Tensor, timestep: gs.Tensor, plan) -> gs.Var
     codes = b.op("Add", [b.op("Round", [b.op("Div", [x, scale], np.float32)], np.float32), zero_point], np.float32)
     codes = b.op("Clip", [codes, np.array(spec.qmin, np.float32), np.array(spec.qmax, np.float32)], np.float32)
     return b.op("Mul", [b.op("Sub", [codes, zero_point], np.float32), scale], np.float32)
+
+
+def _row_block_qdq(b, x: gs.Tensor, index: gs.Tensor, plan, per_row: bool) -> gs.Variable:
+    """X̂ as QuantizeLinear → DequantizeLinear along axis 0 of a flattened view: two passes over X.
+
+    One group: X as (B, rest), one (s, z) per batch row. Groups along axis 1 (a Conv's channels, the
+    tokens of (B, T, C)): X as (B·A, rest), one (s, z) per (row, index). The elementwise form above
+    takes six passes; a per-axis QuantizeLinear runs block by block here (each block a contiguous
+    row of the view), not element by element as it would along the innermost axis."""
+    f32, flat = np.float32, np.array([-1], np.int64)
+    labels = np.zeros(1, np.int64) if per_row else plan.labels
+    scale = b.op("Reshape", [row_parameters(b, plan.timestep_scales, labels, index), flat], f32)
+    zero = row_parameters(b, np.rint(plan.timestep_zero_points).astype(f32), labels, index)
+    zero = b.op("Reshape", [b.op("Cast", [zero], np.uint8, attrs={"to": onnx.TensorProto.UINT8}), flat], np.uint8)
+    view = b.op("Flatten", [x], f32, attrs={"axis": 1 if per_row else 2})
+    codes = b.op("QuantizeLinear", [view, scale, zero], np.uint8, attrs={"axis": 0})
+    if plan.spec.bits < 8:
+        codes = b.op("Clip", [codes, np.array(plan.spec.qmin, np.uint8), np.array(plan.spec.qmax, np.uint8)], np.uint8)
+    dequantized = b.op("DequantizeLinear", [codes, scale, zero], f32, attrs={"axis": 0})
+    return b.op("Reshape", [dequantized, b.op("Shape", [x], np.int64)], f32)
