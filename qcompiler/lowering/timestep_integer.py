@@ -39,20 +39,28 @@ from qcompiler.lowering.timestep_ranges import row_parameters, timestep_index
 INTEGER = "integer GEMMs, run-time timestep scales on their sums"
 #: "auto" lowers a reader to integer kernels only where that is also the faster form on ORT's CPU.
 MODES = ("auto", "integer", "simulate")
+#: auto: the smallest reduction width K at which one integer GEMM plus the rescale of its output
+#: beats Q/DQ plus a float GEMM: 0.30–0.78× at K ≥ 128, 1.03–1.23× at K ≤ 64
+#: (benchmarks/results/timestep_gemm_forms.md, one thread, an AMX-int8 CPU).
+MIN_INTEGER_REDUCTION = 128
 F32 = np.float32
 
 
 def cost_reason(plan: GroupPlan, node: gs.Node) -> str | None:
     """Why ``auto`` keeps an integer-capable reader simulated (slower as integer on ORT's CPU), or None.
 
-    Measured on the zoo UNet, 1 thread (benchmarks/results/timestep_lowering.md): ConvInteger, the only
-    ORT integer Conv that takes run-time scales, ran its 49 Convs in 581 ms against 90 ms for the float
-    Convs; 16 channel groups made 1,392 thin MatMulIntegerToFloat calls (261 ms) out of 87 GEMMs that
-    take 38 ms in float."""
+    Measured (benchmarks/results/timestep_lowering.md, timestep_gemm_forms.md; 1 thread): ConvInteger,
+    the only ORT integer Conv that takes run-time scales, made the zoo UNet's one-group lookup 1.43×
+    float against 1.11× simulated; 16 channel groups need 16 thin integer GEMMs per GEMM (6.3× float);
+    below K = 128 input channels the output's rescale costs more than the integer GEMM saves."""
     if node.op == "Conv":
         return "ORT's ConvInteger (the integer Conv that takes run-time scales) is slower than the float Conv"
     if plan.axis == "channel" and plan.groups > 1:
         return f"{plan.groups} channel groups need {plan.groups} integer GEMMs, slower than one float GEMM"
+    reduction = int(linear_weight(node).values.shape[0])
+    if reduction < MIN_INTEGER_REDUCTION:
+        return (f"K = {reduction} input channels: below {MIN_INTEGER_REDUCTION} the rescale of the integer GEMM's "
+                "output costs more than the integer GEMM saves")
     return None
 
 
