@@ -23,9 +23,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: (K, N, tokens): the zoo UNet's attention/FF widths (K 32–64), the zoo DiT's (128–512), SD-sized.
-SHAPES = [(32, 32, 256), (64, 64, 256), (64, 256, 256), (128, 128, 64), (128, 512, 64), (256, 256, 64),
-          (512, 128, 64), (320, 320, 256), (640, 2560, 64), (1280, 1280, 64)]
+#: (K, N, tokens): the zoo UNet's Linear widths (K 32–256), the zoo DiT's (96–384), SD-1.5-sized ones.
+SHAPES = [(32, 32, 256), (64, 64, 64), (64, 64, 256), (64, 256, 256), (96, 96, 64), (96, 384, 64), (128, 128, 64),
+          (128, 512, 64), (256, 256, 64), (512, 128, 64), (320, 320, 256), (640, 2560, 64), (1280, 1280, 64)]
 
 
 def time_shape(k: int, n: int, tokens: int, runs: int) -> dict:

@@ -40,9 +40,9 @@ INTEGER = "integer GEMMs, run-time timestep scales on their sums"
 #: "auto" lowers a reader to integer kernels only where that is also the faster form on ORT's CPU.
 MODES = ("auto", "integer", "simulate")
 #: auto: the smallest reduction width K at which one integer GEMM plus the rescale of its output
-#: beats Q/DQ plus a float GEMM: 0.30–0.78× at K ≥ 128, 1.03–1.23× at K ≤ 64
-#: (benchmarks/results/timestep_gemm_forms.md, one thread, an AMX-int8 CPU).
-MIN_INTEGER_REDUCTION = 128
+#: ties or beats Q/DQ plus a float GEMM: 0.87–1.03× at K = 96, 0.32–0.83× above, 1.03–1.20× at
+#: K ≤ 64 (benchmarks/results/timestep_gemm_forms.md, one thread, an AMX-int8 CPU).
+MIN_INTEGER_REDUCTION = 96
 F32 = np.float32
 
 
@@ -52,7 +52,7 @@ def cost_reason(plan: GroupPlan, node: gs.Node) -> str | None:
     Measured (benchmarks/results/timestep_lowering.md, timestep_gemm_forms.md; 1 thread): ConvInteger,
     the only ORT integer Conv that takes run-time scales, made the zoo UNet's one-group lookup 1.43×
     float against 1.11× simulated; 16 channel groups need 16 thin integer GEMMs per GEMM (6.3× float);
-    below K = 128 input channels the output's rescale costs more than the integer GEMM saves."""
+    below K = 96 input channels the output's rescale costs more than the integer GEMM saves."""
     if node.op == "Conv":
         return "ORT's ConvInteger (the integer Conv that takes run-time scales) is slower than the float Conv"
     if plan.axis == "channel" and plan.groups > 1:

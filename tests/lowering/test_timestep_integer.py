@@ -173,7 +173,7 @@ def test_forms_agree_for_any_grouping(groups, seed, bits):
 
 
 def test_auto_keeps_the_forms_that_are_slower_as_integer_simulated():
-    """auto: MatMul/Gemm of K ≥ 128 input channels with one group or token groups go integer; narrower
+    """auto: MatMul/Gemm of K ≥ 96 input channels with one group or token groups go integer; narrower
     Linears, Convs and K > 1 channel groups do not (benchmarks/results/timestep_gemm_forms.md)."""
     wide = 128
     cases = [(linear_model(channels=wide), timestep_plan("channel", np.zeros(wide, int), -1), INTEGER),
