@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ORT target, per-timestep and TDQ ranges: integer = integer GEMMs (one per channel "
                              "group; ConvInteger for Convs) whose int32 sums the timestep's gathered scales rescale; "
                              "simulate = fake quantization with the gathered scales before float GEMMs; auto = integer "
-                             "where that is faster on ORT's CPU (MatMul/Gemm with one group or token groups), else "
+                             "where that is faster on ORT's CPU (MatMul/Gemm of >= 96 input channels with one group or token "
+                             "groups), else "
                              "simulated (default)")
     parser.add_argument("--ptqd", action="store_true",
                         help="PTQD: divide the denoiser output by 1 + k_t and record the residual noise variance "

@@ -62,7 +62,7 @@ class OrtTargetConfig:
     int4_storage: str = "packed"
     #: Per-timestep / TDQ tables: "integer" (integer GEMMs whose sums the gathered scales rescale),
     #: "simulate" (fake quantization with the gathered scales before float GEMMs) or "auto" (integer
-    #: where that is the faster form on ORT's CPU: one-group tables and token groups on MatMul/Gemm).
+    #: where that is the faster form on ORT's CPU: one-group tables and token groups on MatMul/Gemm of K ≥ 96).
     timestep_groups: str = "auto"
 
     def __post_init__(self):
