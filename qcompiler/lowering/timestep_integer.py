@@ -18,7 +18,8 @@ Every form computes the simulated lowering's numbers (``timestep_ranges.simulate
 then the GEMM on Ŵ) with exact integer sums; only float rounding of the rescaling differs. Error
 bound as there: |X − X̂| ≤ s_k(t)/2 inside the range tabled at t. Cost: K integer GEMMs over
 channel slices (the same multiply-adds as one, K partial outputs), so DGQ's channel groups pay
-for K; per-tensor tables and token groups pay one GEMM and two elementwise ops on its output.
+for K; per-tensor tables and token groups pay one GEMM and two elementwise ops on its output
+(``auto``, the ORT target's default, takes this form only where it measured faster: ``cost_reason``).
 Not lowered here (simulated by the caller, with the reason): Conv pixel groups, grouped or
 auto-padded Convs, weights that are not a constant DequantizeLinear with zero point 0, int4
 MatMulNBits (its kernel re-quantizes the input per block at run time, so it runs on X̂).

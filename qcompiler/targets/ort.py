@@ -19,7 +19,8 @@ What ORT fuses into integer kernels, and so what this target emits:
   (per-channel QDQ before a float GEMM) are kept for comparison.
 - per-timestep and TDQ tables: scales gathered by the timestep input rescale the int32 sums of
   one integer GEMM per channel group (MatMulIntegerToFloat, ConvInteger; ``timestep_groups``:
-  "auto" keeps the forms that run slower as integer on ORT's CPU, Convs and K > 1 groups, simulated);
+  "auto" keeps the forms that run slower as integer on ORT's CPU simulated: Convs, Linears under
+  96 input channels, K > 1 groups);
 What it cannot run on an integer kernel (log2 attention, Conv pixel groups,
 sub-8-bit activations' accuracy) stays simulated and is labelled so in every record.
 """
