@@ -1,4 +1,4 @@
-"""Per-timestep and TDQ group tables on integer kernels: scales gathered by the timestep scale int32 sums.
+"""Per-timestep and TDQ group tables on integer kernels: the scales each row's timestep gathers rescale int32 sums.
 
 A GEMM Y = X·Ŵ (+ b), Ŵ = W_q·diag(s_w) with int8 W_q, reads X quantized with run-time parameters:
 row b of the batch (timestep t_b) takes row i(t_b) of the plan's tables (``timestep_ranges.timestep_index``),
@@ -20,9 +20,10 @@ bound as there: |X − X̂| ≤ s_k(t)/2 inside the range tabled at t. Cost: K i
 channel slices (the same multiply-adds as one, K partial outputs), so DGQ's channel groups pay
 for K; per-tensor tables and token groups pay one GEMM and two elementwise ops on its output
 (``auto``, the ORT target's default, takes this form only where it measured faster: ``cost_reason``).
-Not lowered here (simulated by the caller, with the reason): Conv pixel groups, grouped or
-auto-padded Convs, weights that are not a constant DequantizeLinear with zero point 0, int4
-MatMulNBits (its kernel re-quantizes the input per block at run time, so it runs on X̂).
+Not lowered here (simulated by the caller, with the reason): grouped or auto-padded Convs, weights
+that are not a constant DequantizeLinear with zero point 0, Linears whose planned axis is not the
+last one, plans with an empty group, int4 MatMulNBits (its kernel re-quantizes the input per block
+at run time, so it runs on X̂). Conv pixel groups are refused by the simulated form too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.graph import constant_value
+from qcompiler.errors import PassError
 from qcompiler.grids import GroupPlan
 from qcompiler.lowering.channel_affine import conv_padding, pad_input
 from qcompiler.lowering.channel_groups import Builder, conv_split_reason, linear_weight, weight_dq
@@ -70,6 +72,8 @@ def integer_reason(plan: GroupPlan, x: gs.Tensor, node: gs.Node) -> str | None:
     rank = len(x.shape) if x.shape else 0
     if node.op == "MatMulNBits":
         return "int4 weights: MatMulNBits re-quantizes its input per block at run time"
+    if plan.axis == "channel" and np.bincount(plan.labels, minlength=plan.groups).min() == 0:
+        return f"the plan of '{x.name}' has an empty group (no slice to run a GEMM on)"
     if node.op == "Conv":
         if plan.axis != "channel":
             return "Conv pixel groups: the scale changes inside each window"
@@ -82,11 +86,24 @@ def integer_reason(plan: GroupPlan, x: gs.Tensor, node: gs.Node) -> str | None:
         return weight
     if weight.values.ndim != 2:
         return f"{node.op} '{node.name}' has a rank-{weight.values.ndim} weight"
-    if plan.axis == "pixel" and rank != 3:
-        return f"token groups need a (B, T, C) input; '{x.name}' has rank {rank}"
-    if plan.axis == "channel" and rank < 2:
+    if plan.axis == "pixel":
+        if rank != 3:
+            return f"token groups need a (B, T, C) input; '{x.name}' has rank {rank}"
+        if isinstance(x.shape[1], int) and x.shape[1] != plan.labels.size:
+            raise PassError(f"per-timestep token groups of '{x.name}': its shape {x.shape} has {x.shape[1]} tokens, "
+                            f"the plan {plan.labels.size} (the calibration's sequence length)")
+        return None
+    if rank < 2:
         return f"'{x.name}' has rank {rank}: no batch axis to gather the timestep's row by"
+    if plan.channel_axis % rank != rank - 1:
+        return f"{node.op} '{node.name}' reduces over the last axis, the plan groups axis {plan.channel_axis}"
     return None
+
+
+def group_slices(plan: GroupPlan) -> list[np.ndarray]:
+    """The channel indices of each group, in the order the codes' slices hold them."""
+    order = np.argsort(plan.labels, kind="stable").astype(np.int64)
+    return np.split(order, np.cumsum(np.bincount(plan.labels, minlength=plan.groups))[:-1])
 
 
 class TimestepCodes:
@@ -94,7 +111,7 @@ class TimestepCodes:
 
     def __init__(self, b: Builder, plan: GroupPlan, x: gs.Tensor, timestep: gs.Tensor, channels: int):
         self.b, self.plan, self.x, self.channels = b, plan, x, channels
-        index = timestep_index(b, timestep, plan.timesteps)
+        index = timestep_index(b, timestep, plan.timesteps, x)
         groups = np.arange(plan.groups)
         # (B, K) when the groups are channels, (B, T) when they are tokens (one column per token).
         columns = plan.labels if plan.axis == "pixel" else groups
@@ -110,16 +127,16 @@ class TimestepCodes:
             self._zero_uint8 = self.b.op("Cast", [self.zero], np.uint8, attrs={"to": onnx.TensorProto.UINT8})
         return self._zero_uint8
 
-    def channel_slices(self, pads: list[int] | None = None) -> list[gs.Tensor]:
-        """Codes of each channel group (axis −1, or 1 for a Conv input padded with zeros by ``pads``)."""
-        key = tuple(pads or ()) if pads is not None else ("linear",)
+    def channel_slices(self, conv: bool = False, pads: list[int] | None = None) -> list[gs.Tensor]:
+        """Codes of each channel group: axis −1 of a Linear input, or axis 1 of a Conv input padded
+        with zeros by ``pads`` first."""
+        key = ("conv", *(pads or ())) if conv else ("linear",)
         if key in self._slices:
             return self._slices[key]
         b, plan = self.b, self.plan
-        conv = pads is not None
         axis = 1 if conv else len(self.x.shape) - 1
         source = pad_input(b, self.x, pads) if pads else self.x
-        order = np.argsort(plan.labels, kind="stable").astype(np.int64)
+        order = np.concatenate(group_slices(plan))
         if not np.array_equal(order, np.arange(order.size)):
             source = b.op("Gather", [source, order], F32, attrs={"axis": axis})
         sizes = np.bincount(plan.labels, minlength=plan.groups).astype(np.int64)
@@ -187,8 +204,7 @@ def lower_linear(codes: TimestepCodes, node: gs.Node) -> dict:
         shape = b.op("Concat", [lead, np.array([weight.values.shape[1]], np.int64)], np.int64, attrs={"axis": 0})
         result = b.op("Reshape", [flat, shape], F32)
     else:
-        order = np.argsort(plan.labels, kind="stable")
-        slices = np.split(order, np.cumsum(np.bincount(plan.labels, minlength=plan.groups))[:-1])
+        slices = group_slices(plan)
         partials = []
         for k, (channels, q) in enumerate(zip(slices, codes.channel_slices())):
             sums = _integer_gemm(b, q, weight.values[channels], w_scale)
@@ -211,16 +227,15 @@ def lower_conv(codes: TimestepCodes, node: gs.Node) -> dict:
     output = node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()
-    order = np.argsort(plan.labels, kind="stable")
-    slices = np.split(order, np.cumsum(np.bincount(plan.labels, minlength=plan.groups))[:-1])
+    slices = group_slices(plan)
     partials = []
-    for k, (channels, q) in enumerate(zip(slices, codes.channel_slices(pads))):
+    for k, (channels, q) in enumerate(zip(slices, codes.channel_slices(conv=True, pads=pads))):
         # uint8 weights W_q + 128 with zero point 128: the same exact sums, and ORT's ConvInteger runs its
         # u8×u8 kernel 6× faster than u8×s8 (36 vs 6 ms on a (32, 64, 16, 16) 3×3 Conv, 1 thread).
         shifted = (values[:, channels].astype(np.int16) + 128).astype(np.uint8)
-        integer = b.cast_float(b.op("ConvInteger", [q, shifted, np.array(0, np.uint8), np.array(128, np.uint8)],
-                                    np.int32, attrs=attrs))
-        partials.append(b.op("Mul", [integer, codes.row_scale(k, 2 + spatial)], F32))
+        sums = b.cast_float(b.op("ConvInteger", [q, shifted, np.array(0, np.uint8), np.array(128, np.uint8)],
+                                 np.int32, attrs=attrs))
+        partials.append(b.op("Mul", [sums, codes.row_scale(k, 2 + spatial)], F32))
     window_sums = np.stack([values[:, channels].astype(np.int64).sum(axis=tuple(range(1, values.ndim)))
                             for channels in slices])                                   # (K, O)
     inner = _minus_zero_term(b, codes, partials, window_sums.astype(F32), 2 + spatial, channel_axis=1)

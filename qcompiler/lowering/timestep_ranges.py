@@ -107,17 +107,22 @@ def covers_every_timestep(timesteps: np.ndarray) -> bool:
     return bool(np.array_equal(timesteps, np.arange(timesteps.size)))
 
 
-def timestep_index(b, timestep: gs.Tensor, timesteps: np.ndarray) -> gs.Variable:
-    """The table row of each batch row (int64, (B,)): t itself, clamped to [0, T−1], when the table
-    covers every timestep; else the nearest calibrated timestep, i = argmin_j |t − t_j|."""
+def timestep_index(b, timestep: gs.Tensor, timesteps: np.ndarray, x: gs.Tensor) -> gs.Variable:
+    """The table row of each row of ``x``'s batch (int64, (B,)): t itself, clamped to [0, T−1], when
+    the table covers every timestep; else the nearest calibrated timestep, i = argmin_j |t − t_j|.
+    A one-element ``timestep`` (one t for the whole batch, as ``batch_timesteps`` reads it) is
+    expanded to x's batch, so per-row parameters have one entry per row of x."""
     t = b.op("Cast", [timestep], np.float32, attrs={"to": onnx.TensorProto.FLOAT})
     if covers_every_timestep(timesteps):
         t = b.op("Clip", [b.op("Round", [t], np.float32), np.array(0, np.float32),
                           np.array(timesteps.size - 1, np.float32)], np.float32)
-        return b.op("Cast", [t], np.int64, attrs={"to": onnx.TensorProto.INT64})
-    distance = b.op("Abs", [b.op("Sub", [b.op("Unsqueeze", [t, np.array([1], np.int64)], np.float32),
-                                         timesteps.astype(np.float32).reshape(1, -1)], np.float32)], np.float32)
-    return b.op("ArgMin", [distance], np.int64, attrs={"axis": 1, "keepdims": 0})
+        index = b.op("Cast", [t], np.int64, attrs={"to": onnx.TensorProto.INT64})
+    else:
+        distance = b.op("Abs", [b.op("Sub", [b.op("Unsqueeze", [t, np.array([1], np.int64)], np.float32),
+                                             timesteps.astype(np.float32).reshape(1, -1)], np.float32)], np.float32)
+        index = b.op("ArgMin", [distance], np.int64, attrs={"axis": 1, "keepdims": 0})
+    batch = b.op("Slice", [b.op("Shape", [x], np.int64), np.array([0], np.int64), np.array([1], np.int64)], np.int64)
+    return b.op("Expand", [index, batch], np.int64)
 
 
 def row_parameters(b, table: np.ndarray, labels: np.ndarray, index: gs.Tensor) -> gs.Variable:
@@ -136,7 +141,7 @@ def simulated_timestep_qdq(b, x: gs.Tensor, timestep: gs.Tensor, plan) -> gs.Var
     if axis is None:
         raise PassError(f"per-timestep ranges: '{x.name}' has pixel groups over a rank-{rank} tensor; "
                         "only channel groups or token groups of a (B, T, C) input are supported")
-    index = timestep_index(b, timestep, plan.timesteps)
+    index = timestep_index(b, timestep, plan.timesteps, x)
     if plan.groups == 1 or axis == 1:
         return _row_block_qdq(b, x, index, plan, per_row=plan.groups == 1)
     shape = np.array([0 if i == 0 else (-1 if i == axis else 1) for i in range(rank)], np.int64)

@@ -52,8 +52,9 @@ class Recipe:
 
     def with_step(self, pass_name: str, config: object | None = None, before: str | None = None) -> Recipe:
         """A copy that also runs ``pass_name``: before the first ``before`` step, else last. Unchanged when
-        the recipe already runs it. A step whose lowering can stay simulated (tdq: Convs and K > 1
-        groups under ``--timestep-groups auto``) clears ``integer_kernels``; tdq after
+        the recipe already runs it. A step whose lowering can stay simulated (tdq: the ORT target
+        runs some tables fake-quantized, e.g. Convs under ``--timestep-groups auto``) clears
+        ``integer_kernels`` whatever the lowering mode; tdq after
         ``dgq_groups`` also turns DGQ's held-out validation off, as ``--per-timestep`` does: TDQ gives
         every group its own range per timestep, a gain DGQ's static held-out score cannot see, and
         the score dropped the groups of 2 of the DiT's 27 activations at W8A6 (untuned TDQ then lost

@@ -29,6 +29,7 @@ from qcompiler.errors import PassError
 from qcompiler.folding import absorb_into_norm, norm_absorber
 from qcompiler.grids import GroupPlan, WeightRule, quantized_gemms
 from qcompiler.lowering import channel_affine as affine_ops
+from qcompiler.lowering import timestep_integer
 from qcompiler.lowering.channel_groups import (
     affine_reason,
     Builder,
@@ -51,7 +52,7 @@ SPLIT = "K-split integer GEMMs"
 FOLD = "fold into W"
 SIMULATED = "simulated"
 CHANNEL_GROUP_MODES = ("affine", "split", "fold", "simulate")
-TIMESTEP_GROUP_MODES = ("auto", "integer", "simulate")
+TIMESTEP_GROUP_MODES = timestep_integer.MODES
 
 
 def affine_run_time_ops(ctx: CompileContext, x: gs.Tensor, shared_zero_point: bool, bias_correction: bool) -> int:
@@ -282,7 +283,6 @@ class GroupLowering:
     def _per_timestep(self, b: Builder, plan: GroupPlan, x: gs.Tensor, node: gs.Node, shared: dict):
         """Each row's tabled (s, z) at its timestep: integer GEMMs rescaled after the kernel
         (``lowering.timestep_integer``), or fake quantization before a float GEMM on Ŵ."""
-        from qcompiler.lowering import timestep_integer
         from qcompiler.lowering.timestep_ranges import LOWERING, TDQ_LOWERING, simulated_timestep_qdq
 
         timestep = next(i for i in self.ctx.graph.inputs if i.name == plan.timestep_input)
@@ -332,7 +332,7 @@ def _read_fake_quantized(b: Builder, x: gs.Tensor, node: gs.Node, x_hat: gs.Tens
 def _weight_folded_at_load(b: Builder, node: gs.Node) -> gs.Tensor:
     """Cast(W_q) · s_w, the weight DequantizeLinear's numbers bit for bit (zero point 0), else the constant Ŵ."""
     found = weight_dq(node)
-    if found is None or found[0].dtype not in (np.int8, np.uint8) or found[0].dtype == np.uint8:
+    if found is None or found[0].dtype != np.int8:
         return b.const("dequantized_weight", dequantized_weight(node))
     values, scale, axis = found
     shape = [1] * values.ndim

@@ -25,13 +25,14 @@ TIMESTEPS = np.array([1.0, 400.0, 961.0])
 RTOL = 1e-5
 
 
-def linear_model(bias_as_gemm: bool = False, channels: int = C, outputs: int = N, tokens: int = TOKENS):
+def linear_model(bias_as_gemm: bool = False, channels: int = C, outputs: int = N, tokens: int = TOKENS,
+                 alpha: float = 1.0, beta: float = 1.0):
     """x (B, T, C) → MatMul(W) + b, or x (B, C) → Gemm(W, b, transB=1); timestep (B,) is only gathered by."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((channels, outputs)).astype(np.float32)
     b = rng.standard_normal(outputs).astype(np.float32)
     if bias_as_gemm:
-        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)]
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1, alpha=alpha, beta=beta)]
         x_shape, y_shape, w = ["B", channels], ["B", outputs], w.T.copy()
     else:
         nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Add", ["h", "b"], ["y"])]
@@ -42,10 +43,13 @@ def linear_model(bias_as_gemm: bool = False, channels: int = C, outputs: int = N
                              [graphs.init("w", w), graphs.init("b", b)])
 
 
-def conv_model(group: int = 1, channels: int = C):
-    """x (B, C, 6, 6) read by a padded, strided 3×3 Conv with bias and a 1×1 Conv (``group``): two paddings."""
+def conv_model(group: int = 1, channels: int = C, dilated: bool = False):
+    """x (B, C, 6, 6) read by a padded, strided 3×3 Conv with bias and a 1×1 Conv (``group``): two paddings.
+    ``dilated``: the 3×3 Conv has dilation 2 and asymmetric pads (2, 1, 2, 3) instead (same 3×3 output)."""
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv3", pads=[1, 1, 1, 1], strides=[2, 2]),
+    first = ({"pads": [2, 1, 2, 3], "strides": [2, 2], "dilations": [2, 2]} if dilated
+             else {"pads": [1, 1, 1, 1], "strides": [2, 2]})
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv3", **first),
              helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv1", group=group),
              helper.make_node("GlobalAveragePool", ["c2"], ["p2"]), helper.make_node("Add", ["c1", "p2"], ["y"])]
     inits = [graphs.init("w1", rng.standard_normal((N, channels, 3, 3)).astype(np.float32)),
@@ -115,8 +119,56 @@ def test_linear_rows_below_8_bits_equal_the_simulated_form():
     assert_forms_agree(linear_model(), timestep_plan("channel", np.arange(C) % 2, -1, bits=6), abits=6)
 
 
-def test_gemm_bias_is_kept():
-    assert_forms_agree(linear_model(bias_as_gemm=True), timestep_plan("channel", np.arange(C) % 2, -1))
+@pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (0.5, 2.0)])
+def test_gemm_bias_is_kept(alpha, beta):
+    assert_forms_agree(linear_model(bias_as_gemm=True, alpha=alpha, beta=beta),
+                       timestep_plan("channel", np.arange(C) % 2, -1))
+
+
+def test_dilated_conv_with_asymmetric_pads():
+    assert_forms_agree(conv_model(dilated=True), timestep_plan("channel", np.arange(C) % 2, 1))
+
+
+@pytest.mark.parametrize("case", ["conv groups", "tokens", "linear one group"])
+@pytest.mark.parametrize("mode", ["integer", "simulate"])
+def test_one_timestep_for_the_whole_batch(case, mode):
+    """timestep of shape (1,) with a batch of 4: every row takes that timestep's parameters."""
+    model, plan = {"conv groups": (conv_model(), timestep_plan("channel", np.arange(C) % 3, 1)),
+                   "tokens": (linear_model(), timestep_plan("pixel", np.array([0, 1, 1, 0]), -1)),
+                   "linear one group": (linear_model(), timestep_plan("channel", np.zeros(C, int), -1))}[case]
+    feeds = mixed_feeds(model, timesteps=(400.0,) * 4)
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "one"  # not x's batch "B"
+    got = run_model(lowered(model, plan, mode).model(), {**feeds, "timestep": np.array([400.0], np.float32)})
+    expected = run_model(lowered(model, plan, "simulate").model(), feeds)  # one timestep per row, spelled out
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+def test_an_empty_group_is_simulated_not_miscomputed():
+    labels = np.arange(C) % 3 * 2 % 4  # labels 0 and 2: of the plan's 3 groups, group 1 is empty
+    plan = timestep_plan("channel", labels, -1)
+    integer, _ = assert_forms_agree(linear_model(), plan)
+    record = next(r for r in integer.records if r.pass_name == "ort")
+    assert record.lowering == LOWERING and "empty group" in record.details["reason"]
+
+
+@pytest.mark.parametrize("case", ["conv one group", "conv groups", "tokens"])
+def test_the_q_dq_simulated_form_equals_the_numpy_reference(case):
+    """The per-axis Q/DQ on a flattened view (one group, or groups on axis 1) against fake quantization in numpy."""
+    model, plan = {"conv one group": (conv_model(), timestep_plan("channel", np.zeros(C, int), 1, bits=6)),
+                   "conv groups": (conv_model(), timestep_plan("channel", np.arange(C) % 3, 1)),
+                   "tokens": (linear_model(), timestep_plan("pixel", np.array([0, 1, 1, 0]), -1))}[case]
+    ctx = lowered(model, plan, "simulate", abits=plan.bits)
+    x_hat = next(n for n in ctx.graph.nodes if n.op in ("Conv", "MatMul")).inputs[0]
+    ctx.graph.outputs = [x_hat]
+    feeds = mixed_feeds(model)
+    got = run_model(ctx.model(), feeds)
+    rows = np.abs(feeds["timestep"][:, None] - TIMESTEPS[None, :]).argmin(axis=1)
+    shape = (-1, C, 1, 1) if plan.channel_axis == 1 else (-1, TOKENS, 1)
+    s = plan.timestep_scales[rows][:, plan.labels].reshape(shape)
+    z = plan.timestep_zero_points[rows][:, plan.labels].reshape(shape)
+    expected = (np.clip(np.rint(feeds["x"] / s) + z, 0, 2**plan.bits - 1) - z) * s
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
 
 
 def test_token_groups_scale_each_row():
