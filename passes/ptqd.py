@@ -171,7 +171,7 @@ class Ptqd(Pass):
         b = Builder(ctx, self.name, output, "PTQD: ε̃ = ε̂/(1 + k_t), k_t the least-squares correlation of the "
                                             "quantization noise with the float output at timestep t")
         timestep = next(i for i in ctx.graph.inputs if i.name == self.config.timestep_input)
-        factor = b.op("Gather", [table, timestep_index(b, timestep, np.arange(table.size))], np.float32,
+        factor = b.op("Gather", [table, timestep_index(b, timestep, np.arange(table.size), raw)], np.float32,
                       attrs={"axis": 0})
         rank = len(y.shape) if y.shape else 4
         factor = b.op("Reshape", [factor, np.array([-1] + [1] * (rank - 1), np.int64)], np.float32)
