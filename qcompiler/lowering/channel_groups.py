@@ -137,24 +137,35 @@ class ChannelParts:
         return np.split(self.order, np.cumsum(self.sizes)[:-1])
 
 
-def quantize_channel_groups(b: Builder, plan: GroupPlan, x: gs.Tensor) -> ChannelParts:
-    """Gather(X, order) → Split(sizes) → QuantizeLinear(s_k, z_k) per group (uint8 codes)."""
+def group_slices(plan: GroupPlan) -> list[np.ndarray]:
+    """The channel indices of each group (int64, in label order): the slices ``split_by_group`` makes."""
     order = np.argsort(plan.labels, kind="stable").astype(np.int64)
-    sizes = np.bincount(plan.labels, minlength=plan.groups).astype(np.int64)
+    return np.split(order, np.cumsum(np.bincount(plan.labels, minlength=plan.groups))[:-1])
+
+
+def split_by_group(b: Builder, plan: GroupPlan, x: gs.Tensor, axis: int) -> list[gs.Tensor]:
+    """Gather(X, order) → Split(sizes) along ``axis``: one tensor per group, channels in ``group_slices`` order."""
+    slices = group_slices(plan)
+    order = np.concatenate(slices)
     source = x
     if not np.array_equal(order, np.arange(order.size)):
-        source = b.op("Gather", [x, order], np.float32, attrs={"axis": plan.channel_axis})
-    parts = [source]
-    if plan.groups > 1:
-        if b.ctx.graph.opset >= 13:
-            parts = b.op("Split", [source, sizes], np.float32, attrs={"axis": plan.channel_axis}, count=plan.groups)
-        else:
-            parts = b.op("Split", [source], np.float32, attrs={"axis": plan.channel_axis, "split": sizes.tolist()},
-                         count=plan.groups)
+        source = b.op("Gather", [x, order], np.float32, attrs={"axis": axis})
+    if plan.groups == 1:
+        return [source]
+    sizes = np.array([len(part) for part in slices], np.int64)
+    if b.ctx.graph.opset >= 13:
+        return b.op("Split", [source, sizes], np.float32, attrs={"axis": axis}, count=plan.groups)
+    return b.op("Split", [source], np.float32, attrs={"axis": axis, "split": sizes.tolist()}, count=plan.groups)
+
+
+def quantize_channel_groups(b: Builder, plan: GroupPlan, x: gs.Tensor) -> ChannelParts:
+    """Gather(X, order) → Split(sizes) → QuantizeLinear(s_k, z_k) per group (uint8 codes)."""
+    slices = group_slices(plan)
+    parts = split_by_group(b, plan, x, plan.channel_axis)
     spec = plan.spec
     quantized = [b.narrow(b.op("QuantizeLinear", [part, plan.scales[k], plan.zero_points[k]], np.uint8), spec)
                  for k, part in enumerate(parts)]
-    return ChannelParts(order, sizes, quantized)
+    return ChannelParts(np.concatenate(slices), np.array([len(part) for part in slices], np.int64), quantized)
 
 
 def dequantize_parts(b: Builder, plan: GroupPlan, parts: ChannelParts) -> list[gs.Tensor]:

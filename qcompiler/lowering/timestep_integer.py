@@ -36,7 +36,14 @@ from qcompiler.graph import constant_value
 from qcompiler.errors import PassError
 from qcompiler.grids import GroupPlan
 from qcompiler.lowering.channel_affine import conv_padding, pad_input
-from qcompiler.lowering.channel_groups import Builder, conv_split_reason, linear_weight, weight_dq
+from qcompiler.lowering.channel_groups import (
+    Builder,
+    conv_split_reason,
+    group_slices,
+    linear_weight,
+    split_by_group,
+    weight_dq,
+)
 from qcompiler.lowering.timestep_ranges import row_parameters, timestep_index
 
 INTEGER = "integer GEMMs, run-time timestep scales on their sums"
@@ -100,17 +107,11 @@ def integer_reason(plan: GroupPlan, x: gs.Tensor, node: gs.Node) -> str | None:
     return None
 
 
-def group_slices(plan: GroupPlan) -> list[np.ndarray]:
-    """The channel indices of each group, in the order the codes' slices hold them."""
-    order = np.argsort(plan.labels, kind="stable").astype(np.int64)
-    return np.split(order, np.cumsum(np.bincount(plan.labels, minlength=plan.groups))[:-1])
-
-
 class TimestepCodes:
     """The uint8 codes of one planned tensor and the gathered (s, z) of each row, built once per form."""
 
-    def __init__(self, b: Builder, plan: GroupPlan, x: gs.Tensor, timestep: gs.Tensor, channels: int):
-        self.b, self.plan, self.x, self.channels = b, plan, x, channels
+    def __init__(self, b: Builder, plan: GroupPlan, x: gs.Tensor, timestep: gs.Tensor):
+        self.b, self.plan, self.x = b, plan, x
         index = timestep_index(b, timestep, plan.timesteps, x)
         groups = np.arange(plan.groups)
         # (B, K) when the groups are channels, (B, T) when they are tokens (one column per token).
@@ -136,13 +137,7 @@ class TimestepCodes:
         b, plan = self.b, self.plan
         axis = 1 if conv else len(self.x.shape) - 1
         source = pad_input(b, self.x, pads) if pads else self.x
-        order = np.concatenate(group_slices(plan))
-        if not np.array_equal(order, np.arange(order.size)):
-            source = b.op("Gather", [source, order], F32, attrs={"axis": axis})
-        sizes = np.bincount(plan.labels, minlength=plan.groups).astype(np.int64)
-        parts = [source]
-        if plan.groups > 1:
-            parts = b.op("Split", [source, sizes], F32, attrs={"axis": axis}, count=plan.groups)
+        parts = split_by_group(b, plan, source, axis)
         codes = []
         for k, part in enumerate(parts):
             s_k, z_k = self.column("scale", k), self.column("zero", k)
@@ -150,10 +145,10 @@ class TimestepCodes:
         self._slices[key] = codes
         return codes
 
-    def token_rows(self) -> gs.Tensor:
+    def token_rows(self, channels: int) -> gs.Tensor:
         """Codes of a (B, T, C) input with one (s, z) per token, as (B·T, C) rows."""
         if "tokens" not in self._slices:
-            b, channels = self.b, self.channels
+            b = self.b
             rows = b.op("Reshape", [self.x, np.array([-1, channels], np.int64)], F32)
             flat = np.array([-1], np.int64)
             scale = b.op("Reshape", [self.scale, flat], F32)
@@ -193,7 +188,7 @@ def lower_linear(codes: TimestepCodes, node: gs.Node) -> dict:
     rank = len(x.shape)
     w_scale = weight.scale.astype(F32)
     if plan.axis == "pixel":
-        sums = _integer_gemm(b, codes.token_rows(), weight.values, w_scale)           # (B·T, N)
+        sums = _integer_gemm(b, codes.token_rows(weight.values.shape[0]), weight.values, w_scale)           # (B·T, N)
         column = np.array([-1, 1], np.int64)
         scale = b.op("Reshape", [codes.scale, column], F32)
         shift = b.op("Mul", [b.op("Reshape", [codes.zero, column], F32),

@@ -295,8 +295,7 @@ class GroupLowering:
                 reason = timestep_integer.cost_reason(plan, node)
         if reason is None:
             if "timestep_codes" not in shared:
-                channels = plan.labels.size if plan.axis == "channel" else int(linear_weight(node).values.shape[0])
-                shared["timestep_codes"] = timestep_integer.TimestepCodes(b, plan, x, timestep, channels)
+                shared["timestep_codes"] = timestep_integer.TimestepCodes(b, plan, x, timestep)
             lower = timestep_integer.lower_conv if node.op == "Conv" else timestep_integer.lower_linear
             details = lower(shared["timestep_codes"], node)
             method = "TDQ" if plan.timestep_method == "tdq" else "per-timestep"
