@@ -60,17 +60,22 @@ def rows_for(setting: str, tdq: bool) -> list[tuple[str, str | None, Row]]:
     return rows
 
 
-def outputs(path: Path, calib: Path, model: Path, optimize: bool = True) -> np.ndarray:
-    """The denoiser output on the first calibration batch (1 thread)."""
+def first_batch(calib: Path, model: Path) -> dict[str, np.ndarray]:
+    """The feeds of the first calibration batch (the one ``measure_latency`` times)."""
     import onnx
 
     from qcompiler.calibration.readers import load_calibration
+
+    return load_calibration(calib, onnx.load(str(model), load_external_data=False))[0].feeds
+
+
+def outputs(path: Path, feeds: dict[str, np.ndarray], optimize: bool = True) -> np.ndarray:
+    """The denoiser output on ``feeds`` (1 thread)."""
     from qcompiler.runtimes.ort import make_session
 
-    batch = load_calibration(calib, onnx.load(str(model), load_external_data=False))[0]
     session = make_session(path, threads=1, optimize=optimize)
     names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in batch.feeds.items() if k in names})[0]
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
 
 
 def rms(x: np.ndarray) -> float:
@@ -78,20 +83,20 @@ def rms(x: np.ndarray) -> float:
 
 
 def compare(results: list[dict], calib: Path, model: Path) -> None:
-    """Per row: RMS error vs float, RMS difference to its "simulate" twin; for the simulate rows the
-    same model with ORT's graph optimizations off (float rounding alone) as the floor to read it by."""
-    reference = outputs(model, calib, model)
+    """Per row: RMS error vs float (the first row), RMS difference to its "simulate" twin; for the
+    simulate rows the same model with ORT's graph optimizations off (float rounding alone) as the
+    floor to read it by. One calibration batch, each model run once (twice for the floor)."""
+    feeds = first_batch(calib, model)
     by_key = {(r["row"], r["lowering"]): r for r in results}
-    cache: dict[str, np.ndarray] = {}
+    cache = {r["deployed"]: outputs(Path(r["deployed"]), feeds) for r in results}
+    reference = cache[results[0]["deployed"]]
     for r in results:
-        cache[r["deployed"]] = outputs(Path(r["deployed"]), calib, model)
         r["rms_vs_float"] = rms(cache[r["deployed"]] - reference)
-    for r in results:
         twin = by_key.get((r["row"], "simulate"))
         if twin is None:
             continue
         if r is twin:
-            unoptimized = outputs(Path(r["deployed"]), calib, model, optimize=False)
+            unoptimized = outputs(Path(r["deployed"]), feeds, optimize=False)
             r["rms_vs_simulate"] = rms(cache[r["deployed"]] - unoptimized)
             r["control"] = "ORT optimizations off"
         else:
