@@ -60,8 +60,8 @@ def cost_reason(plan: GroupPlan, node: gs.Node) -> str | None:
     """Why ``auto`` keeps an integer-capable reader simulated (slower as integer on ORT's CPU), or None.
 
     Measured (benchmarks/results/timestep_lowering.md, timestep_gemm_forms.md; 1 thread): ConvInteger,
-    the only ORT integer Conv that takes run-time scales, made the zoo UNet's one-group lookup 1.43×
-    float against 1.11× simulated; 16 channel groups need 16 thin integer GEMMs per GEMM (6.3× float);
+    the only ORT integer Conv that takes run-time scales, made the zoo UNet's one-group lookup 1.47×
+    float against 1.12× simulated; 16 channel groups need 16 thin integer GEMMs per GEMM (6.49× float);
     below K = 96 input channels the output's rescale costs more than the integer GEMM saves."""
     if node.op == "Conv":
         return "ORT's ConvInteger (the integer Conv that takes run-time scales) is slower than the float Conv"
@@ -226,7 +226,8 @@ def lower_conv(codes: TimestepCodes, node: gs.Node) -> dict:
     partials = []
     for k, (channels, q) in enumerate(zip(slices, codes.channel_slices(conv=True, pads=pads))):
         # uint8 weights W_q + 128 with zero point 128: the same exact sums, and ORT's ConvInteger runs its
-        # u8×u8 kernel 6× faster than u8×s8 (36 vs 6 ms on a (32, 64, 16, 16) 3×3 Conv, 1 thread).
+        # u8×u8 kernel 4× faster than u8×s8 (4.9 vs 19.2 ms on a (32, 64, 16, 16) 3×3 Conv, 1 thread:
+        # benchmarks/results/conv_integer_weights.md).
         shifted = (values[:, channels].astype(np.int16) + 128).astype(np.uint8)
         sums = b.cast_float(b.op("ConvInteger", [q, shifted, np.array(0, np.uint8), np.array(128, np.uint8)],
                                  np.int32, attrs=attrs))

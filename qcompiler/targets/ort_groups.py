@@ -319,7 +319,7 @@ def _read_fake_quantized(b: Builder, x: gs.Tensor, node: gs.Node, x_hat: gs.Tens
     turns DQ → MatMul into MatMulNBits (re-quantizing X̂ at run time), and runs a DQ left before a
     Conv at every call, which also keeps the Conv out of its NCHWc layout. Cast and Mul of constants
     are folded by ORT when the session loads, so it computes on the float Ŵ while the file keeps
-    the int8 values (float Ŵ in the file: 8.43 MB for the zoo UNet's one-group lookup, 1.2× float)."""
+    the int8 values (bench_timestep_lowering.py, zoo UNet one-group lookup: 8.43 MB with float Ŵ, 3.46 MB so)."""
     for index, value in enumerate(node.inputs):
         if value is x:
             node.inputs[index] = x_hat
