@@ -10,12 +10,15 @@ Usage: python benchmarks/conv_integer_weights.py [--runs 20]
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_files import write_table  # noqa: E402
 
 BATCH, CHANNELS, OUT, SIZE = 32, 64, 64, 16
 
@@ -75,10 +78,7 @@ def main(argv=None) -> int:
              f"`python benchmarks/conv_integer_weights.py --runs {args.runs}`: x ({BATCH}, {CHANNELS}, {SIZE}, {SIZE}), "
              f"W ({OUT}, {CHANNELS}, 3, 3), pads 1, 1 thread, median ms, forms interleaved.", "",
              "| form | ms |", "|---|---:|"] + [f"| {name} | {ms:.2f} |" for name, ms in rows.items()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "conv_integer_weights.md").write_text("\n".join(lines) + "\n")
-    (args.out / "conv_integer_weights.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
+    write_table(args.out, "conv_integer_weights", lines, rows)
     return 0
 
 

@@ -13,7 +13,6 @@ Usage: python benchmarks/timestep_gemm_forms.py [--runs 20]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from result_files import write_table  # noqa: E402
 
 #: (K, N, tokens): the zoo UNet's Linear widths (K 32–256), the zoo DiT's (96–384), SD-1.5-sized ones.
 SHAPES = [(32, 32, 256), (64, 64, 64), (64, 64, 256), (64, 256, 256), (96, 96, 64), (96, 384, 64), (128, 128, 64),
@@ -61,10 +62,7 @@ def main(argv=None) -> int:
              "| K | N | M | simulate ms | integer ms | integer / simulate |", "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['K']} | {r['N']} | {r['M']} | {r['simulate_ms']:.2f} | {r['integer_ms']:.2f} | "
               f"{r['integer_vs_simulate']:.2f} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "timestep_gemm_forms.md").write_text("\n".join(lines) + "\n")
-    (args.out / "timestep_gemm_forms.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
+    write_table(args.out, "timestep_gemm_forms", lines, rows)
     return 0
 
 
